@@ -1,0 +1,1 @@
+"""snocat on asyncio and trio, through anyio."""

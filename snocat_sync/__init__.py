@@ -1,0 +1,1 @@
+"""snocat for blocking programs: stdlib sockets and one pump thread."""
