@@ -54,6 +54,4 @@ class Limits:
         if self.stream_send_buffer > self.tunnel_send_buffer:
             raise LocalProtocolError("stream_send_buffer may not exceed tunnel_send_buffer")
         if self.stream_receive_window > self.tunnel_receive_window:
-            raise LocalProtocolError(
-                "stream_receive_window may not exceed tunnel_receive_window"
-            )
+            raise LocalProtocolError("stream_receive_window may not exceed tunnel_receive_window")
