@@ -1,0 +1,209 @@
+"""The server endpoint: one UDP socket's datagrams, many tunnels.
+
+:class:`ServerEndpoint` does what aioquic leaves to its asyncio ``QuicServer``, but
+without I/O, so every adapter shares it: it routes each datagram to its tunnel by
+destination connection ID, creates tunnels for new Initial packets (after a Retry
+round trip that proves the client's address, on by default), answers unknown QUIC
+versions with Version Negotiation, drops stray packets, and forgets tunnels once
+they have terminated.  Its events are ``(tunnel, event)`` pairs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+
+from .auth import Authenticator
+from .config import Limits
+from .engine import (
+    SMALLEST_MAX_DATAGRAM_SIZE,
+    NetworkAddress,
+    PacketHeader,
+    QuicConfiguration,
+    QuicEngine,
+    RetryTokens,
+    encode_invalid_token_close,
+    encode_version_negotiation,
+    parse_packet_header,
+)
+from .errors import LocalProtocolError
+from .events import TunnelEvent
+from .tunnel import DEFAULT_KEEPALIVE_INTERVAL, Role, TunnelConnection, format_address
+
+#: Builds the Listen-side authenticator of a new tunnel from the peer's address text.
+AuthenticatorFactory = Callable[[str], Authenticator]
+
+
+class ServerEndpoint:
+    """Demultiplexes one socket's datagrams to Listen-side :class:`TunnelConnection` s."""
+
+    def __init__(
+        self,
+        configuration: QuicConfiguration,
+        *,
+        authenticator_factory: AuthenticatorFactory,
+        limits: Limits,
+        retry: bool = True,
+        max_tunnels: int | None = None,
+        keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        if configuration.is_client:
+            raise LocalProtocolError("the server endpoint needs a server configuration")
+        self._configuration = configuration
+        self._authenticator_factory = authenticator_factory
+        self._limits = limits
+        self._retry = RetryTokens() if retry else None
+        self._max_tunnels = max_tunnels
+        self._keepalive_interval = keepalive_interval
+        self._random_bytes = random_bytes
+        self._by_cid: dict[bytes, TunnelConnection] = {}
+        self._tunnels: dict[TunnelConnection, list[bytes]] = {}
+        self._stateless: deque[tuple[bytes, NetworkAddress]] = deque()
+        # Tunnels touched since they were last drained: of events, and of datagrams.
+        self._dirty: dict[TunnelConnection, None] = {}
+        self._unsent: dict[TunnelConnection, None] = {}
+        self._closing = False
+        #: Datagrams dropped because they belonged to no tunnel and could start none.
+        self.dropped_datagrams = 0
+
+    # The adapter's surface ---------------------------------------------------
+
+    @property
+    def tunnels(self) -> Iterator[TunnelConnection]:
+        return iter(list(self._tunnels))
+
+    def __len__(self) -> int:
+        return len(self._tunnels)
+
+    def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> None:
+        header = parse_packet_header(data, cid_length=self._configuration.connection_id_length)
+        if header is None:
+            self.dropped_datagrams += 1
+            return
+        if (
+            not header.is_version_negotiation
+            and header.version is not None
+            and header.version not in self._configuration.supported_versions
+        ):
+            # Only a datagram large enough to be an Initial deserves an answer
+            # (RFC 9000 section 6.1), which also keeps it from amplifying.
+            if len(data) >= SMALLEST_MAX_DATAGRAM_SIZE:
+                versions = list(self._configuration.supported_versions)
+                self._stateless.append((encode_version_negotiation(header, versions), addr))
+            else:
+                self.dropped_datagrams += 1
+            return
+        tunnel = self._by_cid.get(header.destination_cid)
+        if tunnel is None:
+            tunnel = self._new_tunnel(header, data, addr, now)
+            if tunnel is None:
+                return
+        tunnel.receive_datagram(data, addr, now)
+        self._after_input(tunnel)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        datagrams = list(self._stateless)
+        self._stateless.clear()
+        unsent, self._unsent = self._unsent, {}
+        for tunnel in unsent:
+            datagrams.extend(tunnel.datagrams_to_send(now))
+            self._dirty[tunnel] = None
+        return datagrams
+
+    def get_timer(self) -> float | None:
+        timers = (tunnel.get_timer() for tunnel in self._tunnels)
+        return min((t for t in timers if t is not None), default=None)
+
+    def handle_timer(self, now: float) -> None:
+        for tunnel in list(self._tunnels):
+            timer = tunnel.get_timer()
+            if timer is not None and timer <= now:
+                tunnel.handle_timer(now)
+                self._after_input(tunnel)
+
+    def next_event(self) -> tuple[TunnelConnection, TunnelEvent] | None:
+        """The next ``(tunnel, event)``, across all tunnels, or None."""
+        while self._dirty:
+            tunnel = next(iter(self._dirty))
+            event = tunnel.next_event()
+            if event is not None:
+                return tunnel, event
+            del self._dirty[tunnel]
+            self._forget_if_terminated(tunnel)
+        return None
+
+    def close(self, code: int, reason: str) -> None:
+        """Close every tunnel and refuse new ones (graceful shutdown's last step)."""
+        self._closing = True
+        for tunnel in list(self._tunnels):
+            tunnel.close(code, reason)
+            self._after_input(tunnel)
+
+    def mark_dirty(self, tunnel: TunnelConnection) -> None:
+        """Call after an application call on ``tunnel``, so its events are drained."""
+        self._after_input(tunnel)
+
+    # Internals ---------------------------------------------------------------
+
+    def _new_tunnel(
+        self, header: PacketHeader, data: bytes, addr: NetworkAddress, now: float
+    ) -> TunnelConnection | None:
+        if not header.is_initial or len(data) < SMALLEST_MAX_DATAGRAM_SIZE or self._closing:
+            self.dropped_datagrams += 1
+            return None
+        if self._max_tunnels is not None and len(self._tunnels) >= self._max_tunnels:
+            self.dropped_datagrams += 1
+            return None
+        original_cid: bytes | None = header.destination_cid
+        retry_source_cid: bytes | None = None
+        if self._retry is not None:
+            if not header.token:
+                self._stateless.append((self._retry.retry_packet(header, addr, now), addr))
+                return None
+            original_cid = self._retry.validate(header, addr, now)
+            if original_cid is None:
+                self._stateless.append((encode_invalid_token_close(header), addr))
+                return None
+            retry_source_cid = header.destination_cid
+        engine = QuicEngine(
+            configuration=self._configuration,
+            original_destination_connection_id=original_cid,
+            retry_source_connection_id=retry_source_cid,
+        )
+        tunnel = TunnelConnection(
+            engine,
+            role=Role.LISTEN,
+            authenticator=self._authenticator_factory(format_address(addr)),
+            limits=self._limits,
+            now=now,
+            keepalive_interval=self._keepalive_interval,
+        )
+        cids = [header.destination_cid, engine.host_cid]
+        self._tunnels[tunnel] = cids
+        for cid in cids:
+            self._by_cid[cid] = tunnel
+        return tunnel
+
+    def _after_input(self, tunnel: TunnelConnection) -> None:
+        cids = self._tunnels.get(tunnel)
+        if cids is None:
+            return
+        for issued, cid in tunnel.pop_connection_id_changes():
+            if issued:
+                cids.append(cid)
+                self._by_cid[cid] = tunnel
+            elif self._by_cid.get(cid) is tunnel:
+                del self._by_cid[cid]
+                cids.remove(cid)
+        self._dirty[tunnel] = None
+        self._unsent[tunnel] = None
+
+    def _forget_if_terminated(self, tunnel: TunnelConnection) -> None:
+        if not tunnel.is_terminated:
+            return
+        self._unsent.pop(tunnel, None)
+        for cid in self._tunnels.pop(tunnel, []):
+            if self._by_cid.get(cid) is tunnel:
+                del self._by_cid[cid]

@@ -1,0 +1,290 @@
+"""The one seam between snocat and its QUIC engine (aioquic).
+
+Everything the rest of the core needs from aioquic is imported from here, so that
+another engine with the same sans-IO surface (qh3) can be offered by changing this
+module alone.  It also repairs the one thing aioquic does not do for us: receive
+flow control.  aioquic doubles its receive windows whenever the peer has used half
+of them, whether or not the application consumed the data, so a slow reader lets a
+fast sender grow memory without bound (aioquic issue 328 is the send-side twin).
+:class:`QuicEngine` grants credit only for data the application acknowledged.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from aioquic._buffer import Buffer
+from aioquic.quic import events as quic_events
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
+from aioquic.quic.connection import (
+    TRANSPORT_CLOSE_FRAME_CAPACITY,
+    NetworkAddress,
+    QuicConnection,
+    QuicConnectionState,
+)
+from aioquic.quic.crypto import CryptoPair
+from aioquic.quic.packet import (
+    QuicErrorCode,
+    QuicFrameType,
+    QuicPacketType,
+    encode_quic_retry,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
+from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.retry import QuicRetryTokenHandler
+from aioquic.quic.stream import QuicStream
+
+from .config import Limits
+
+__all__ = [
+    "ALPN",
+    "SMALLEST_MAX_DATAGRAM_SIZE",
+    "NetworkAddress",
+    "PacketHeader",
+    "QuicConfiguration",
+    "QuicEngine",
+    "RetryTokens",
+    "encode_invalid_token_close",
+    "encode_version_negotiation",
+    "parse_packet_header",
+    "quic_configuration",
+    "quic_events",
+]
+
+#: The only ALPN either snocat side offers (snocat 0.8 compat).
+ALPN = "ms-snocat-1"
+
+#: Before authentication the peer may only use this much of the connection window
+#: and this many streams: enough for the auth exchange, too little to hold resources.
+UNAUTHENTICATED_CONNECTION_WINDOW = 64 * 1024
+UNAUTHENTICATED_MAX_STREAMS = 4
+
+
+def quic_configuration(
+    *,
+    is_client: bool,
+    limits: Limits,
+    server_name: str | None = None,
+    idle_timeout: float = 30.0,
+    max_datagram_size: int = SMALLEST_MAX_DATAGRAM_SIZE,
+) -> QuicConfiguration:
+    """A QUIC configuration with snocat's ALPN and windows; certificates are the caller's."""
+    return QuicConfiguration(
+        alpn_protocols=[ALPN],
+        is_client=is_client,
+        server_name=server_name,
+        idle_timeout=idle_timeout,
+        max_datagram_size=max_datagram_size,
+        max_stream_data=limits.stream_receive_window,
+        max_data=min(UNAUTHENTICATED_CONNECTION_WINDOW, limits.tunnel_receive_window),
+    )
+
+
+class QuicEngine(QuicConnection):
+    """aioquic's connection, with receive credit granted only for consumed data."""
+
+    def __init__(self, *, configuration: QuicConfiguration, **kwargs: Any) -> None:
+        super().__init__(configuration=configuration, **kwargs)
+        self._stream_window = configuration.max_stream_data
+        self._connection_window = configuration.max_data
+        self._consumed: dict[int, int] = {}
+        self._consumed_total = 0
+        self._set_peer_stream_limit(UNAUTHENTICATED_MAX_STREAMS)
+        # We use no unidirectional streams: a peer that opens one breaks the limit.
+        self._local_max_streams_uni.value = self._local_max_streams_uni.sent = 0
+
+    # Credit and limits -------------------------------------------------------
+
+    def open_windows(self, *, connection_window: int, max_streams: int) -> None:
+        """Raise the windows to their authenticated size (they never shrink)."""
+        self._connection_window = max(self._connection_window, connection_window)
+        self._set_peer_stream_limit(max_streams)
+
+    def acknowledge_received(self, stream_id: int, amount: int) -> None:
+        """The application consumed ``amount`` bytes of the stream: the peer may send more."""
+        self._consumed[stream_id] = self._consumed.get(stream_id, 0) + amount
+        self._consumed_total += amount
+
+    def release_stream(self, stream_id: int, received: int) -> int:
+        """Return the connection credit of a stream the application is done with.
+
+        Bytes the peer sent that will never be consumed (a reset, or data left unread
+        when the stream closed) would otherwise shrink the connection window for good.
+        Returns the stream offset credited up to: bytes below it that are delivered
+        later (they arrived out of order) are already paid for.
+        """
+        consumed = self._consumed.pop(stream_id, 0)
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            received = max(received, stream.receiver.highest_offset)
+        self._consumed_total += max(0, received - consumed)
+        return max(received, consumed)
+
+    def send_buffered(self, stream_id: int) -> int:
+        """Bytes written to the stream that the peer has not acknowledged yet."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return 0
+        return len(stream.sender._buffer)
+
+    def stream_is_open(self, stream_id: int) -> bool:
+        return stream_id in self._streams
+
+    def can_send(self, stream_id: int) -> bool:
+        """Whether data or a FIN may still be written (not reset, not already ended)."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return not self._stream_is_discarded(stream_id)
+        sender = stream.sender
+        return sender._reset_error_code is None and sender._buffer_fin is None
+
+    @property
+    def is_terminated(self) -> bool:
+        return self._state is QuicConnectionState.TERMINATED
+
+    @property
+    def close_reason(self) -> tuple[int, str, bool] | None:
+        """``(code, reason, by_peer)`` as soon as a close has begun, else None.
+
+        aioquic reports the close only after the closing period (three probe
+        timeouts); applications want to know at once, e.g. to show why.
+        """
+        event = self._close_event
+        if event is None:
+            return None
+        return event.error_code, event.reason_phrase, self._state is QuicConnectionState.DRAINING
+
+    @property
+    def host_connection_ids(self) -> list[bytes]:
+        return [c.cid for c in self._host_cids]
+
+    def _set_peer_stream_limit(self, max_streams: int) -> None:
+        limit = self._local_max_streams_bidi
+        if self._handshake_complete or self._state is not QuicConnectionState.FIRSTFLIGHT:
+            limit.value = max(limit.value, max_streams)
+        else:
+            # Before the transport parameters go out, the initial value may drop too.
+            limit.value = limit.sent = max_streams
+
+    def _write_stream_limits(self, builder: Any, space: Any, stream: QuicStream) -> None:
+        if stream.max_stream_data_local:
+            # Re-open the window once less than half of it is left, not on every read:
+            # one MAX_STREAM_DATA per half window, as the parent does.
+            consumed = self._consumed.get(stream.stream_id or 0, 0)
+            if stream.max_stream_data_local - consumed < self._stream_window // 2:
+                stream.max_stream_data_local = consumed + self._stream_window
+        # The parent doubles the window once the peer's highest offset passes half of it;
+        # hiding the offset keeps it from doing so while it still sends our update.
+        receiver = stream.receiver
+        highest, receiver.highest_offset = receiver.highest_offset, 0
+        try:
+            super()._write_stream_limits(builder=builder, space=space, stream=stream)
+        finally:
+            receiver.highest_offset = highest
+
+    def _write_connection_limits(self, builder: Any, space: Any) -> None:
+        max_data = self._local_max_data
+        if max_data.value - self._consumed_total < self._connection_window // 2:
+            max_data.value = self._consumed_total + self._connection_window
+        used, max_data.used = max_data.used, 0
+        try:
+            super()._write_connection_limits(builder=builder, space=space)
+        finally:
+            max_data.used = used
+
+
+# Stateless server replies ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PacketHeader:
+    """What the server endpoint needs to know of a datagram before it has a connection."""
+
+    is_initial: bool
+    is_version_negotiation: bool
+    version: int | None
+    destination_cid: bytes
+    source_cid: bytes
+    token: bytes
+
+
+def parse_packet_header(data: bytes, *, cid_length: int) -> PacketHeader | None:
+    """The QUIC header of a datagram, or None when it is not a QUIC packet."""
+    try:
+        header = pull_quic_header(Buffer(data=data), host_cid_length=cid_length)
+    except ValueError:
+        return None
+    return PacketHeader(
+        is_initial=header.packet_type == QuicPacketType.INITIAL,
+        is_version_negotiation=header.packet_type == QuicPacketType.VERSION_NEGOTIATION,
+        version=header.version,
+        destination_cid=header.destination_cid,
+        source_cid=header.source_cid,
+        token=header.token,
+    )
+
+
+def encode_version_negotiation(header: PacketHeader, versions: list[int]) -> bytes:
+    return encode_quic_version_negotiation(
+        source_cid=header.destination_cid,
+        destination_cid=header.source_cid,
+        supported_versions=versions,
+    )
+
+
+class RetryTokens:
+    """Creates and checks Retry tokens, which prove a client owns its address."""
+
+    def __init__(self) -> None:
+        self._handler = QuicRetryTokenHandler()
+
+    def retry_packet(self, header: PacketHeader, addr: NetworkAddress, now: float) -> bytes:
+        assert header.version is not None
+        source_cid = os.urandom(8)
+        return encode_quic_retry(
+            version=header.version,
+            source_cid=source_cid,
+            destination_cid=header.source_cid,
+            original_destination_cid=header.destination_cid,
+            retry_token=self._handler.create_token(
+                address=addr,
+                original_destination_connection_id=header.destination_cid,
+                retry_source_connection_id=source_cid,
+                now=now,
+            ),
+        )
+
+    def validate(self, header: PacketHeader, addr: NetworkAddress, now: float) -> bytes | None:
+        """The original destination connection ID, or None for a bad or stale token."""
+        try:
+            return self._handler.validate_token(
+                address=addr, destination_cid=header.destination_cid, token=header.token, now=now
+            )
+        except ValueError:
+            return None
+
+
+def encode_invalid_token_close(header: PacketHeader) -> bytes:
+    """A server Initial closing with INVALID_TOKEN (RFC 9000 section 8.1.3)."""
+    assert header.version is not None
+    crypto = CryptoPair()
+    crypto.setup_initial(cid=header.destination_cid, is_client=False, version=header.version)
+    builder = QuicPacketBuilder(
+        host_cid=header.destination_cid,
+        is_client=False,
+        max_datagram_size=SMALLEST_MAX_DATAGRAM_SIZE,
+        peer_cid=header.source_cid,
+        version=header.version,
+    )
+    builder.start_packet(QuicPacketType.INITIAL, crypto)
+    buf = builder.start_frame(
+        QuicFrameType.TRANSPORT_CLOSE, capacity=TRANSPORT_CLOSE_FRAME_CAPACITY
+    )
+    buf.push_uint_var(QuicErrorCode.INVALID_TOKEN)
+    buf.push_uint_var(QuicFrameType.PADDING)
+    buf.push_uint_var(0)
+    datagrams, _ = builder.flush()
+    return bytes(datagrams[0])

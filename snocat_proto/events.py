@@ -1,0 +1,112 @@
+"""The events a tunnel connection reports to its application.
+
+Immutable values with one base class (h11 ``_events.py``).  Events that ask for a
+decision (:class:`CredentialRequired`, :class:`StreamRequested`) are answered with a
+method call on the connection, whenever the application is ready: the core waits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .address import RouteAddress
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TunnelEvent:
+    """Base class of everything :meth:`TunnelConnection.next_event` returns."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HandshakeCompleted(TunnelEvent):
+    """The QUIC/TLS handshake finished; authentication starts now."""
+
+    alpn: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CredentialRequired(TunnelEvent):
+    """(Listen side, token scheme) Look up the secret of ``name``, then call
+    :meth:`TunnelConnection.supply_credential` (``None`` for an unknown name)."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TunnelAuthenticated(TunnelEvent):
+    """Authentication succeeded; streams may now be opened in both directions.
+
+    ``name`` is the authenticated identity: the token's tunnel name, or under the
+    SimpleAck compat scheme the peer's socket address (on the Listen side) or ``""``
+    (on the Connect side, which SimpleAck tells nothing)."""
+
+    name: str
+    scheme: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamRequested(TunnelEvent):
+    """The peer opened a stream to ``address``: call ``accept_stream`` or ``refuse_stream``."""
+
+    stream_id: int
+    address: RouteAddress
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamAccepted(TunnelEvent):
+    """A stream we opened was accepted by the peer; data may flow both ways."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamRefused(TunnelEvent):
+    """A stream we opened was refused, or failed before it was accepted."""
+
+    stream_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataReceived(TunnelEvent):
+    """Service bytes arrived.  Call ``acknowledge_received_data(stream_id, len(data))``
+    once they are consumed, or the peer runs out of credit and stops."""
+
+    stream_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamEnded(TunnelEvent):
+    """The peer finished its direction of the stream (FIN); ours stays open."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamReset(TunnelEvent):
+    """The stream was aborted; no more data will flow either way.
+
+    ``by_peer`` tells whether the peer reset it or the core did (a negotiation
+    failure or timeout); ``reason`` says which."""
+
+    stream_id: int
+    code: int
+    by_peer: bool
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamWritable(TunnelEvent):
+    """A stream whose send buffer was full has room again (see ``send_capacity``)."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TunnelClosed(TunnelEvent):
+    """The tunnel is over; this is always its last event."""
+
+    code: int
+    reason: str
+    by_peer: bool

@@ -1,0 +1,788 @@
+"""One tunnel: a QUIC connection that authenticates, then carries negotiated streams.
+
+:class:`TunnelConnection` wraps the engine's sans-IO ``QuicConnection`` the way
+aioquic's ``h3/connection.py`` does, and offers the same surface to its adapter:
+``receive_datagram``, ``datagrams_to_send``, ``get_timer``, ``handle_timer`` and
+``next_event``, plus the calls an application makes (open, accept, refuse, send,
+reset, close).  It owns, for every tunnel:
+
+* the authentication channel (stream 1, the Listen side's first stream);
+* the NYAN negotiation of every other stream, in both roles;
+* receive credit (the peer may send only what the application has consumed plus a
+  window) and bounded send buffers (see :meth:`send_capacity`);
+* its deadlines: authentication, negotiation and keep-alive.
+
+Nothing here does I/O or reads a clock; ``now`` comes from the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+from . import events
+from .address import RouteAddress
+from .auth import Authenticated, Authenticator, CredentialRequired, Rejected, TokenListener
+from .codes import CloseCode, StreamCode
+from .config import Limits
+from .engine import ALPN, NetworkAddress, QuicConfiguration, QuicEngine, quic_events
+from .errors import LocalProtocolError, ProtocolError, SendBufferFull, UnsupportedVersion
+from .negotiation import (
+    Accepted,
+    AcceptorNegotiation,
+    AddressReceived,
+    OpenerNegotiation,
+    Refused,
+)
+
+#: The authentication channel: the Listen side's first bidirectional stream.
+AUTH_STREAM_ID = 1
+#: Keep-alive period of the reference server; it also keeps NAT bindings open.
+DEFAULT_KEEPALIVE_INTERVAL = 5.0
+
+
+class Role(Enum):
+    LISTEN = "listen"  # accepted the QUIC connection (the aggregator)
+    CONNECT = "connect"  # dialed it (the client)
+
+
+class TunnelState(Enum):
+    HANDSHAKING = auto()
+    AUTHENTICATING = auto()
+    AUTHENTICATED = auto()
+    CLOSED = auto()
+
+
+class StreamState(Enum):
+    HELD = auto()  # the peer opened it before authentication ended; bytes wait
+    NEGOTIATING = auto()  # NYAN in progress
+    DECIDING = auto()  # we are the acceptor; the application decides
+    OPEN = auto()  # service bytes flow
+    DONE = auto()  # over; kept until the engine has let go of its buffers
+
+
+class StreamInput(Enum):
+    AUTHENTICATED = auto()
+    ADDRESS_RECEIVED = auto()
+    PEER_ACCEPTED = auto()
+    PEER_REFUSED = auto()
+    APP_ACCEPTED = auto()
+    APP_REFUSED = auto()
+    BOTH_ENDED = auto()
+    CLOSED = auto()
+    ABORTED = auto()
+
+
+_S = StreamState
+_I = StreamInput
+#: Every legal stream transition; a pair missing here is a bug or API misuse.
+_STREAM_TRANSITIONS: dict[tuple[StreamState, StreamInput], StreamState] = {
+    (_S.HELD, _I.AUTHENTICATED): _S.NEGOTIATING,
+    (_S.NEGOTIATING, _I.ADDRESS_RECEIVED): _S.DECIDING,
+    (_S.NEGOTIATING, _I.PEER_ACCEPTED): _S.OPEN,
+    (_S.NEGOTIATING, _I.PEER_REFUSED): _S.DONE,
+    (_S.DECIDING, _I.APP_ACCEPTED): _S.OPEN,
+    (_S.DECIDING, _I.APP_REFUSED): _S.DONE,
+    (_S.OPEN, _I.BOTH_ENDED): _S.DONE,
+    (_S.OPEN, _I.CLOSED): _S.DONE,
+    **{(state, _I.ABORTED): _S.DONE for state in StreamState if state is not _S.DONE},
+}
+
+
+@dataclass(slots=True, eq=False)
+class _Stream:
+    stream_id: int
+    we_opened: bool
+    state: StreamState
+    negotiation: OpenerNegotiation | AcceptorNegotiation | None = None
+    deadline: float | None = None
+    #: Bytes that arrived before the application may see them (HELD / DECIDING).
+    held: bytearray = field(default_factory=bytearray)
+    held_end: bool = False
+    #: Every byte the engine delivered on this stream, for credit accounting.
+    received: int = 0
+    #: Once DONE: the offset up to which the stream's credit was returned.
+    released: int = 0
+    local_ended: bool = False
+    remote_ended: bool = False
+    want_writable: bool = False
+
+    @property
+    def app_knows(self) -> bool:
+        """Whether the application has heard of this stream (and must hear of its end)."""
+        return self.we_opened or self.state in (StreamState.DECIDING, StreamState.OPEN)
+
+
+def format_address(addr: NetworkAddress) -> str:
+    """A socket address as snocat 0.8 names SimpleAck tunnels: ``1.2.3.4:5`` / ``[::1]:5``."""
+    host, port = str(addr[0]), int(addr[1])
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class TunnelConnection:
+    """Either side of one snocat tunnel.  See the module docstring."""
+
+    def __init__(
+        self,
+        engine: QuicEngine,
+        *,
+        role: Role,
+        authenticator: Authenticator,
+        limits: Limits,
+        now: float,
+        keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL,
+    ) -> None:
+        self._quic = engine
+        self._role = role
+        self._authenticator = authenticator
+        self._limits = limits
+        self._keepalive_interval = keepalive_interval
+        self._now = now
+        self._state = TunnelState.HANDSHAKING
+        self._name: str | None = None
+        self._auth_deadline: float | None = now + limits.auth_timeout
+        self._auth_received = 0
+        #: The auth channel's offset up to which credit was returned.
+        self._auth_released = 0
+        self._auth_eof = False
+        self._keepalive_at: float | None = None
+        self._ping_uid = 0
+        self._streams: dict[int, _Stream] = {}
+        self._events: deque[events.TunnelEvent] = deque()
+        self._close_reported = False
+        self._connection_id_changes: list[tuple[bool, bytes]] = []
+        self._quic_handlers: dict[type, Callable[[quic_events.QuicEvent], None]] = {
+            quic_events.HandshakeCompleted: self._on_handshake_completed,
+            quic_events.StreamDataReceived: self._on_stream_data,
+            quic_events.StreamReset: self._on_stream_reset,
+            quic_events.StopSendingReceived: self._on_stop_sending,
+            quic_events.ConnectionTerminated: self._on_terminated,
+            quic_events.ConnectionIdIssued: self._on_cid_issued,
+            quic_events.ConnectionIdRetired: self._on_cid_retired,
+        }
+
+    @classmethod
+    def connect(
+        cls,
+        configuration: QuicConfiguration,
+        *,
+        address: NetworkAddress,
+        authenticator: Authenticator,
+        limits: Limits,
+        now: float,
+        keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL,
+    ) -> TunnelConnection:
+        """The Connect side: dial ``address`` (the first datagrams are ready at once)."""
+        if not configuration.is_client:
+            raise LocalProtocolError("the Connect side needs a client configuration")
+        engine = QuicEngine(configuration=configuration)
+        engine.connect(address, now=now)
+        return cls(
+            engine,
+            role=Role.CONNECT,
+            authenticator=authenticator,
+            limits=limits,
+            now=now,
+            keepalive_interval=keepalive_interval,
+        )
+
+    # Properties --------------------------------------------------------------
+
+    @property
+    def role(self) -> Role:
+        return self._role
+
+    @property
+    def state(self) -> TunnelState:
+        return self._state
+
+    @property
+    def name(self) -> str | None:
+        """The authenticated name (None before authentication)."""
+        return self._name
+
+    @property
+    def peer_address(self) -> NetworkAddress | None:
+        return self._quic.get_peer_address()
+
+    @property
+    def is_terminated(self) -> bool:
+        """The engine has finished closing: no more datagrams, timers or events follow."""
+        return self._quic.is_terminated and not self._events
+
+    @property
+    def engine(self) -> QuicEngine:
+        return self._quic
+
+    # The adapter's surface ---------------------------------------------------
+
+    def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> None:
+        self._now = now
+        self._quic.receive_datagram(data, addr, now)
+        self._keepalive_at = (
+            None if self._keepalive_interval is None else now + self._keepalive_interval
+        )
+        self._process()
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        self._now = now
+        datagrams = self._quic.datagrams_to_send(now)
+        if datagrams and self._keepalive_interval is not None:
+            self._keepalive_at = now + self._keepalive_interval
+        self._purge_finished_streams()
+        return datagrams
+
+    def get_timer(self) -> float | None:
+        if self._quic.is_terminated:
+            return None
+        deadlines = [self._quic.get_timer()]
+        if self._state in (TunnelState.HANDSHAKING, TunnelState.AUTHENTICATING):
+            deadlines.append(self._auth_deadline)
+        elif self._state is TunnelState.AUTHENTICATED:
+            deadlines.append(self._keepalive_at)
+            deadlines.extend(
+                s.deadline for s in self._streams.values() if s.state is StreamState.NEGOTIATING
+            )
+        return min((d for d in deadlines if d is not None), default=None)
+
+    def handle_timer(self, now: float) -> None:
+        self._now = now
+        quic_timer = self._quic.get_timer()
+        if quic_timer is not None and quic_timer <= now:
+            self._quic.handle_timer(now)
+        if self._state in (TunnelState.HANDSHAKING, TunnelState.AUTHENTICATING):
+            if self._auth_deadline is not None and now >= self._auth_deadline:
+                self._auth_deadline = None
+                stage = (
+                    "the QUIC handshake"
+                    if self._state is TunnelState.HANDSHAKING
+                    else "authentication"
+                )
+                self.close(
+                    CloseCode.AUTHENTICATION_TIMEOUT,
+                    f"{stage} did not complete within {self._limits.auth_timeout:g} s",
+                )
+        elif self._state is TunnelState.AUTHENTICATED:
+            for stream in list(self._streams.values()):
+                if (
+                    stream.state is StreamState.NEGOTIATING
+                    and stream.deadline is not None
+                    and now >= stream.deadline
+                ):
+                    self._abort(stream, StreamCode.TIMEOUT, "stream negotiation timed out")
+            if self._keepalive_at is not None and now >= self._keepalive_at:
+                self._ping_uid += 1
+                self._quic.send_ping(self._ping_uid)
+                self._keepalive_at = None
+        self._process()
+
+    def next_event(self) -> events.TunnelEvent | None:
+        try:
+            return self._events.popleft()
+        except IndexError:
+            return None
+
+    def pop_connection_id_changes(self) -> list[tuple[bool, bytes]]:
+        """``(issued, cid)`` pairs since the last call: the server endpoint's routing table."""
+        changes, self._connection_id_changes = self._connection_id_changes, []
+        return changes
+
+    # The application's calls -------------------------------------------------
+
+    def supply_credential(self, secret: bytes | None) -> None:
+        """Answer :class:`~snocat_proto.events.CredentialRequired` (None: unknown name)."""
+        self._token_listener().supply_credential(secret)
+        self._drain_authenticator()
+
+    def reject_credential(self, reason: str) -> None:
+        """Answer :class:`CredentialRequired` with a refusal the peer is told (e.g. a limit)."""
+        self._token_listener().reject(reason)
+        self._drain_authenticator()
+
+    def _token_listener(self) -> TokenListener:
+        if not isinstance(self._authenticator, TokenListener):
+            raise LocalProtocolError(
+                "only the Listen side of token authentication takes credentials"
+            )
+        return self._authenticator
+
+    def open_stream(self, address: RouteAddress) -> int:
+        """Open a stream to ``address`` on the peer; returns its stream ID.
+
+        :class:`StreamAccepted` or :class:`StreamRefused` follows.
+        """
+        self._require_authenticated()
+        negotiation = OpenerNegotiation(address, limits=self._limits)
+        stream_id = self._quic.get_next_available_stream_id()
+        self._quic.send_stream_data(stream_id, negotiation.initial_data())
+        self._streams[stream_id] = _Stream(
+            stream_id=stream_id,
+            we_opened=True,
+            state=StreamState.NEGOTIATING,
+            negotiation=negotiation,
+            deadline=self._now + self._limits.negotiation_timeout,
+        )
+        return stream_id
+
+    def accept_stream(self, stream_id: int) -> None:
+        """Accept a :class:`StreamRequested`; bytes that came early are delivered now."""
+        stream = self._stream(stream_id)
+        negotiation = stream.negotiation
+        if not isinstance(negotiation, AcceptorNegotiation):
+            raise LocalProtocolError(f"stream {stream_id} is not awaiting a decision")
+        self._transition(stream, StreamInput.APP_ACCEPTED)
+        self._quic.send_stream_data(stream_id, negotiation.accept())
+        stream.negotiation = None
+        held, stream.held = bytes(stream.held), bytearray()
+        if held:
+            self._events.append(events.DataReceived(stream_id=stream_id, data=held))
+        if stream.held_end:
+            self._remote_end(stream)
+
+    def refuse_stream(self, stream_id: int) -> None:
+        """Refuse a :class:`StreamRequested` (status 01, then the stream is dropped)."""
+        stream = self._stream(stream_id)
+        negotiation = stream.negotiation
+        if not isinstance(negotiation, AcceptorNegotiation):
+            raise LocalProtocolError(f"stream {stream_id} is not awaiting a decision")
+        self._transition(stream, StreamInput.APP_REFUSED)
+        self._quic.send_stream_data(stream_id, negotiation.refuse(), end_stream=True)
+        stream.local_ended = True
+        self._stop_receiving(stream, StreamCode.NO_ERROR)
+        self._finish(stream)
+
+    def send_capacity(self, stream_id: int) -> int:
+        """How many bytes :meth:`send_data` takes now.  Below a useful size, a
+        :class:`StreamWritable` event follows once acknowledgements free room."""
+        stream = self._stream(stream_id)
+        if stream.state is not StreamState.OPEN or stream.local_ended:
+            return 0
+        capacity = self._capacity(stream)
+        if capacity < self._writable_threshold:
+            stream.want_writable = True
+        return capacity
+
+    def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        """Send service bytes (and optionally end our direction)."""
+        stream = self._stream(stream_id)
+        if stream.state is not StreamState.OPEN:
+            raise LocalProtocolError(f"stream {stream_id} is not open ({stream.state.name})")
+        if stream.local_ended:
+            raise LocalProtocolError(f"stream {stream_id} was already ended")
+        if data:
+            capacity = self._capacity(stream)
+            if len(data) > capacity:
+                raise SendBufferFull(
+                    f"{len(data)} bytes offered to stream {stream_id}, room for {capacity}"
+                )
+        self._quic.send_stream_data(stream_id, data, end_stream=end_stream)
+        if end_stream:
+            stream.local_ended = True
+            if stream.remote_ended:
+                self._transition(stream, StreamInput.BOTH_ENDED)
+                self._finish(stream)
+        elif self._capacity(stream) < self._writable_threshold:
+            stream.want_writable = True
+
+    def acknowledge_received_data(self, stream_id: int, amount: int) -> None:
+        """The application consumed ``amount`` bytes of ``stream_id``: grant the peer credit."""
+        if amount < 0:
+            raise LocalProtocolError("cannot acknowledge a negative amount")
+        stream = self._streams.get(stream_id)
+        if stream is not None and stream.state is not StreamState.DONE:
+            self._quic.acknowledge_received(stream_id, amount)
+
+    def close_stream(self, stream_id: int) -> None:
+        """Done with a stream: end our direction (written data is still delivered) and
+        stop the peer's if it has not ended.  No event follows.  Idempotent."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.state is StreamState.DONE:
+            return
+        if stream.state is not StreamState.OPEN:
+            self.reset_stream(stream_id, StreamCode.CANCELLED)
+            return
+        if not stream.local_ended:
+            self._quic.send_stream_data(stream_id, b"", end_stream=True)
+            stream.local_ended = True
+        self._stop_receiving(stream, StreamCode.NO_ERROR)
+        self._transition(stream, StreamInput.CLOSED)
+        self._finish(stream)
+
+    def reset_stream(self, stream_id: int, code: int = StreamCode.CANCELLED) -> None:
+        """Abort both directions of a stream.  The peer sees a reset; we get no event."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.state is StreamState.DONE:
+            return
+        self._transition(stream, StreamInput.ABORTED)
+        self._reset_both(stream, code)
+        self._finish(stream)
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Close the tunnel; :class:`TunnelClosed` follows.  Idempotent."""
+        self._quic.close(error_code=int(code), reason_phrase=reason)
+        self._report_close()
+
+    # Internals: QUIC events --------------------------------------------------
+
+    def _process(self) -> None:
+        while (event := self._quic.next_event()) is not None:
+            handler = self._quic_handlers.get(type(event))
+            if handler is not None:
+                handler(event)
+        self._report_close()
+        self._check_writable()
+
+    def _on_handshake_completed(self, event: quic_events.QuicEvent) -> None:
+        assert isinstance(event, quic_events.HandshakeCompleted)
+        if self._state is not TunnelState.HANDSHAKING:
+            return
+        self._state = TunnelState.AUTHENTICATING
+        # Limits.auth_timeout counts from here; the handshake had its own auth_timeout.
+        self._auth_deadline = self._now + self._limits.auth_timeout
+        self._events.append(events.HandshakeCompleted(alpn=event.alpn_protocol))
+        if event.alpn_protocol != ALPN:
+            self.close(CloseCode.PROTOCOL_VIOLATION, f"expected ALPN {ALPN}")
+            return
+        # The Listen side's hello goes out on its first stream: the auth channel.
+        assert self._role is Role.CONNECT or (
+            self._quic.get_next_available_stream_id() == AUTH_STREAM_ID
+        )
+        self._drain_authenticator()
+
+    def _on_stream_data(self, event: quic_events.QuicEvent) -> None:
+        assert isinstance(event, quic_events.StreamDataReceived)
+        stream_id, data, end = event.stream_id, event.data, event.end_stream
+        if stream_id == AUTH_STREAM_ID:
+            self._on_auth_data(data, end)
+            return
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            stream = self._new_peer_stream(stream_id)
+            if stream is None:
+                self._quic.acknowledge_received(stream_id, len(data))
+                return
+        stream.received += len(data)
+        self._feed(stream, data, end)
+
+    def _on_stream_reset(self, event: quic_events.QuicEvent) -> None:
+        assert isinstance(event, quic_events.StreamReset)
+        self._on_peer_abort(event.stream_id, event.error_code, "reset by peer")
+
+    def _on_stop_sending(self, event: quic_events.QuicEvent) -> None:
+        assert isinstance(event, quic_events.StopSendingReceived)
+        if event.stream_id == AUTH_STREAM_ID:
+            return  # the peer read all it wanted of the auth channel; its answer may follow
+        stream = self._streams.get(event.stream_id)
+        if stream is not None and stream.we_opened and stream.state is StreamState.NEGOTIATING:
+            # A refusing acceptor sends its status, FIN and STOP_SENDING at once (the
+            # reference drops the stream), and STOP_SENDING may be read first: our
+            # direction is over (the engine reset it), but the verdict is still to come.
+            stream.local_ended = True
+            return
+        self._on_peer_abort(event.stream_id, event.error_code, "peer stopped reading")
+
+    def _on_peer_abort(self, stream_id: int, code: int, reason: str) -> None:
+        if stream_id == AUTH_STREAM_ID:
+            if self._state is not TunnelState.AUTHENTICATED:
+                self._authenticator.receive_eof()
+                self._drain_authenticator()
+            return
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.state is StreamState.DONE:
+            return
+        app_knew, opener_waiting = stream.app_knows, stream.state is StreamState.NEGOTIATING
+        self._transition(stream, StreamInput.ABORTED)
+        self._reset_both(stream, StreamCode.CANCELLED)
+        self._finish(stream)
+        if opener_waiting and stream.we_opened:
+            self._events.append(
+                events.StreamRefused(stream_id=stream_id, reason=f"{reason} during negotiation")
+            )
+        elif app_knew:
+            self._events.append(
+                events.StreamReset(stream_id=stream_id, code=code, by_peer=True, reason=reason)
+            )
+
+    def _on_terminated(self, event: quic_events.QuicEvent) -> None:
+        assert isinstance(event, quic_events.ConnectionTerminated)
+        self._report_close()
+
+    def _on_cid_issued(self, event: quic_events.QuicEvent) -> None:
+        assert isinstance(event, quic_events.ConnectionIdIssued)
+        self._connection_id_changes.append((True, event.connection_id))
+
+    def _on_cid_retired(self, event: quic_events.QuicEvent) -> None:
+        assert isinstance(event, quic_events.ConnectionIdRetired)
+        self._connection_id_changes.append((False, event.connection_id))
+
+    def _report_close(self) -> None:
+        if self._close_reported:
+            return
+        close = self._quic.close_reason
+        if close is None:
+            return
+        code, reason, by_peer = close
+        self._close_reported = True
+        self._state = TunnelState.CLOSED
+        self._events.append(events.TunnelClosed(code=code, reason=reason, by_peer=by_peer))
+
+    # Internals: authentication -----------------------------------------------
+
+    def _on_auth_data(self, data: bytes, end: bool) -> None:
+        self._auth_received += len(data)
+        if self._auth_received > self._auth_released:
+            # Only what was not paid for when the channel was released (out-of-order bytes).
+            self._quic.acknowledge_received(
+                AUTH_STREAM_ID, self._auth_received - self._auth_released
+            )
+            self._auth_released = self._auth_received
+        self._auth_eof = self._auth_eof or end
+        if self._state is TunnelState.AUTHENTICATED or self._authenticator.is_finished:
+            return
+        if data:
+            self._authenticator.receive_data(data)
+        if end:
+            self._authenticator.receive_eof()
+        self._drain_authenticator()
+
+    def _drain_authenticator(self) -> None:
+        if self._state is TunnelState.HANDSHAKING:
+            return  # the auth channel opens with the handshake's end
+        outgoing = self._authenticator.data_to_send()
+        if outgoing:
+            self._quic.send_stream_data(AUTH_STREAM_ID, outgoing)
+        while (event := self._authenticator.next_event()) is not None:
+            if isinstance(event, CredentialRequired):
+                self._events.append(events.CredentialRequired(name=event.name))
+            elif isinstance(event, Authenticated):
+                self._on_authenticated(event.name)
+            elif isinstance(event, Rejected):
+                self.close(CloseCode.AUTHENTICATION_FAILED, event.reason)
+
+    def _on_authenticated(self, name: str) -> None:
+        if self._state is not TunnelState.AUTHENTICATING:
+            return
+        self._state = TunnelState.AUTHENTICATED
+        self._name = name
+        self._auth_deadline = None
+        self._keepalive_at = (
+            None if self._keepalive_interval is None else self._now + self._keepalive_interval
+        )
+        # The channel is done: FIN our side, stop the peer's if it is still open.
+        if self._quic.can_send(AUTH_STREAM_ID):
+            self._quic.send_stream_data(AUTH_STREAM_ID, b"", end_stream=True)
+        if not self._auth_eof:
+            self._quic.stop_stream(AUTH_STREAM_ID, StreamCode.NO_ERROR)
+        self._auth_released = self._quic.release_stream(AUTH_STREAM_ID, self._auth_received)
+        self._quic.open_windows(
+            connection_window=self._limits.tunnel_receive_window,
+            max_streams=self._limits.max_streams_per_tunnel,
+        )
+        self._events.append(
+            events.TunnelAuthenticated(name=name, scheme=self._authenticator.scheme)
+        )
+        for stream in list(self._streams.values()):
+            if stream.state is StreamState.HELD:
+                self._release_held(stream)
+
+    def _require_authenticated(self) -> None:
+        if self._state is not TunnelState.AUTHENTICATED:
+            raise LocalProtocolError(
+                f"streams can be opened only after authentication (tunnel is {self._state.name})"
+            )
+
+    # Internals: streams ------------------------------------------------------
+
+    def _new_peer_stream(self, stream_id: int) -> _Stream | None:
+        if self._state is TunnelState.CLOSED:
+            return None
+        if self._state is not TunnelState.AUTHENTICATED:
+            # Its bytes wait; the unauthenticated windows bound how many there can be.
+            stream = _Stream(stream_id=stream_id, we_opened=False, state=StreamState.HELD)
+            self._streams[stream_id] = stream
+            return stream
+        pending = sum(
+            1
+            for s in self._streams.values()
+            if not s.we_opened and s.state in (StreamState.NEGOTIATING, StreamState.DECIDING)
+        )
+        if pending >= self._limits.max_pending_requests:
+            # Keep a DONE record, so that its later bytes are discarded rather than
+            # taken for a new stream once the limit has room again.
+            stream = _Stream(stream_id=stream_id, we_opened=False, state=StreamState.DONE)
+            self._streams[stream_id] = stream
+            self._quic.reset_stream(stream_id, StreamCode.LIMIT_EXCEEDED)
+            self._quic.stop_stream(stream_id, StreamCode.LIMIT_EXCEEDED)
+            self._finish(stream)
+            return stream
+        stream = _Stream(stream_id=stream_id, we_opened=False, state=StreamState.NEGOTIATING)
+        self._start_acceptor(stream)
+        self._streams[stream_id] = stream
+        return stream
+
+    def _start_acceptor(self, stream: _Stream) -> None:
+        negotiation = AcceptorNegotiation(limits=self._limits)
+        stream.negotiation = negotiation
+        stream.deadline = self._now + self._limits.negotiation_timeout
+        self._quic.send_stream_data(stream.stream_id, negotiation.initial_data())
+
+    def _release_held(self, stream: _Stream) -> None:
+        self._transition(stream, StreamInput.AUTHENTICATED)
+        self._start_acceptor(stream)
+        held, stream.held = bytes(stream.held), bytearray()
+        self._feed(stream, held, stream.held_end)
+
+    def _feed(self, stream: _Stream, data: bytes, end: bool) -> None:
+        state = stream.state
+        if state is StreamState.HELD or state is StreamState.DECIDING:
+            stream.held += data
+            stream.held_end = stream.held_end or end
+        elif state is StreamState.NEGOTIATING:
+            self._negotiate(stream, data, end)
+        elif state is StreamState.OPEN:
+            if data:
+                self._events.append(events.DataReceived(stream_id=stream.stream_id, data=data))
+            if end:
+                self._remote_end(stream)
+        elif stream.received > stream.released:
+            # DONE: nobody will read these bytes; give back the credit not yet returned
+            # (bytes that arrived out of order were paid for when the stream finished).
+            self._quic.acknowledge_received(stream.stream_id, stream.received - stream.released)
+            stream.released = stream.received
+
+    def _negotiate(self, stream: _Stream, data: bytes, end: bool) -> None:
+        negotiation = stream.negotiation
+        assert negotiation is not None
+        try:
+            result = negotiation.receive_data(data) if data else None
+            if result is None and end:
+                negotiation.receive_eof()
+        except UnsupportedVersion as exc:
+            self._quic.acknowledge_received(stream.stream_id, len(data))
+            self.close(CloseCode.UNSUPPORTED_VERSION, exc.reason)
+            return
+        except ProtocolError as exc:
+            self._quic.acknowledge_received(stream.stream_id, len(data))
+            self._fail_negotiation(stream, exc.reason)
+            return
+        remainder = getattr(result, "remainder", b"")
+        self._quic.acknowledge_received(stream.stream_id, len(data) - len(remainder))
+        stream_id = stream.stream_id
+        if isinstance(result, Accepted):
+            self._transition(stream, StreamInput.PEER_ACCEPTED)
+            stream.negotiation = None
+            self._events.append(events.StreamAccepted(stream_id=stream_id))
+            self._feed(stream, remainder, end)
+        elif isinstance(result, Refused):
+            self._transition(stream, StreamInput.PEER_REFUSED)
+            if self._quic.can_send(stream_id):
+                self._quic.send_stream_data(stream_id, b"", end_stream=True)
+            stream.local_ended = True
+            self._stop_receiving(stream, StreamCode.NO_ERROR)
+            self._finish(stream)
+            self._events.append(
+                events.StreamRefused(
+                    stream_id=stream_id, reason=f"peer refused the route (status {result.status})"
+                )
+            )
+        elif isinstance(result, AddressReceived):
+            self._transition(stream, StreamInput.ADDRESS_RECEIVED)
+            stream.deadline = None
+            self._events.append(events.StreamRequested(stream_id=stream_id, address=result.address))
+            self._feed(stream, remainder, end)
+
+    def _fail_negotiation(self, stream: _Stream, reason: str) -> None:
+        we_opened = stream.we_opened
+        self._abort(stream, StreamCode.PROTOCOL_VIOLATION, reason, notify=we_opened)
+
+    def _abort(self, stream: _Stream, code: int, reason: str, *, notify: bool = True) -> None:
+        """The core gives up on a stream (negotiation failure or timeout)."""
+        was_negotiating = stream.state is StreamState.NEGOTIATING
+        app_knew = stream.app_knows
+        self._transition(stream, StreamInput.ABORTED)
+        self._reset_both(stream, code)
+        self._finish(stream)
+        if not (notify and app_knew):
+            return
+        if was_negotiating and stream.we_opened:
+            self._events.append(events.StreamRefused(stream_id=stream.stream_id, reason=reason))
+        else:
+            self._events.append(
+                events.StreamReset(
+                    stream_id=stream.stream_id, code=code, by_peer=False, reason=reason
+                )
+            )
+
+    def _remote_end(self, stream: _Stream) -> None:
+        stream.remote_ended = True
+        self._events.append(events.StreamEnded(stream_id=stream.stream_id))
+        if stream.local_ended:
+            self._transition(stream, StreamInput.BOTH_ENDED)
+            self._finish(stream)
+
+    def _reset_both(self, stream: _Stream, code: int) -> None:
+        if self._quic.stream_is_open(stream.stream_id):
+            self._quic.reset_stream(stream.stream_id, int(code))
+            self._stop_receiving(stream, code)
+
+    def _stop_receiving(self, stream: _Stream, code: int) -> None:
+        if not stream.remote_ended and self._quic.stream_is_open(stream.stream_id):
+            # ValueError: the engine already discarded its receive side.
+            with contextlib.suppress(ValueError):
+                self._quic.stop_stream(stream.stream_id, int(code))
+
+    def _finish(self, stream: _Stream) -> None:
+        """The stream is DONE for us: give back its credit; the record stays until the
+        engine drops the stream, so its unacknowledged bytes still count as buffered."""
+        stream.negotiation = None
+        stream.held = bytearray()
+        stream.want_writable = False
+        stream.released = self._quic.release_stream(stream.stream_id, stream.received)
+
+    def _purge_finished_streams(self) -> None:
+        done = [
+            sid
+            for sid, s in self._streams.items()
+            if s.state is StreamState.DONE and not self._quic.stream_is_open(sid)
+        ]
+        for sid in done:
+            del self._streams[sid]
+
+    def _transition(self, stream: _Stream, event: StreamInput) -> None:
+        try:
+            stream.state = _STREAM_TRANSITIONS[stream.state, event]
+        except KeyError:
+            raise LocalProtocolError(
+                f"stream {stream.stream_id}: {event.name} is not possible in {stream.state.name}"
+            ) from None
+
+    def _stream(self, stream_id: int) -> _Stream:
+        try:
+            return self._streams[stream_id]
+        except KeyError:
+            raise LocalProtocolError(f"unknown stream {stream_id}") from None
+
+    # Internals: send buffers -------------------------------------------------
+
+    @property
+    def _writable_threshold(self) -> int:
+        return min(self._limits.stream_send_buffer // 2, 16 * 1024)
+
+    def _capacity(self, stream: _Stream) -> int:
+        buffered_total = sum(self._quic.send_buffered(sid) for sid in self._streams)
+        own = self._limits.stream_send_buffer - self._quic.send_buffered(stream.stream_id)
+        shared = self._limits.tunnel_send_buffer - buffered_total
+        return max(0, min(own, shared))
+
+    def _check_writable(self) -> None:
+        for stream in self._streams.values():
+            if (
+                stream.want_writable
+                and stream.state is StreamState.OPEN
+                and self._capacity(stream) >= self._writable_threshold
+            ):
+                stream.want_writable = False
+                self._events.append(events.StreamWritable(stream_id=stream.stream_id))
