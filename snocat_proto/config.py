@@ -23,7 +23,7 @@ class Limits:
 
     #: Largest route address (the NYAN address frame's payload), in bytes.
     max_address_size: int = COMPAT_MAX_ADDRESS_SIZE
-    #: Largest frame of any other kind (proxyme messages, auth messages).
+    #: Largest frame of any other kind (the proxyme response and grant).
     max_frame_size: int = 64 * 1024
     #: Largest authentication message (token response, result), in bytes.
     max_auth_message_size: int = 1024
@@ -41,7 +41,8 @@ class Limits:
     stream_receive_window: int = 256 * 1024
     #: Receive window of the whole tunnel.
     tunnel_receive_window: int = 4 * 1024 * 1024
-    #: Seconds from the end of the QUIC handshake to a completed authentication.
+    #: Seconds from the tunnel's first packet to a completed authentication (the QUIC
+    #: handshake included): a peer that stalls anywhere before that is dropped.
     auth_timeout: float = 10.0
     #: Seconds a stream may take to finish its NYAN negotiation.
     negotiation_timeout: float = 10.0

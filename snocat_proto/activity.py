@@ -1,0 +1,119 @@
+"""Activity: what a running server or client reports to its observers.
+
+These are the typed records behind the CLI's status view and ``--json`` lines
+and any application's monitoring.  Plain values shared by both bindings; each
+binding delivers them to subscribers without loss and without stalling its pump.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Activity:
+    """Base class; ``at`` is the binding's clock when it happened."""
+
+    at: float
+
+    @property
+    def kind(self) -> str:
+        return _snake(type(self).__name__)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready mapping with an ``event`` key naming the kind."""
+        return {"event": self.kind, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TunnelConnected(Activity):
+    tunnel_id: str
+    peer: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TunnelAuthenticated(Activity):
+    tunnel_id: str
+    name: str
+    peer: str
+    scheme: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TunnelClosed(Activity):
+    tunnel_id: str
+    name: str | None
+    peer: str
+    code: int
+    reason: str
+    by_peer: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PortGranted(Activity):
+    tunnel_id: str
+    name: str
+    port: int
+    addresses: tuple[str, ...]
+    target: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PortReleased(Activity):
+    tunnel_id: str
+    name: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PortDenied(Activity):
+    tunnel_id: str
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamOpened(Activity):
+    tunnel_id: str
+    stream_id: int
+    address: str
+    #: "in" when the peer opened it, "out" when we did.
+    direction: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamRefused(Activity):
+    tunnel_id: str
+    address: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StreamClosed(Activity):
+    tunnel_id: str
+    stream_id: int
+    address: str
+    bytes_in: int
+    bytes_out: int
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reconnecting(Activity):
+    attempt: int
+    delay: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListeningOn(Activity):
+    """A server bound its QUIC socket (or a client its local one)."""
+
+    address: str

@@ -1,0 +1,126 @@
+"""Settings of a tunnel server and a tunnel client, shared by every binding.
+
+Plain, validated values: what to bind, whom to trust, what to prove, where to
+forward.  ``snocat_anyio`` and ``snocat_sync`` take the same objects, and the CLI
+builds them from its flags.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from .auth import SCHEMES, ClientCredentials
+from .backoff import Backoff
+from .certificates import load_certificate_chain, parse_fingerprint
+from .config import Limits
+from .ports import PortRange
+from .targets import ProxyTcpTarget
+
+__all__ = ["ClientConfig", "ServerConfig"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """Everything :class:`TunnelServer` needs; validated at construction."""
+
+    certificate_pem: bytes
+    private_key_pem: bytes
+    #: Where the QUIC (UDP) socket binds; port 0 picks a free port.
+    quic_host: str = "127.0.0.1"
+    quic_port: int = 9090
+    #: ``"token"`` or ``"simple-ack"`` (snocat 0.8 compat, no credentials).
+    auth: str = "token"
+    #: Tunnel name -> secret, for the default credential lookup.
+    tokens: Mapping[str, bytes] = field(default_factory=dict)
+    #: Public ports the ``proxyme`` service grants, lowest free first.
+    port_range: PortRange = field(default_factory=lambda: PortRange(8080, 8090))
+    #: The address public ports bind to; ``""`` binds every interface.
+    tcp_bind: str = "127.0.0.1"
+    limits: Limits = field(default_factory=Limits)
+    #: Authenticated tunnels at once (None: no limit); a client over it is told why.
+    max_tunnels: int | None = 1000
+    idle_timeout: float = 30.0
+    retry: bool = True
+    keepalive_interval: float | None = 5.0
+    #: A tunnel that reconnects under the same name gets its port back if it is free.
+    sticky_port_seconds: float = 300.0
+    #: Seconds in-flight streams may take to finish when the server shuts down.
+    shutdown_grace: float = 5.0
+    #: Whether ``/proxyme/...`` streams are served (else they go to the route hook).
+    proxyme: bool = True
+    #: Where TLS secrets are logged (SSLKEYLOGFILE format), for debugging only.
+    secrets_log_file: TextIO | None = None
+
+    def __post_init__(self) -> None:
+        if self.auth not in SCHEMES:
+            raise ValueError(f"auth must be one of {', '.join(SCHEMES)}, not {self.auth!r}")
+        if not isinstance(self.port_range, PortRange):
+            raise ValueError(f"port_range must be a PortRange, not {self.port_range!r}")
+        if not 0 <= self.quic_port <= 65535:
+            raise ValueError(f"quic_port must be within 0..65535, not {self.quic_port}")
+        if self.max_tunnels is not None and self.max_tunnels < 1:
+            raise ValueError(f"max_tunnels must be positive or None, not {self.max_tunnels}")
+        for name in ("idle_timeout", "sticky_port_seconds", "shutdown_grace"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
+        if self.keepalive_interval is not None and not self.keepalive_interval > 0:
+            raise ValueError("keepalive_interval must be positive or None")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientConfig:
+    """What a :class:`TunnelClient` connects to, trusts, proves and forwards."""
+
+    #: The aggregator's QUIC address (the reference's ``--driver HOST:PORT``).
+    server_host: str
+    server_port: int
+    #: The TLS name the aggregator's certificate must carry (``--san``).
+    server_name: str
+    #: The only targets forwarded to (the allow-list); ``targets[0]`` is requested via proxyme.
+    targets: tuple[ProxyTcpTarget, ...]
+    credentials: ClientCredentials
+    #: Trusted CA / certificate PEM; None means the system's roots.
+    authority_pem: bytes | None = None
+    #: A SHA-256 pin of the aggregator's certificate; chain verification is then skipped.
+    fingerprint: str | None = None
+    #: Ask the aggregator for a public port for ``targets[0]``.
+    request_port: bool = True
+    reconnect: bool = True
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    limits: Limits = field(default_factory=Limits)
+    idle_timeout: float = 30.0
+    keepalive_interval: float | None = 5.0
+    secrets_log_file: TextIO | None = None
+    #: Seconds to wait for the QUIC handshake before an attempt counts as "no answer".
+    connect_timeout: float = 10.0
+    #: Seconds to connect to a target before the stream is refused.
+    target_connect_timeout: float = 10.0
+    #: Bound on the goodbye: the port release (and its acknowledgement) plus the close.
+    close_timeout: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise ValueError("a client needs at least one target")
+        if not 0 < self.server_port <= 65535:
+            raise ValueError(f"server port must be in 1..65535, not {self.server_port}")
+        for name in ("connect_timeout", "target_connect_timeout", "close_timeout", "idle_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+        if self.keepalive_interval is not None and not self.keepalive_interval > 0:
+            raise ValueError("keepalive_interval must be positive or None")
+        # Fail at configuration time, not at every attempt.
+        if self.fingerprint is not None:
+            parse_fingerprint(self.fingerprint)
+        if self.authority_pem is not None:
+            load_certificate_chain(self.authority_pem)
+        Backoff(self.backoff_initial, self.backoff_max)  # validates the pair
+
+    @property
+    def server_label(self) -> str:
+        host = self.server_host
+        return f"[{host}]:{self.server_port}" if ":" in host else f"{host}:{self.server_port}"

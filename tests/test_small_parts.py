@@ -1,0 +1,149 @@
+"""Tokens files, backoff, allow-lists, certificates and activity records."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import random
+
+import pytest
+from cryptography import x509
+
+from snocat_proto.activity import PortGranted, TunnelClosed
+from snocat_proto.allowlist import AllowList
+from snocat_proto.backoff import Backoff
+from snocat_proto.certificates import (
+    fingerprint,
+    generate_self_signed,
+    install_identity,
+    install_trust,
+    parse_fingerprint,
+)
+from snocat_proto.config import Limits
+from snocat_proto.engine import quic_configuration
+from snocat_proto.errors import LocalProtocolError
+from snocat_proto.proxyme import ProxymeRequest
+from snocat_proto.targets import ProxyTcpTarget
+from snocat_proto.tokens import format_tokens, parse_single_token, parse_tokens
+
+SECRET = "0123456789abcdef-secret"
+NOW = datetime.datetime(2026, 11, 25, tzinfo=datetime.UTC)
+
+
+class TestTokens:
+    def test_parses_names_and_secrets_skipping_comments(self) -> None:
+        text = f"# fleet\n\nalpha {SECRET}\n  beta   {SECRET}x  \n"
+        assert parse_tokens(text) == {"alpha": SECRET.encode(), "beta": (SECRET + "x").encode()}
+
+    def test_round_trips_through_format(self) -> None:
+        tokens = {"a": SECRET.encode(), "b.c": (SECRET * 2).encode()}
+        assert parse_tokens(format_tokens(tokens)) == tokens
+
+    @pytest.mark.parametrize(
+        ("text", "message"),
+        [
+            ("alpha", "line 1: expected 'NAME SECRET'"),
+            (f"alpha {SECRET} extra", "line 1: expected 'NAME SECRET'"),
+            ("alpha short", "shorter than 16"),
+            (f"alpha {SECRET}\nalpha {SECRET}", "line 2: 'alpha' is listed twice"),
+            (f"a/b {SECRET}", "line 1"),
+        ],
+    )
+    def test_rejects_bad_lines_naming_them(self, text: str, message: str) -> None:
+        with pytest.raises(LocalProtocolError, match=message):
+            parse_tokens(text)
+
+    def test_single_token_file_needs_exactly_one_line(self) -> None:
+        assert parse_single_token(f"edge-1 {SECRET}\n") == ("edge-1", SECRET.encode())
+        with pytest.raises(LocalProtocolError, match="exactly one"):
+            parse_single_token(f"a {SECRET}\nb {SECRET}\n")
+        with pytest.raises(LocalProtocolError, match="exactly one"):
+            parse_single_token("# nothing\n")
+
+
+class TestBackoff:
+    def test_grows_to_the_cap_with_jitter_then_resets(self) -> None:
+        backoff = Backoff(initial=1.0, maximum=8.0, rng=random.Random(7))
+        delays = [backoff.next_delay() for _ in range(8)]
+        bases = [1, 2, 4, 8, 8, 8, 8, 8]
+        for delay, base in zip(delays, bases, strict=True):
+            assert base / 2 <= delay <= base
+        backoff.reset()
+        assert 0.5 <= backoff.next_delay() <= 1.0
+
+    def test_rejects_nonsense(self) -> None:
+        with pytest.raises(LocalProtocolError):
+            Backoff(initial=0)
+        with pytest.raises(LocalProtocolError):
+            Backoff(initial=5, maximum=1)
+
+
+class TestAllowList:
+    def test_permits_only_configured_host_and_port(self) -> None:
+        allow = AllowList([ProxyTcpTarget.parse_host_port("127.0.0.1:5000")])
+        assert allow.permits(ProxymeRequest(host="127.0.0.1", port=5000).target())
+        assert not allow.permits(ProxyTcpTarget.parse_host_port("127.0.0.1:5001"))
+        assert not allow.permits(ProxyTcpTarget.parse_host_port("10.0.0.1:5000"))
+
+    def test_dns_names_compare_case_insensitively(self) -> None:
+        allow = AllowList([ProxyTcpTarget.parse_host_port("Web.Internal:80")])
+        assert allow.permits(ProxymeRequest(host="web.internal", port=80).target())
+
+    def test_empty_list_permits_nothing(self) -> None:
+        assert not AllowList([]).permits(ProxyTcpTarget.parse_host_port("127.0.0.1:80"))
+
+
+class TestCertificates:
+    def test_generated_identity_installs_and_fingerprints(self) -> None:
+        cert_pem, key_pem = generate_self_signed(["localhost", "127.0.0.1"], now=NOW)
+        config = quic_configuration(is_client=False, limits=Limits())
+        printed = install_identity(config, cert_pem, key_pem)
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        assert printed == fingerprint(cert) == parse_fingerprint(printed.lower().replace(":", ""))
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
+        assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+
+    def test_mismatched_key_and_garbage_are_refused(self) -> None:
+        cert_pem, _ = generate_self_signed(["a"], now=NOW)
+        _, other_key = generate_self_signed(["a"], now=NOW)
+        config = quic_configuration(is_client=False, limits=Limits())
+        with pytest.raises(LocalProtocolError, match="does not belong"):
+            install_identity(config, cert_pem, other_key)
+        with pytest.raises(LocalProtocolError, match=r"not a PEM certificate|no certificate"):
+            install_identity(config, b"junk", other_key)
+        with pytest.raises(LocalProtocolError, match="private key"):
+            install_identity(config, cert_pem, b"junk")
+
+    def test_fingerprint_parsing(self) -> None:
+        digits = "ab" * 32
+        assert parse_fingerprint("sha256:" + digits) == ":".join(["AB"] * 32)
+        for bad in ["", "abc", "zz" * 32, "ab" * 31]:
+            with pytest.raises(LocalProtocolError):
+                parse_fingerprint(bad)
+
+    def test_pinning_disables_chain_verification_and_authority_is_checked(self) -> None:
+        import ssl
+
+        config = quic_configuration(is_client=True, limits=Limits())
+        install_trust(config, authority_pem=None, pinned="ab" * 32)
+        assert config.verify_mode == ssl.CERT_NONE
+        config = quic_configuration(is_client=True, limits=Limits())
+        with pytest.raises(LocalProtocolError):
+            install_trust(config, authority_pem=b"junk", pinned=None)
+
+    def test_no_names_is_an_error(self) -> None:
+        with pytest.raises(LocalProtocolError):
+            generate_self_signed([], now=NOW)
+
+
+def test_activity_records_serialise_to_json_lines() -> None:
+    record = PortGranted(
+        at=1.5, tunnel_id="t1", name="edge", port=8080, addresses=("[::]:8080",), target="x:1"
+    )
+    line = json.loads(json.dumps(record.to_dict()))
+    assert line["event"] == "port_granted" and line["port"] == 8080
+    closed = TunnelClosed(
+        at=2, tunnel_id="t1", name=None, peer="p", code=0, reason="", by_peer=True
+    )
+    assert closed.to_dict()["event"] == "tunnel_closed"
