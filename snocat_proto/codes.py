@@ -20,6 +20,7 @@ class CloseCode(IntEnum):
     LIMIT_EXCEEDED = 0x14
     SHUTTING_DOWN = 0x15
     REFUSED = 0x16
+    INTERNAL_ERROR = 0x17
 
 
 class StreamCode(IntEnum):

@@ -29,6 +29,7 @@ from aioquic.quic.packet import (
     QuicErrorCode,
     QuicFrameType,
     QuicPacketType,
+    QuicProtocolVersion,
     encode_quic_retry,
     encode_quic_version_negotiation,
     pull_quic_header,
@@ -74,6 +75,7 @@ def quic_configuration(
     """A QUIC configuration with snocat's ALPN and windows; certificates are the caller's."""
     return QuicConfiguration(
         alpn_protocols=[ALPN],
+        supported_versions=[QuicProtocolVersion.VERSION_1],  # snocat 0.8 speaks v1 only
         is_client=is_client,
         server_name=server_name,
         idle_timeout=idle_timeout,
@@ -146,8 +148,11 @@ class QuicEngine(QuicConnection):
         return self._state is QuicConnectionState.TERMINATED
 
     @property
-    def close_reason(self) -> tuple[int, str, bool] | None:
-        """``(code, reason, by_peer)`` as soon as a close has begun, else None.
+    def close_reason(self) -> tuple[int, str, bool, bool] | None:
+        """``(code, reason, by_peer, application)`` as soon as a close has begun, else None.
+
+        ``application`` tells an application close (our :class:`CloseCode` values) from
+        a QUIC transport error, whose codes overlap them (RFC 9000 section 20).
 
         aioquic reports the close only after the closing period (three probe
         timeouts); applications want to know at once, e.g. to show why.
@@ -155,7 +160,9 @@ class QuicEngine(QuicConnection):
         event = self._close_event
         if event is None:
             return None
-        return event.error_code, event.reason_phrase, self._state is QuicConnectionState.DRAINING
+        by_peer = self._state is QuicConnectionState.DRAINING
+        # aioquic leaves frame_type None exactly for application closes.
+        return event.error_code, event.reason_phrase, by_peer, event.frame_type is None
 
     @property
     def host_connection_ids(self) -> list[bytes]:

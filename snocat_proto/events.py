@@ -105,8 +105,14 @@ class StreamWritable(TunnelEvent):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TunnelClosed(TunnelEvent):
-    """The tunnel is over; this is always its last event."""
+    """The tunnel is over; this is always its last event.
+
+    ``application`` is True for an application close, whose ``code`` is one of
+    :class:`~snocat_proto.codes.CloseCode`, and False for a QUIC transport error
+    (idle timeout, TLS alert 0x100 + alert, flow-control violation...), whose codes
+    overlap ours."""
 
     code: int
     reason: str
     by_peer: bool
+    application: bool

@@ -148,6 +148,7 @@ class TunnelConnection:
         #: The auth channel's offset up to which credit was returned.
         self._auth_released = 0
         self._auth_eof = False
+        self._rejection_code = int(CloseCode.AUTHENTICATION_FAILED)
         self._keepalive_at: float | None = None
         self._ping_uid = 0
         self._streams: dict[int, _Stream] = {}
@@ -297,8 +298,13 @@ class TunnelConnection:
         self._token_listener().supply_credential(secret)
         self._drain_authenticator()
 
-    def reject_credential(self, reason: str) -> None:
-        """Answer :class:`CredentialRequired` with a refusal the peer is told (e.g. a limit)."""
+    def reject_credential(self, reason: str, code: int = CloseCode.REFUSED) -> None:
+        """Answer :class:`CredentialRequired` with a refusal the peer is told.
+
+        For refusals that are not about the credential (the aggregator is full, it is
+        shutting down), pass a ``code`` such as ``LIMIT_EXCEEDED`` or ``SHUTTING_DOWN``
+        so that the client can tell them from a wrong token and retry later."""
+        self._rejection_code = int(code)
         self._token_listener().reject(reason)
         self._drain_authenticator()
 
@@ -524,10 +530,12 @@ class TunnelConnection:
         close = self._quic.close_reason
         if close is None:
             return
-        code, reason, by_peer = close
+        code, reason, by_peer, application = close
         self._close_reported = True
         self._state = TunnelState.CLOSED
-        self._events.append(events.TunnelClosed(code=code, reason=reason, by_peer=by_peer))
+        self._events.append(
+            events.TunnelClosed(code=code, reason=reason, by_peer=by_peer, application=application)
+        )
 
     # Internals: authentication -----------------------------------------------
 
@@ -560,7 +568,7 @@ class TunnelConnection:
             elif isinstance(event, Authenticated):
                 self._on_authenticated(event.name)
             elif isinstance(event, Rejected):
-                self.close(CloseCode.AUTHENTICATION_FAILED, event.reason)
+                self.close(self._rejection_code, event.reason)
 
     def _on_authenticated(self, name: str) -> None:
         if self._state is not TunnelState.AUTHENTICATING:

@@ -319,7 +319,7 @@ def test_endpoint_close_closes_every_tunnel_and_refuses_new_ones() -> None:
     sim.server.close(CloseCode.SHUTTING_DOWN, "aggregator restarting")
     sim.run_until(lambda: sim.client_app.closed is not None and two.app.closed is not None)
     expected = TunnelClosed(
-        code=CloseCode.SHUTTING_DOWN, reason="aggregator restarting", by_peer=True
+        code=CloseCode.SHUTTING_DOWN, reason="aggregator restarting", by_peer=True, application=True
     )
     assert sim.client_app.closed == two.app.closed == expected
     late = sim.add_client(("10.0.0.5", 5555), SimpleAckConnector())

@@ -197,6 +197,24 @@ def _failed_auth(
     return sim
 
 
+def test_an_application_refusal_is_not_reported_as_a_wrong_token() -> None:
+    # A full aggregator refuses a good credential with LIMIT_EXCEEDED, so that the
+    # client retries later instead of giving up as it must for a wrong token.
+    sim = Simulation(
+        server_auth=token_server(), client_auth=TokenConnector("alpha", SECRET, limits=LIMITS)
+    )
+    sim.server_app.hold_credentials = True
+    sim.run_until(lambda: bool(sim.server_app.of_type(CredentialRequired)), timeout=10)
+    server_tunnel = sim.server_tunnel
+    server_tunnel.reject_credential("aggregator is at its tunnel limit", CloseCode.LIMIT_EXCEEDED)
+    sim.touch(server_tunnel)
+    sim.run_until(lambda: closed_both(sim), timeout=10)
+    closed = sim.client_app.closed
+    assert closed is not None and closed.application and closed.by_peer
+    assert closed.code == CloseCode.LIMIT_EXCEEDED
+    assert "tunnel limit" in closed.reason
+
+
 @pytest.mark.parametrize(
     ("name", "secret"),
     [("alpha", WRONG_SECRET), ("nobody", SECRET)],
@@ -207,6 +225,7 @@ def test_token_bad_credentials_close_both_sides(name: str, secret: bytes) -> Non
     server_closed, client_closed = sim.server_app.closed, sim.client_app.closed
     assert server_closed is not None and client_closed is not None
     assert server_closed.code == client_closed.code == CloseCode.AUTHENTICATION_FAILED
+    assert server_closed.application and client_closed.application
     assert not server_closed.by_peer
     assert "unknown tunnel name or a wrong token" in server_closed.reason
     # The client is told why (either the server's close or its own reading of the result).
@@ -468,10 +487,16 @@ def test_close_reaches_the_peer_and_everything_terminates(closer_side: str) -> N
     sim.touch(closer)
     sim.run_until(lambda: closed_both(sim), timeout=5)
     assert closer_app.closed == TunnelClosed(
-        code=CloseCode.SHUTTING_DOWN, reason="going away for maintenance", by_peer=False
+        code=CloseCode.SHUTTING_DOWN,
+        reason="going away for maintenance",
+        by_peer=False,
+        application=True,
     )
     assert peer_app.closed == TunnelClosed(
-        code=CloseCode.SHUTTING_DOWN, reason="going away for maintenance", by_peer=True
+        code=CloseCode.SHUTTING_DOWN,
+        reason="going away for maintenance",
+        by_peer=True,
+        application=True,
     )
     for tunnel in (sim.client, server):
         assert tunnel.state is TunnelState.CLOSED
@@ -891,6 +916,7 @@ def test_without_keepalive_an_idle_tunnel_times_out() -> None:
     assert isinstance(closed, TunnelClosed)
     assert 30.0 <= at - idle_since <= 35.0
     assert "idle" in closed.reason.lower()
+    assert not closed.application  # a transport-level end, whatever its code says
     sim.run_until_quiet()
     assert len(sim.server) == 0
 
