@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from .address import RouteAddress
+from .errors import RemoteProtocolError
 from .targets import ProxyTcpTarget
 
 
@@ -29,6 +31,19 @@ class AllowList:
 
     def permits(self, target: ProxyTcpTarget) -> bool:
         return _key(target) in self._allowed
+
+    def check(self, address: RouteAddress) -> ProxyTcpTarget | str:
+        """The target a stream the aggregator opened to ``address`` may be forwarded to,
+        or why the stream is refused (not ``proxy-tcp``, malformed, not allowed)."""
+        try:
+            target = ProxyTcpTarget.from_address(address)
+        except RemoteProtocolError as exc:
+            return f"malformed proxy-tcp address: {exc.reason}"
+        if target is None:
+            return "no service for this address (only proxy-tcp is served)"
+        if not self.permits(target):
+            return f"target {target} is not in this client's allow-list"
+        return target
 
     def __len__(self) -> int:
         return len(self._allowed)

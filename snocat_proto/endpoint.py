@@ -10,6 +10,8 @@ they have terminated.  Its events are ``(tunnel, event)`` pairs.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -64,6 +66,14 @@ class ServerEndpoint:
         # Tunnels touched since they were last drained: of events, and of datagrams.
         self._dirty: dict[TunnelConnection, None] = {}
         self._unsent: dict[TunnelConnection, None] = {}
+        # Every tunnel's deadline as last seen, and a heap of them: finding the next
+        # deadline must not cost a look at every tunnel (thousands may be idle).
+        # Entries that no longer match ``_deadlines`` are stale and skipped.
+        self._deadlines: dict[TunnelConnection, float | None] = {}
+        # Tunnels touched since their deadline was last read.
+        self._retime: dict[TunnelConnection, None] = {}
+        self._timer_heap: list[tuple[float, int, TunnelConnection]] = []
+        self._timer_order = itertools.count()
         self._closing = False
         #: Datagrams dropped because they belonged to no tunnel and could start none.
         self.dropped_datagrams = 0
@@ -78,6 +88,15 @@ class ServerEndpoint:
         return len(self._tunnels)
 
     def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> None:
+        if data and data[0] & 0xC0 == 0x40:
+            # A short header (with the fixed bit): the destination CID comes right
+            # after the first byte, so an established tunnel needs no header parse.
+            cid_length = self._configuration.connection_id_length
+            tunnel = self._by_cid.get(data[1 : 1 + cid_length])
+            if tunnel is not None:
+                tunnel.receive_datagram(data, addr, now)
+                self._after_input(tunnel)
+                return
         header = parse_packet_header(data, cid_length=self._configuration.connection_id_length)
         if header is None:
             self.dropped_datagrams += 1
@@ -113,15 +132,29 @@ class ServerEndpoint:
         return datagrams
 
     def get_timer(self) -> float | None:
-        timers = (tunnel.get_timer() for tunnel in self._tunnels)
-        return min((t for t in timers if t is not None), default=None)
+        self._rearm_touched()
+        heap = self._timer_heap
+        while heap:
+            deadline, _, tunnel = heap[0]
+            if self._deadlines.get(tunnel) == deadline:
+                return deadline
+            heapq.heappop(heap)
+        return None
 
     def handle_timer(self, now: float) -> None:
-        for tunnel in list(self._tunnels):
+        self._rearm_touched()
+        heap = self._timer_heap
+        due: dict[TunnelConnection, None] = {}
+        while heap and heap[0][0] <= now:
+            deadline, _, tunnel = heapq.heappop(heap)
+            if self._deadlines.get(tunnel) == deadline:
+                due[tunnel] = None
+        for tunnel in due:
+            self._deadlines[tunnel] = None  # re-armed by _after_input
             timer = tunnel.get_timer()
             if timer is not None and timer <= now:
                 tunnel.handle_timer(now)
-                self._after_input(tunnel)
+            self._after_input(tunnel)
 
     def next_event(self) -> tuple[TunnelConnection, TunnelEvent] | None:
         """The next ``(tunnel, event)``, across all tunnels, or None."""
@@ -199,11 +232,34 @@ class ServerEndpoint:
                 cids.remove(cid)
         self._dirty[tunnel] = None
         self._unsent[tunnel] = None
+        self._retime[tunnel] = None
+
+    def _rearm_touched(self) -> None:
+        touched, self._retime = self._retime, {}
+        for tunnel in touched:
+            if tunnel in self._tunnels:
+                self._rearm(tunnel)
+
+    def _rearm(self, tunnel: TunnelConnection) -> None:
+        deadline = tunnel.get_timer()
+        if deadline == self._deadlines.get(tunnel):
+            return
+        self._deadlines[tunnel] = deadline
+        if deadline is None:
+            return
+        heap = self._timer_heap
+        if len(heap) > 2 * len(self._deadlines) + 64:
+            # Mostly stale entries (busy tunnels move their deadline on every packet).
+            heap[:] = [entry for entry in heap if self._deadlines.get(entry[2]) == entry[0]]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (deadline, next(self._timer_order), tunnel))
 
     def _forget_if_terminated(self, tunnel: TunnelConnection) -> None:
         if not tunnel.is_terminated:
             return
         self._unsent.pop(tunnel, None)
+        self._deadlines.pop(tunnel, None)
+        self._retime.pop(tunnel, None)
         for cid in self._tunnels.pop(tunnel, []):
             if self._by_cid.get(cid) is tunnel:
                 del self._by_cid[cid]

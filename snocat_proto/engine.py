@@ -125,6 +125,20 @@ class QuicEngine(QuicConnection):
         self._consumed_total += max(0, received - consumed)
         return max(received, consumed)
 
+    def credit_update_due(self, stream_id: int) -> bool:
+        """Whether acknowledged data has made a window update worth sending now
+        (MAX_STREAM_DATA for the stream, or MAX_DATA): then the caller should transmit.
+        Otherwise the new credit waits for the next packet that goes out anyway."""
+        stream = self._streams.get(stream_id)
+        if (
+            stream is not None
+            and stream.max_stream_data_local
+            and stream.max_stream_data_local - self._consumed.get(stream_id, 0)
+            < self._stream_window // 2
+        ):
+            return True
+        return self._local_max_data.value - self._consumed_total < self._connection_window // 2
+
     def send_buffered(self, stream_id: int) -> int:
         """Bytes written to the stream that the peer has not acknowledged yet."""
         stream = self._streams.get(stream_id)
@@ -183,6 +197,8 @@ class QuicEngine(QuicConnection):
             consumed = self._consumed.get(stream.stream_id or 0, 0)
             if stream.max_stream_data_local - consumed < self._stream_window // 2:
                 stream.max_stream_data_local = consumed + self._stream_window
+        if stream.max_stream_data_local_sent == stream.max_stream_data_local:
+            return  # nothing to send: the common case, once per stream and packet
         # The parent doubles the window once the peer's highest offset passes half of it;
         # hiding the offset keeps it from doing so while it still sends our update.
         receiver = stream.receiver

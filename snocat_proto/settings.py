@@ -16,10 +16,24 @@ from .auth import SCHEMES, ClientCredentials
 from .backoff import Backoff
 from .certificates import load_certificate_chain, parse_fingerprint
 from .config import Limits
+from .engine import SMALLEST_MAX_DATAGRAM_SIZE
 from .ports import PortRange
 from .targets import ProxyTcpTarget
 
-__all__ = ["ClientConfig", "ServerConfig"]
+__all__ = ["DEFAULT_MAX_DATAGRAM_SIZE", "MAX_DATAGRAM_SIZE_LIMIT", "ClientConfig", "ServerConfig"]
+
+#: The UDP payload every QUIC path must carry (RFC 9000 section 14): safe anywhere.
+DEFAULT_MAX_DATAGRAM_SIZE = SMALLEST_MAX_DATAGRAM_SIZE
+#: The largest UDP payload QUIC allows (``max_udp_payload_size``, RFC 9000 section 18.2).
+MAX_DATAGRAM_SIZE_LIMIT = 65527
+
+
+def check_max_datagram_size(value: int) -> None:
+    if not DEFAULT_MAX_DATAGRAM_SIZE <= value <= MAX_DATAGRAM_SIZE_LIMIT:
+        raise ValueError(
+            f"max_datagram_size must be within {DEFAULT_MAX_DATAGRAM_SIZE}.."
+            f"{MAX_DATAGRAM_SIZE_LIMIT}, not {value!r}"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +57,9 @@ class ServerConfig:
     #: Authenticated tunnels at once (None: no limit); a client over it is told why.
     max_tunnels: int | None = 1000
     idle_timeout: float = 30.0
+    #: Largest UDP payload sent; the default fits every path, raise it only for a
+    #: path known to carry more (see docs/performance.md).
+    max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE
     retry: bool = True
     keepalive_interval: float | None = 5.0
     #: A tunnel that reconnects under the same name gets its port back if it is free.
@@ -69,6 +86,7 @@ class ServerConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
         if self.keepalive_interval is not None and not self.keepalive_interval > 0:
             raise ValueError("keepalive_interval must be positive or None")
+        check_max_datagram_size(self.max_datagram_size)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +112,8 @@ class ClientConfig:
     backoff_max: float = 30.0
     limits: Limits = field(default_factory=Limits)
     idle_timeout: float = 30.0
+    #: Largest UDP payload sent (as :attr:`ServerConfig.max_datagram_size`).
+    max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE
     keepalive_interval: float | None = 5.0
     secrets_log_file: TextIO | None = None
     #: Seconds to wait for the QUIC handshake before an attempt counts as "no answer".
@@ -113,6 +133,7 @@ class ClientConfig:
                 raise ValueError(f"{name} must be positive")
         if self.keepalive_interval is not None and not self.keepalive_interval > 0:
             raise ValueError("keepalive_interval must be positive or None")
+        check_max_datagram_size(self.max_datagram_size)
         # Fail at configuration time, not at every attempt.
         if self.fingerprint is not None:
             parse_fingerprint(self.fingerprint)

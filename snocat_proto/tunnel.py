@@ -152,6 +152,15 @@ class TunnelConnection:
         self._keepalive_at: float | None = None
         self._ping_uid = 0
         self._streams: dict[int, _Stream] = {}
+        # Indexes of the streams, so that per-datagram work never scans them all:
+        # by state (kept by _transition and _add_stream), and those waiting for room.
+        self._by_state: dict[StreamState, dict[_Stream, None]] = {s: {} for s in StreamState}
+        self._want_writable: dict[_Stream, None] = {}
+        #: Bytes unacknowledged in all streams' send buffers; None: to be counted again
+        #: (acknowledgements, which arrive with datagrams, shrink it).
+        self._buffered_total: int | None = 0
+        #: Whether send buffers may have shrunk since writers were last told of room.
+        self._room_changed = False
         self._events: deque[events.TunnelEvent] = deque()
         self._close_reported = False
         self._connection_id_changes: list[tuple[bool, bytes]] = []
@@ -223,6 +232,7 @@ class TunnelConnection:
     def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> None:
         self._now = now
         self._quic.receive_datagram(data, addr, now)
+        self._buffers_changed()
         self._keepalive_at = (
             None if self._keepalive_interval is None else now + self._keepalive_interval
         )
@@ -244,9 +254,7 @@ class TunnelConnection:
             deadlines.append(self._auth_deadline)
         elif self._state is TunnelState.AUTHENTICATED:
             deadlines.append(self._keepalive_at)
-            deadlines.extend(
-                s.deadline for s in self._streams.values() if s.state is StreamState.NEGOTIATING
-            )
+            deadlines.extend(s.deadline for s in self._by_state[StreamState.NEGOTIATING])
         return min((d for d in deadlines if d is not None), default=None)
 
     def handle_timer(self, now: float) -> None:
@@ -267,7 +275,7 @@ class TunnelConnection:
                     f"{stage} did not complete within {self._limits.auth_timeout:g} s",
                 )
         elif self._state is TunnelState.AUTHENTICATED:
-            for stream in list(self._streams.values()):
+            for stream in list(self._by_state[StreamState.NEGOTIATING]):
                 if (
                     stream.state is StreamState.NEGOTIATING
                     and stream.deadline is not None
@@ -324,12 +332,15 @@ class TunnelConnection:
         negotiation = OpenerNegotiation(address, limits=self._limits)
         stream_id = self._quic.get_next_available_stream_id()
         self._quic.send_stream_data(stream_id, negotiation.initial_data())
-        self._streams[stream_id] = _Stream(
-            stream_id=stream_id,
-            we_opened=True,
-            state=StreamState.NEGOTIATING,
-            negotiation=negotiation,
-            deadline=self._now + self._limits.negotiation_timeout,
+        self._buffers_changed()
+        self._add_stream(
+            _Stream(
+                stream_id=stream_id,
+                we_opened=True,
+                state=StreamState.NEGOTIATING,
+                negotiation=negotiation,
+                deadline=self._now + self._limits.negotiation_timeout,
+            )
         )
         return stream_id
 
@@ -341,6 +352,7 @@ class TunnelConnection:
             raise LocalProtocolError(f"stream {stream_id} is not awaiting a decision")
         self._transition(stream, StreamInput.APP_ACCEPTED)
         self._quic.send_stream_data(stream_id, negotiation.accept())
+        self._buffers_changed()
         stream.negotiation = None
         held, stream.held = bytes(stream.held), bytearray()
         if held:
@@ -368,7 +380,7 @@ class TunnelConnection:
             return 0
         capacity = self._capacity(stream)
         if capacity < self._writable_threshold:
-            stream.want_writable = True
+            self._wait_writable(stream)
         return capacity
 
     def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
@@ -385,13 +397,15 @@ class TunnelConnection:
                     f"{len(data)} bytes offered to stream {stream_id}, room for {capacity}"
                 )
         self._quic.send_stream_data(stream_id, data, end_stream=end_stream)
+        if self._buffered_total is not None:
+            self._buffered_total += len(data)
         if end_stream:
             stream.local_ended = True
             if stream.remote_ended:
                 self._transition(stream, StreamInput.BOTH_ENDED)
                 self._finish(stream)
         elif self._capacity(stream) < self._writable_threshold:
-            stream.want_writable = True
+            self._wait_writable(stream)
 
     def acknowledge_received_data(self, stream_id: int, amount: int) -> None:
         """The application consumed ``amount`` bytes of ``stream_id``: grant the peer credit."""
@@ -400,6 +414,11 @@ class TunnelConnection:
         stream = self._streams.get(stream_id)
         if stream is not None and stream.state is not StreamState.DONE:
             self._quic.acknowledge_received(stream_id, amount)
+
+    def credit_update_due(self, stream_id: int) -> bool:
+        """Whether what was acknowledged has made a window update due, so that the
+        adapter should transmit now rather than with its next datagram."""
+        return self._quic.credit_update_due(stream_id)
 
     def close_stream(self, stream_id: int) -> None:
         """Done with a stream: end our direction (written data is still delivered) and
@@ -610,32 +629,38 @@ class TunnelConnection:
         if self._state is not TunnelState.AUTHENTICATED:
             # Its bytes wait; the unauthenticated windows bound how many there can be.
             stream = _Stream(stream_id=stream_id, we_opened=False, state=StreamState.HELD)
-            self._streams[stream_id] = stream
+            self._add_stream(stream)
             return stream
         pending = sum(
             1
-            for s in self._streams.values()
-            if not s.we_opened and s.state in (StreamState.NEGOTIATING, StreamState.DECIDING)
+            for state in (StreamState.NEGOTIATING, StreamState.DECIDING)
+            for s in self._by_state[state]
+            if not s.we_opened
         )
         if pending >= self._limits.max_pending_requests:
             # Keep a DONE record, so that its later bytes are discarded rather than
             # taken for a new stream once the limit has room again.
             stream = _Stream(stream_id=stream_id, we_opened=False, state=StreamState.DONE)
-            self._streams[stream_id] = stream
+            self._add_stream(stream)
             self._quic.reset_stream(stream_id, StreamCode.LIMIT_EXCEEDED)
             self._quic.stop_stream(stream_id, StreamCode.LIMIT_EXCEEDED)
             self._finish(stream)
             return stream
         stream = _Stream(stream_id=stream_id, we_opened=False, state=StreamState.NEGOTIATING)
         self._start_acceptor(stream)
-        self._streams[stream_id] = stream
+        self._add_stream(stream)
         return stream
+
+    def _add_stream(self, stream: _Stream) -> None:
+        self._streams[stream.stream_id] = stream
+        self._by_state[stream.state][stream] = None
 
     def _start_acceptor(self, stream: _Stream) -> None:
         negotiation = AcceptorNegotiation(limits=self._limits)
         stream.negotiation = negotiation
         stream.deadline = self._now + self._limits.negotiation_timeout
         self._quic.send_stream_data(stream.stream_id, negotiation.initial_data())
+        self._buffers_changed()
 
     def _release_held(self, stream: _Stream) -> None:
         self._transition(stream, StreamInput.AUTHENTICATED)
@@ -748,24 +773,31 @@ class TunnelConnection:
         stream.negotiation = None
         stream.held = bytearray()
         stream.want_writable = False
+        self._want_writable.pop(stream, None)
+        self._buffers_changed()  # a reset drops the stream's send buffer
         stream.released = self._quic.release_stream(stream.stream_id, stream.received)
 
     def _purge_finished_streams(self) -> None:
-        done = [
-            sid
-            for sid, s in self._streams.items()
-            if s.state is StreamState.DONE and not self._quic.stream_is_open(sid)
-        ]
-        for sid in done:
-            del self._streams[sid]
+        finished = self._by_state[StreamState.DONE]
+        if not finished:
+            return
+        done = [s for s in finished if not self._quic.stream_is_open(s.stream_id)]
+        for stream in done:
+            del self._streams[stream.stream_id]
+            del finished[stream]
+        if done:
+            self._buffers_changed()
 
     def _transition(self, stream: _Stream, event: StreamInput) -> None:
         try:
-            stream.state = _STREAM_TRANSITIONS[stream.state, event]
+            state = _STREAM_TRANSITIONS[stream.state, event]
         except KeyError:
             raise LocalProtocolError(
                 f"stream {stream.stream_id}: {event.name} is not possible in {stream.state.name}"
             ) from None
+        del self._by_state[stream.state][stream]
+        self._by_state[state][stream] = None
+        stream.state = state
 
     def _stream(self, stream_id: int) -> _Stream:
         try:
@@ -780,17 +812,30 @@ class TunnelConnection:
         return min(self._limits.stream_send_buffer // 2, 16 * 1024)
 
     def _capacity(self, stream: _Stream) -> int:
-        buffered_total = sum(self._quic.send_buffered(sid) for sid in self._streams)
+        buffered_total = self._buffered_total
+        if buffered_total is None:
+            buffered_total = sum(self._quic.send_buffered(sid) for sid in self._streams)
+            self._buffered_total = buffered_total
         own = self._limits.stream_send_buffer - self._quic.send_buffered(stream.stream_id)
         shared = self._limits.tunnel_send_buffer - buffered_total
         return max(0, min(own, shared))
 
+    def _buffers_changed(self) -> None:
+        self._buffered_total = None
+        self._room_changed = True
+
+    def _wait_writable(self, stream: _Stream) -> None:
+        stream.want_writable = True
+        self._want_writable[stream] = None
+
     def _check_writable(self) -> None:
-        for stream in self._streams.values():
-            if (
-                stream.want_writable
-                and stream.state is StreamState.OPEN
-                and self._capacity(stream) >= self._writable_threshold
-            ):
+        if not self._want_writable or not self._room_changed:
+            return  # nobody waits, or nothing was acknowledged or dropped since the last look
+        self._room_changed = False
+        for stream in list(self._want_writable):
+            if stream.state is not StreamState.OPEN:
+                continue
+            if self._capacity(stream) >= self._writable_threshold:
                 stream.want_writable = False
+                del self._want_writable[stream]
                 self._events.append(events.StreamWritable(stream_id=stream.stream_id))

@@ -1,0 +1,691 @@
+"""The tunnel client: dial the aggregator, authenticate, ask for a port, serve ``proxy-tcp``.
+
+:class:`TunnelClient` owns one tunnel at a time, each on its own UDP socket and
+:class:`~snocat_anyio.host.TunnelHost`.  One *session* is one attempt: resolve,
+handshake (checking a pinned fingerprint, if any), authenticate, request the public
+port through ``proxyme`` at once, then serve the streams the aggregator opens, until
+the tunnel is lost.  :meth:`TunnelClient.run` strings sessions together with capped,
+jittered backoff and raises only for what retrying cannot fix (a rejected credential,
+an untrusted certificate).
+
+Each session has two task groups: the pump, whose task shields itself so it keeps
+moving datagrams while the session says goodbye, and the services (the ``proxyme``
+exchange and one task per forwarded connection), which are stopped first.  The
+goodbye (release the port and wait for the 8-byte acknowledgement, then close the
+tunnel with :attr:`CloseCode.NORMAL`) runs shielded and bounded, whether the session
+ends through :meth:`TunnelClient.aclose` or because :meth:`run` was cancelled.
+
+Decisions the brief leaves open:
+
+* A ``proxyme`` denial (JSON ``null``: the aggregator's range is full) keeps the
+  tunnel, which still serves what the aggregator routes to it, and the request is
+  repeated with the same backoff as reconnects, until a port is granted.  A port the
+  aggregator withdraws is requested again the same way.
+* ``run(task_status=...)`` reports started once the first tunnel is authenticated and
+  the first ``proxyme`` answer arrived, granted or not, so a full aggregator does
+  not hang the caller: read :attr:`TunnelClient.granted` or await :meth:`wait_granted`.
+* With ``reconnect=False`` a tunnel lost after authentication ends :meth:`run` with
+  :class:`TunnelClosedError`; one lost before it, with :class:`ConnectError`.
+* A pinned fingerprint is checked as the handshake completes, before the client
+  sends any authentication byte; a mismatch closes with :attr:`CloseCode.REFUSED`.
+* A stream the aggregator opens is accepted only once its TCP target has answered,
+  so a dead target is a refusal, not a stream that breaks.  Until then it counts
+  against ``Limits.max_pending_requests``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.abc
+from anyio.abc import SocketAttribute
+
+from snocat_proto import activity
+from snocat_proto.address import RouteAddress
+from snocat_proto.allowlist import AllowList
+from snocat_proto.attempts import (
+    AttemptEnd,
+    ErrorKind,
+    check_pinned_certificate,
+    diagnose_early_close,
+    local_socket_failure,
+    lost_tunnel,
+    no_answer,
+    port_of,
+    unresolvable,
+)
+from snocat_proto.auth import connect_authenticator
+from snocat_proto.backoff import Backoff
+from snocat_proto.certificates import install_trust
+from snocat_proto.client_endpoint import ClientEndpoint
+from snocat_proto.codes import CloseCode, StreamCode
+from snocat_proto.engine import NetworkAddress, quic_configuration
+from snocat_proto.errors import LocalProtocolError, ProtocolError
+from snocat_proto.events import (
+    HandshakeCompleted,
+    StreamRequested,
+    TunnelAuthenticated,
+    TunnelClosed,
+    TunnelEvent,
+)
+from snocat_proto.proxyme import Denied, Granted, ProxymeClient, ProxymeRequest, Released
+from snocat_proto.settings import ClientConfig
+from snocat_proto.targets import ProxyTcpTarget, TargetKind
+from snocat_proto.tunnel import TunnelConnection, TunnelState, format_address
+
+from .errors import (
+    AuthenticationError,
+    ConnectError,
+    SnocatError,
+    StreamRefusedError,
+    TunnelClosedError,
+)
+from .host import TunnelHost, bind_udp
+from .observe import ActivityFeed
+from .relay import relay
+from .stream import TunnelStream
+
+__all__ = ["ClientConfig", "TunnelClient", "check_pinned_certificate", "connect_target"]
+
+logger = logging.getLogger("snocat.client")
+
+_SHUTDOWN_REASON = "client shutting down"
+
+_Callback = Callable[[], None]
+#: How a session ended: an :class:`AttemptEnd`, or None when the client was stopped.
+_Outcome = AttemptEnd | None
+
+
+def attempt_error(end: AttemptEnd) -> SnocatError:
+    """The exception :meth:`TunnelClient.run` raises for ``end``."""
+    if end.kind is ErrorKind.AUTHENTICATION:
+        return AuthenticationError(end.message)
+    if end.kind is ErrorKind.TUNNEL_CLOSED:
+        return TunnelClosedError(end.code, end.close_reason)
+    return ConnectError(end.message)
+
+
+@dataclass(eq=False)
+class _Session:
+    """One attempt: its tunnel, its pump, and what has happened on it so far."""
+
+    tunnel_id: str
+    tunnel: TunnelConnection
+    host: TunnelHost
+    peer: str
+    pump_scope: anyio.CancelScope | None = None
+    services: anyio.abc.TaskGroup | None = None
+    handshake_done: bool = False
+    authenticated: bool = False
+    name: str | None = None
+    closed: TunnelClosed | None = None
+    pin_problem: str | None = None
+    first_answer: bool = False
+    proxyme: tuple[ProxymeClient, TunnelStream] | None = None
+    changed: anyio.Event = field(default_factory=anyio.Event)
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = anyio.Event()
+
+    async def wait_for(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            await self.changed.wait()
+
+
+class TunnelClient:
+    """The Connect side of snocat: see the module docstring."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self.activity = ActivityFeed()
+        #: The public address(es) the aggregator listens on for us; None while not granted.
+        self.granted: tuple[str, ...] | None = None
+        self._allow = AllowList(config.targets)
+        self._session: _Session | None = None
+        self._sessions_started = 0
+        #: Which of the server host's addresses the next attempt uses (after no answer).
+        self._address_turn = 0
+        self._grant_changed = anyio.Event()
+        self._stop = anyio.Event()
+        self._stopped = anyio.Event()
+        self._run_scope: anyio.CancelScope | None = None
+        self._running = False
+        self._closed = False
+
+    # Public API ----------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[TunnelClient] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Connect and serve until :meth:`aclose`, cancellation, or a fatal error."""
+        if self._running:
+            raise RuntimeError("TunnelClient.run() can be called only once")
+        self._running = True
+        if self._closed:
+            return  # aclose() came first
+        try:
+            with anyio.CancelScope() as scope:
+                self._run_scope = scope
+                if not self._stop.is_set():
+                    await self._run(task_status)
+        finally:
+            self._closed = True
+            self._set_granted(None)
+            self.activity.close()
+            self._stopped.set()
+
+    async def wait_granted(self) -> tuple[str, ...]:
+        """The public address(es), once the aggregator has granted a port."""
+        while self.granted is None:
+            if self._closed:
+                raise TunnelClosedError(CloseCode.NORMAL, "the client has stopped")
+            await self._grant_changed.wait()
+        return self.granted
+
+    async def open_stream(self, address: RouteAddress) -> TunnelStream:
+        """Open a stream to ``address`` on the aggregator (e.g. a service it offers)."""
+        session = self._session
+        if session is None or not session.authenticated or session.closed is not None:
+            raise TunnelClosedError(CloseCode.NORMAL, "the client has no authenticated tunnel now")
+        stream = await session.host.open_stream(session.tunnel, address)
+        self._publish(
+            activity.StreamOpened,
+            tunnel_id=session.tunnel_id,
+            stream_id=stream.stream_id,
+            address=str(address),
+            direction="out",
+        )
+        return stream
+
+    async def aclose(self) -> None:
+        """Release the port, close the tunnel (NORMAL), stop every task, close the socket."""
+        self._stop.set()
+        if not self._running:
+            self._closed = True
+            self.activity.close()
+            self._stopped.set()
+            return
+        if self._run_scope is not None:
+            self._run_scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await self._stopped.wait()
+
+    async def __aenter__(self) -> TunnelClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # The reconnect loop --------------------------------------------------------
+
+    async def _run(self, task_status: anyio.abc.TaskStatus[TunnelClient]) -> None:
+        config = self.config
+        backoff = Backoff(config.backoff_initial, config.backoff_max)
+        started: list[bool] = [False]
+
+        def on_ready() -> None:
+            backoff.reset()
+            if not started[0]:
+                started[0] = True
+                task_status.started(self)
+
+        while True:
+            outcome = await self._attempt(on_ready)
+            if outcome is None or self._stop.is_set():
+                return
+            if outcome.fatal:
+                raise attempt_error(outcome)
+            if outcome.no_answer:
+                self._address_turn += 1
+            if not config.reconnect:
+                raise attempt_error(outcome)
+            delay = backoff.next_delay()
+            logger.info("reconnecting in %.2f s: %s", delay, outcome.reason)
+            self._publish(
+                activity.Reconnecting, attempt=backoff.attempt, delay=delay, reason=outcome.reason
+            )
+            with anyio.move_on_after(delay):
+                await self._stop.wait()
+            if self._stop.is_set():
+                return
+
+    async def _attempt(self, on_ready: _Callback) -> _Outcome:
+        config = self.config
+        try:
+            infos = await anyio.getaddrinfo(
+                config.server_host, config.server_port, type=socket.SOCK_DGRAM
+            )
+        except OSError as exc:
+            return unresolvable(config.server_host, str(exc))
+        if not infos:
+            return unresolvable(config.server_host, "no addresses")
+        # The first address, unless it did not answer last time (a name with both
+        # families, and an aggregator listening on one).
+        family, *_, sockaddr = infos[self._address_turn % len(infos)]
+        address = _full_sockaddr(family, sockaddr)
+        try:
+            sock = bind_udp("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
+        except OSError as exc:
+            return local_socket_failure(config.server_label, str(exc))
+        try:
+            return await self._run_session(sock, address, on_ready)
+        finally:
+            sock.close()
+
+    async def _run_session(
+        self, sock: socket.socket, address: NetworkAddress, on_ready: _Callback
+    ) -> _Outcome:
+        config = self.config
+        configuration = quic_configuration(
+            is_client=True,
+            limits=config.limits,
+            server_name=config.server_name,
+            idle_timeout=config.idle_timeout,
+            max_datagram_size=config.max_datagram_size,
+        )
+        install_trust(configuration, authority_pem=config.authority_pem, pinned=config.fingerprint)
+        if config.secrets_log_file is not None:
+            configuration.secrets_log_file = config.secrets_log_file
+        tunnel = TunnelConnection.connect(
+            configuration,
+            address=address,
+            authenticator=connect_authenticator(config.credentials, limits=config.limits),
+            limits=config.limits,
+            now=anyio.current_time(),
+            keepalive_interval=config.keepalive_interval,
+        )
+        self._sessions_started += 1
+        session: _Session
+        host = TunnelHost(
+            ClientEndpoint(tunnel), sock, lambda t, e, s: self._on_event(session, t, e, s)
+        )
+        session = _Session(
+            tunnel_id=f"client-{self._sessions_started}",
+            tunnel=tunnel,
+            host=host,
+            peer=format_address(address),
+        )
+        self._session = session
+        self._publish(activity.ListeningOn, address=format_address(host.local_address))
+        outcome: _Outcome = None
+        try:
+            async with anyio.create_task_group() as pump_group:
+                await pump_group.start(self._pump, session)
+                try:
+                    async with anyio.create_task_group() as services:
+                        session.services = services
+                        outcome = await self._supervise(session, on_ready)
+                        services.cancel_scope.cancel()
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        session.services = None
+                        with anyio.move_on_after(config.close_timeout):
+                            await self._goodbye(session)
+                        if session.pump_scope is not None:
+                            session.pump_scope.cancel()
+        finally:
+            self._session = None
+            self._set_granted(None)
+        return outcome
+
+    async def _pump(
+        self,
+        session: _Session,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        # Shielded, so datagrams keep moving while a cancelled session says goodbye;
+        # the session cancels this scope itself once it is done.
+        with anyio.CancelScope(shield=True) as scope:
+            session.pump_scope = scope
+            task_status.started()
+            await session.host.run()
+
+    async def _supervise(self, session: _Session, on_ready: _Callback) -> _Outcome:
+        config = self.config
+        with anyio.move_on_after(config.connect_timeout):
+            await session.wait_for(lambda: session.handshake_done or session.closed is not None)
+        if not session.handshake_done and session.closed is None:
+            return no_answer(config.server_label, f"within {config.connect_timeout:g} s")
+        await session.wait_for(lambda: session.authenticated or session.closed is not None)
+        if session.closed is not None:
+            return diagnose_early_close(
+                session.closed,
+                handshake_done=session.handshake_done,
+                pin_problem=session.pin_problem,
+                server_label=config.server_label,
+                server_name=config.server_name,
+            )
+        if config.request_port:
+            assert session.services is not None
+            session.services.start_soon(self._proxyme_loop, session)
+            # Bounded: an aggregator that never answers must not hold up the caller.
+            with anyio.move_on_after(config.connect_timeout):
+                await session.wait_for(lambda: session.first_answer or session.closed is not None)
+        if session.closed is None:
+            on_ready()
+        await session.wait_for(lambda: session.closed is not None)
+        assert session.closed is not None
+        return lost_tunnel(session.closed)
+
+    async def _goodbye(self, session: _Session) -> None:
+        """Give the port back (waiting for the acknowledgement), then close the tunnel."""
+        tunnel = session.tunnel
+        if session.closed is None and session.proxyme is not None:
+            client, stream = session.proxyme
+            released = False
+            if client.granted:
+                try:
+                    await stream.send(client.release())
+                    await self._read_proxyme(session, client, stream)
+                    released = not client.granted
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, SnocatError):
+                    pass
+            if released:
+                await stream.aclose()
+            else:
+                stream.reset(StreamCode.CANCELLED)
+        if session.closed is None and tunnel.state is not TunnelState.CLOSED:
+            tunnel.close(CloseCode.NORMAL, _SHUTDOWN_REASON)
+            session.host.flush(tunnel)
+
+    # Events from the pump (synchronous: never block) ---------------------------
+
+    def _on_event(
+        self,
+        session: _Session,
+        tunnel: TunnelConnection,
+        event: TunnelEvent,
+        stream: TunnelStream | None,
+    ) -> None:
+        try:
+            self._handle_event(session, tunnel, event, stream)
+        except Exception:
+            # A bug must cost this tunnel (it is retried), never stop the pump silently.
+            logger.exception("failed to handle %s; closing the tunnel", type(event).__name__)
+            if stream is not None:
+                stream.reset(StreamCode.CANCELLED)
+            tunnel.close(CloseCode.INTERNAL_ERROR, "client internal error")
+            session.host.flush(tunnel)
+
+    def _handle_event(
+        self,
+        session: _Session,
+        tunnel: TunnelConnection,
+        event: TunnelEvent,
+        stream: TunnelStream | None,
+    ) -> None:
+        if isinstance(event, StreamRequested):
+            assert stream is not None
+            services = session.services
+            if services is None or session.closed is not None:
+                session.host.refuse(stream)
+            else:
+                services.start_soon(self._serve_stream, session, stream)
+            return
+        if isinstance(event, HandshakeCompleted):
+            if self.config.fingerprint is not None:
+                problem = check_pinned_certificate(tunnel, self.config.fingerprint)
+                if problem is not None:
+                    session.pin_problem = problem
+                    tunnel.close(CloseCode.REFUSED, problem)
+                    session.host.flush(tunnel)
+            session.handshake_done = True
+            self._publish(activity.TunnelConnected, tunnel_id=session.tunnel_id, peer=session.peer)
+        elif isinstance(event, TunnelAuthenticated):
+            session.authenticated = True
+            session.name = event.name
+            self._publish(
+                activity.TunnelAuthenticated,
+                tunnel_id=session.tunnel_id,
+                name=event.name,
+                peer=session.peer,
+                scheme=event.scheme,
+            )
+        elif isinstance(event, TunnelClosed):
+            session.closed = event
+            if self.granted is not None and session is self._session:
+                self._port_gone(session)
+            self._publish(
+                activity.TunnelClosed,
+                tunnel_id=session.tunnel_id,
+                name=session.name,
+                peer=session.peer,
+                code=event.code,
+                reason=event.reason,
+                by_peer=event.by_peer,
+            )
+        else:
+            return
+        session.notify()
+
+    # proxyme -------------------------------------------------------------------
+
+    async def _proxyme_loop(self, session: _Session) -> None:
+        """Request the port; after a denial or a withdrawal, ask again with backoff."""
+        config = self.config
+        retry = Backoff(config.backoff_initial, config.backoff_max)
+        while True:
+            was_granted = await self._request_port(session)
+            if was_granted:
+                retry.reset()
+            await anyio.sleep(retry.next_delay())
+
+    async def _request_port(self, session: _Session) -> bool:
+        """One ``proxyme`` exchange, kept open while the port is ours; True if it was granted."""
+        target = self.config.targets[0]
+        request = ProxymeRequest(host=target.connect_host(), port=target.port)
+        try:
+            stream = await session.host.open_stream(session.tunnel, request.to_address())
+        except StreamRefusedError as exc:
+            self._port_denied(session, f"the aggregator refused the proxyme request: {exc.reason}")
+            return False
+        except TunnelClosedError:
+            return False
+        client = ProxymeClient(limits=self.config.limits)
+        session.proxyme = (client, stream)
+        try:
+            await stream.send(client.initial_data())
+            granted = await self._read_proxyme(session, client, stream)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, SnocatError) as exc:
+            stream.reset(StreamCode.CANCELLED)
+            granted = client.granted
+            if session.closed is None:
+                self._port_denied(session, f"the proxyme stream failed: {exc}")
+                self._port_gone(session)
+        session.proxyme = None
+        await stream.aclose()  # after a denial or a release: the exchange is over
+        return granted
+
+    async def _read_proxyme(
+        self, session: _Session, client: ProxymeClient, stream: TunnelStream
+    ) -> bool:
+        """Feed the ``proxyme`` stream to ``client`` until denied or released.
+
+        Returns whether a port was granted on the way."""
+        was_granted = client.granted
+        while True:
+            try:
+                try:
+                    data = await stream.receive()
+                except anyio.EndOfStream:
+                    events = client.receive_eof()
+                    if not events:
+                        return was_granted
+                else:
+                    events = client.receive_data(data)
+            except ProtocolError as exc:
+                stream.reset(StreamCode.PROTOCOL_VIOLATION)
+                self._port_denied(session, f"bad proxyme answer: {exc.reason}")
+                self._port_gone(session)
+                return was_granted
+            for event in events:
+                if isinstance(event, Granted):
+                    was_granted = True
+                    self._port_granted(session, event.addresses)
+                elif isinstance(event, Denied):
+                    self._port_denied(
+                        session, "the aggregator has no free port for this tunnel (null answer)"
+                    )
+                    return False
+                elif isinstance(event, Released):
+                    self._port_gone(session)
+                    return was_granted
+
+    def _port_granted(self, session: _Session, addresses: tuple[str, ...]) -> None:
+        self._set_granted(addresses)
+        self._answered(session)
+        self._publish(
+            activity.PortGranted,
+            tunnel_id=session.tunnel_id,
+            name=session.name or "",
+            port=port_of(addresses),
+            addresses=addresses,
+            target=str(self.config.targets[0]),
+        )
+
+    def _port_gone(self, session: _Session) -> None:
+        granted = self.granted
+        if granted is None:
+            return
+        self._set_granted(None)
+        self._publish(
+            activity.PortReleased,
+            tunnel_id=session.tunnel_id,
+            name=session.name or "",
+            port=port_of(granted),
+        )
+
+    def _port_denied(self, session: _Session, reason: str) -> None:
+        logger.warning("no public port: %s", reason)
+        self._publish(
+            activity.PortDenied, tunnel_id=session.tunnel_id, name=session.name or "", reason=reason
+        )
+        self._answered(session)
+
+    @staticmethod
+    def _answered(session: _Session) -> None:
+        if not session.first_answer:
+            session.first_answer = True
+            session.notify()
+
+    def _set_granted(self, addresses: tuple[str, ...] | None) -> None:
+        if addresses != self.granted:
+            self.granted = addresses
+            self._grant_changed.set()
+            self._grant_changed = anyio.Event()
+        elif addresses is None:
+            self._grant_changed.set()  # wake wait_granted() so it can see the client stop
+            self._grant_changed = anyio.Event()
+
+    # proxy-tcp -----------------------------------------------------------------
+
+    async def _serve_stream(self, session: _Session, stream: TunnelStream) -> None:
+        address = str(stream.address)
+        target = self._allow.check(stream.address)
+        if isinstance(target, str):
+            self._refuse(session, stream, target)
+            return
+        try:
+            with anyio.fail_after(self.config.target_connect_timeout):
+                tcp = await connect_target(target)
+        except (OSError, TimeoutError) as exc:
+            self._refuse(session, stream, f"cannot connect to {target}: {exc or 'timed out'}")
+            return
+        if session.closed is not None or session.tunnel.state is TunnelState.CLOSED:
+            await tcp.aclose()
+            return
+        try:
+            session.host.accept(stream)
+        except LocalProtocolError as exc:  # the core gave up on the stream meanwhile
+            await tcp.aclose()
+            logger.debug("stream %d vanished before it was accepted: %s", stream.stream_id, exc)
+            return
+        self._publish(
+            activity.StreamOpened,
+            tunnel_id=session.tunnel_id,
+            stream_id=stream.stream_id,
+            address=address,
+            direction="in",
+        )
+        result = await relay(stream, tcp)
+        self._publish(
+            activity.StreamClosed,
+            tunnel_id=session.tunnel_id,
+            stream_id=stream.stream_id,
+            address=address,
+            bytes_in=result.received_from_tunnel,
+            bytes_out=result.sent_to_tunnel,
+            error=None
+            if result.error is None
+            else str(result.error) or type(result.error).__name__,
+        )
+
+    def _refuse(self, session: _Session, stream: TunnelStream, reason: str) -> None:
+        logger.info("refused stream %s: %s", stream.address, reason)
+        if session.closed is None and session.tunnel.state is not TunnelState.CLOSED:
+            with contextlib.suppress(LocalProtocolError):
+                session.host.refuse(stream)
+        self._publish(
+            activity.StreamRefused,
+            tunnel_id=session.tunnel_id,
+            address=str(stream.address),
+            reason=reason,
+        )
+
+    # Helpers -------------------------------------------------------------------
+
+    def _publish(self, kind: type[activity.Activity], **fields: object) -> None:
+        self.activity.publish(kind(at=time.time(), **fields))
+
+
+async def connect_target(target: ProxyTcpTarget) -> anyio.abc.SocketStream:
+    """A TCP connection to ``target`` with TCP_NODELAY; DNS4/DNS6 restrict the family."""
+    host, port = target.connect_host(), target.port
+    if target.kind in (TargetKind.DNS4, TargetKind.DNS6):
+        family = socket.AF_INET if target.kind is TargetKind.DNS4 else socket.AF_INET6
+        infos = await anyio.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
+        error: OSError = OSError(
+            f"{host} has no {'IPv4' if family == socket.AF_INET else 'IPv6'} address"
+        )
+        for *_, sockaddr in infos:
+            try:
+                tcp = await anyio.connect_tcp(str(sockaddr[0]), port)
+            except OSError as exc:
+                error = exc
+                continue
+            break
+        else:
+            raise error
+    else:
+        tcp = await anyio.connect_tcp(host, port)
+    raw = tcp.extra(SocketAttribute.raw_socket)
+    if raw.family in (socket.AF_INET, socket.AF_INET6):
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return tcp
+
+
+def _full_sockaddr(family: int, sockaddr: tuple[str, int]) -> NetworkAddress:
+    """The address as ``recvfrom`` will report the peer: IPv6 as a 4-tuple.
+
+    anyio's ``getaddrinfo`` shortens IPv6 addresses to ``(host, port)``; aioquic
+    compares addresses as tuples, so the aggregator's answers would come from an
+    "unknown" path.  A numeric lookup (no DNS) restores flow info and scope id."""
+    if family != socket.AF_INET6:
+        return sockaddr
+    host, port = sockaddr[0], sockaddr[1]
+    info = socket.getaddrinfo(
+        host, port, socket.AF_INET6, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST
+    )
+    return info[0][4]
+
+
+#: Kept for existing callers; the function lives in :mod:`snocat_proto.attempts`.
+_port_of = port_of

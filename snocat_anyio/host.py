@@ -1,0 +1,236 @@
+"""The pump: one UDP socket feeding one core endpoint, under anyio.
+
+:class:`TunnelHost` is the whole I/O of a snocat endpoint, server or client: it
+reads every waiting datagram into the core, drains the core's events, sends what
+the core produced, and keeps one timer task that it wakes only when the core's
+deadline changes (aioquic's ``asyncio/protocol.py`` pattern).  The socket is a
+non-blocking stdlib socket, so sending never waits: a full send buffer is a lost
+datagram, which QUIC recovers like any other.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import socket
+from collections.abc import Callable
+
+import anyio
+import anyio.abc
+
+from snocat_proto.address import RouteAddress
+from snocat_proto.client_endpoint import Endpoint
+from snocat_proto.events import (
+    DataReceived,
+    StreamAccepted,
+    StreamEnded,
+    StreamRefused,
+    StreamRequested,
+    StreamReset,
+    StreamWritable,
+    TunnelClosed,
+    TunnelEvent,
+)
+from snocat_proto.tunnel import TunnelConnection
+
+from .stream import TunnelStream
+
+logger = logging.getLogger("snocat.host")
+
+#: Datagrams read per wake-up before the core's output is flushed.
+RECEIVE_BATCH = 64
+MAX_DATAGRAM = 65535
+_STREAM_EVENTS = (
+    DataReceived,
+    StreamEnded,
+    StreamReset,
+    StreamWritable,
+    StreamAccepted,
+    StreamRefused,
+)
+
+#: Called with every tunnel-level event; for StreamRequested the new stream comes along.
+EventHandler = Callable[[TunnelConnection, TunnelEvent, TunnelStream | None], None]
+
+
+def bind_udp(host: str, port: int) -> socket.socket:
+    """A non-blocking UDP socket bound to ``host:port`` (IPv4 or IPv6)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class TunnelHost:
+    """Runs ``endpoint`` on ``sock``; see the module docstring."""
+
+    def __init__(self, endpoint: Endpoint, sock: socket.socket, on_event: EventHandler) -> None:
+        self.endpoint = endpoint
+        self.sock = sock
+        self._on_event = on_event
+        self._streams: dict[tuple[TunnelConnection, int], TunnelStream] = {}
+        self._timer_at: float | None = None
+        self._timer_changed = anyio.Event()
+        self._flushing = False
+        self._flush_again = False
+        self.datagrams_dropped = 0
+
+    @property
+    def local_address(self) -> tuple[str, int]:
+        host, port = self.sock.getsockname()[:2]
+        return str(host), int(port)
+
+    async def run(self) -> None:
+        """Pump until cancelled.  The socket stays open; closing it is the owner's job."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._timer_loop)
+            self.flush()
+            await self._receive_loop()
+
+    # Streams -----------------------------------------------------------------
+
+    async def open_stream(self, tunnel: TunnelConnection, address: RouteAddress) -> TunnelStream:
+        """Open a stream to ``address`` on ``tunnel``'s peer and wait for its answer.
+
+        Raises :class:`StreamRefusedError` or :class:`TunnelClosedError`."""
+        stream_id = tunnel.open_stream(address)
+        stream = self._new_stream(tunnel, stream_id, address, accepted=False)
+        self.flush(tunnel)
+        try:
+            await stream.wait_accepted()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                stream.reset()
+            raise
+        return stream
+
+    def accept(self, stream: TunnelStream) -> None:
+        stream.tunnel.accept_stream(stream.stream_id)
+        self.flush(stream.tunnel)
+
+    def refuse(self, stream: TunnelStream) -> None:
+        stream.tunnel.refuse_stream(stream.stream_id)
+        self._forget(stream)
+        self.flush(stream.tunnel)
+
+    def streams_of(self, tunnel: TunnelConnection) -> list[TunnelStream]:
+        return [s for (t, _), s in self._streams.items() if t is tunnel]
+
+    def is_active(self, stream: TunnelStream) -> bool:
+        """Whether ``stream`` still gets events (not closed, reset, refused or orphaned):
+        once it does not, its byte counts are final."""
+        return self._streams.get((stream.tunnel, stream.stream_id)) is stream
+
+    # The pump ----------------------------------------------------------------
+
+    def flush(self, tunnel: TunnelConnection | None = None) -> None:
+        """Drain events and send datagrams until the core is quiet; re-arm the timer.
+
+        Pass the ``tunnel`` an application call changed, so its output is sent."""
+        if tunnel is not None:
+            self.endpoint.mark_dirty(tunnel)
+        if self._flushing:
+            self._flush_again = True
+            return
+        self._flushing = True
+        try:
+            while True:
+                self._flush_again = False
+                while (item := self.endpoint.next_event()) is not None:
+                    self._dispatch(*item)
+                self._send(self.endpoint.datagrams_to_send(anyio.current_time()))
+                if not self._flush_again:
+                    break
+        finally:
+            self._flushing = False
+        timer_at = self.endpoint.get_timer()
+        if timer_at != self._timer_at:
+            self._timer_at = timer_at
+            self._timer_changed.set()
+
+    async def _receive_loop(self) -> None:
+        sock = self.sock
+        while True:
+            await anyio.wait_readable(sock)
+            now = anyio.current_time()
+            for _ in range(RECEIVE_BATCH):
+                try:
+                    data, addr = sock.recvfrom(MAX_DATAGRAM)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    # ICMP errors (port unreachable) surface here on some systems.
+                    logger.debug("UDP receive error: %s", exc)
+                    continue
+                self.endpoint.receive_datagram(data, addr, now)
+            self.flush()
+
+    async def _timer_loop(self) -> None:
+        while True:
+            changed = self._timer_changed = anyio.Event()
+            timer_at = self._timer_at
+            if timer_at is None:
+                await changed.wait()
+                continue
+            delay = timer_at - anyio.current_time()
+            if delay > 0:
+                with anyio.move_on_after(delay):
+                    await changed.wait()
+                if changed.is_set():
+                    continue
+            self.endpoint.handle_timer(max(anyio.current_time(), timer_at))
+            self._timer_at = None  # force re-arming even at the same deadline
+            self.flush()
+
+    def _send(self, datagrams: list[tuple[bytes, tuple[str, int]]]) -> None:
+        sock = self.sock
+        for data, addr in datagrams:
+            try:
+                sock.sendto(data, addr)
+            except (BlockingIOError, InterruptedError):
+                self.datagrams_dropped += 1
+            except OSError as exc:
+                if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    logger.warning("UDP send to %s failed: %s", addr, exc)
+                self.datagrams_dropped += 1
+
+    def _dispatch(self, tunnel: TunnelConnection, event: TunnelEvent) -> None:
+        if isinstance(event, _STREAM_EVENTS):
+            stream = self._streams.get((tunnel, event.stream_id))
+            if stream is not None:
+                stream.on_event(event)
+            elif isinstance(event, DataReceived):
+                # Nobody will read it (the stream was closed locally): return the credit.
+                tunnel.acknowledge_received_data(event.stream_id, len(event.data))
+            return
+        new_stream = None
+        if isinstance(event, StreamRequested):
+            new_stream = self._new_stream(tunnel, event.stream_id, event.address, accepted=True)
+        elif isinstance(event, TunnelClosed):
+            for stream in self.streams_of(tunnel):
+                stream.on_tunnel_closed(event.code, event.reason)
+                self._forget(stream)
+        self._on_event(tunnel, event, new_stream)
+
+    def _new_stream(
+        self, tunnel: TunnelConnection, stream_id: int, address: RouteAddress, *, accepted: bool
+    ) -> TunnelStream:
+        stream = TunnelStream(
+            tunnel,
+            stream_id,
+            address,
+            flush=functools.partial(self.flush, tunnel),
+            forget=self._forget,
+            accepted=accepted,
+        )
+        self._streams[tunnel, stream_id] = stream
+        return stream
+
+    def _forget(self, stream: TunnelStream) -> None:
+        self._streams.pop((stream.tunnel, stream.stream_id), None)

@@ -1,0 +1,62 @@
+"""Copying bytes both ways between two anyio byte streams, half-closes included.
+
+A FIN on one side becomes ``send_eof()`` on the other, and the opposite direction
+keeps flowing (a TCP half-close is not the end of both).  An abort on either side
+aborts the other.  Returns the byte counts, for the observability events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+
+from .stream import TunnelStream
+
+#: Read size of the copy loops: large reads keep per-call overhead down.
+COPY_CHUNK = 256 * 1024
+
+
+@dataclass(slots=True)
+class RelayResult:
+    sent_to_tunnel: int = 0
+    received_from_tunnel: int = 0
+    error: BaseException | None = None
+
+
+_BROKEN = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+
+
+async def _copy(
+    source: anyio.abc.ByteReceiveStream, sink: anyio.abc.ByteStream, counter: list[int]
+) -> None:
+    while True:
+        try:
+            data = await source.receive(COPY_CHUNK)
+        except anyio.EndOfStream:
+            break
+        await sink.send(data)
+        counter[0] += len(data)
+    await sink.send_eof()
+
+
+async def relay(tunnel_stream: TunnelStream, other: anyio.abc.ByteStream) -> RelayResult:
+    """Copy both ways until both directions have ended (or one side fails)."""
+    result = RelayResult()
+    to_tunnel = [0]
+    from_tunnel = [0]
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_copy, other, tunnel_stream, to_tunnel)
+            tg.start_soon(_copy, tunnel_stream, other, from_tunnel)
+    except* _BROKEN as group:
+        result.error = group.exceptions[0]
+        tunnel_stream.reset()
+    finally:
+        result.sent_to_tunnel = to_tunnel[0]
+        result.received_from_tunnel = from_tunnel[0]
+        with anyio.CancelScope(shield=True):
+            await tunnel_stream.aclose()
+            await other.aclose()
+    return result

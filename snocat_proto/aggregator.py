@@ -1,0 +1,361 @@
+"""The aggregator's books and decisions, shared by every binding's server.
+
+:class:`Aggregator` keeps, for every tunnel of one server, a :class:`TunnelSession`:
+its identity (tunnel id, peer, name, scheme), whether it counts against
+``max_tunnels``, its registry record, its public ports and the streams whose bytes
+its :class:`TunnelStatus` reports.  It owns the :class:`~snocat_proto.ports.PortAllocator`
+and :class:`~snocat_proto.ports.StickyPorts` that hand the ports out, and it decides
+what the binding then does: admit or refuse a tunnel or a credential, serve a stream
+with ``proxyme``, pass it to the route hook, or refuse it.
+
+Sockets, listeners, tasks and threads stay in the binding, whose own session type
+subclasses :class:`TunnelSession` (the aggregator builds it through a factory).
+Clocks come in as arguments: ``now`` is the binding's monotonic clock (sticky
+ports), ``wall_time`` is ``time.time()`` (what status displays show).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum, auto
+from typing import Generic, TypeVar
+
+from .address import RouteAddress
+from .codes import CloseCode
+from .errors import ProtocolError
+from .ports import PortAllocator, PortsExhausted, StickyPorts
+from .proxyme import ProxymeRequest
+from .registry import TunnelRecord, TunnelRegistry
+from .settings import ServerConfig
+from .stream_handle import StreamHandle
+from .tunnel import TunnelConnection, format_address
+
+__all__ = [
+    "PORT_TAKEN_ERRNOS",
+    "SHUTTING_DOWN",
+    "Aggregator",
+    "CloseVerdict",
+    "RouteDecision",
+    "RouteKind",
+    "TunnelSession",
+    "TunnelStatus",
+    "endpoint_capacity",
+]
+
+#: Bind errors that concern one port only: the next port of the range is tried.
+PORT_TAKEN_ERRNOS = frozenset({errno.EADDRINUSE, errno.EACCES})
+SHUTTING_DOWN = "the aggregator is shutting down"
+AT_TUNNEL_LIMIT = "aggregator is at its tunnel limit"
+
+#: ``(code, reason)``: close the tunnel with these.
+CloseVerdict = tuple[CloseCode, str]
+
+
+def endpoint_capacity(max_tunnels: int | None) -> int | None:
+    """Connections the endpoint takes: the tunnel limit plus room for handshakes in
+    progress, so a client over the limit is told why instead of timing out."""
+    if max_tunnels is None:
+        return None
+    return max_tunnels + max(16, max_tunnels // 4)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TunnelStatus:
+    """A snapshot of one authenticated tunnel, for status displays and routing."""
+
+    tunnel_id: str
+    name: str
+    peer: str
+    scheme: str
+    ports: tuple[int, ...]
+    #: Wall-clock time (``time.time()``) of the handshake.
+    connected_at: float
+    open_streams: int
+    #: Bytes received from / sent to the tunnel, over the streams the server knows of.
+    bytes_in: int
+    bytes_out: int
+
+
+class TunnelSession:
+    """The aggregator's books on one tunnel; bindings subclass it for their resources."""
+
+    def __init__(
+        self, tunnel: TunnelConnection, tunnel_id: str, peer: str, connected_at: float
+    ) -> None:
+        self.tunnel = tunnel
+        self.tunnel_id = tunnel_id
+        self.peer = peer
+        self.connected_at = connected_at
+        self.name: str | None = None
+        self.scheme = ""
+        #: Counted against ``max_tunnels`` (credential being checked, or authenticated).
+        self.admitted = False
+        self.registered = False
+        self.closed = False
+        #: Public ports granted to this tunnel.
+        self.ports: set[int] = set()
+        self.streams: set[StreamHandle] = set()
+        self.done_bytes_in = 0
+        self.done_bytes_out = 0
+
+    @property
+    def label(self) -> str:
+        """The name once authenticated, the peer's address before."""
+        return self.name if self.name is not None else self.peer
+
+    def track(self, stream: StreamHandle) -> None:
+        """Count ``stream`` 's bytes in this tunnel's status."""
+        self.prune_streams()
+        self.streams.add(stream)
+
+    def prune_streams(self) -> None:
+        """Fold the byte counts of finished streams into the totals."""
+        for stream in [s for s in self.streams if s.finished]:
+            self.streams.discard(stream)
+            self.done_bytes_in += stream.bytes_received
+            self.done_bytes_out += stream.bytes_sent
+
+
+S = TypeVar("S", bound=TunnelSession)
+#: Builds a binding's session: ``(tunnel, tunnel_id, peer, connected_at)``.
+SessionFactory = Callable[[TunnelConnection, str, str, float], S]
+
+
+class RouteKind(Enum):
+    #: Refuse without a report (the tunnel or the server is going away).
+    DROP = auto()
+    #: Refuse, and report ``reason``.
+    REFUSE = auto()
+    #: Accept and serve the ``proxyme`` exchange for ``request``.
+    PROXYME = auto()
+    #: Ask the application's route hook.
+    HOOK = auto()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteDecision:
+    kind: RouteKind
+    reason: str = ""
+    request: ProxymeRequest | None = None
+
+
+class Aggregator(Generic[S]):
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        session_factory: SessionFactory[S],
+        *,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.config = config
+        self.registry = TunnelRegistry()
+        #: False once shutdown began: no new tunnels, streams, ports or connections.
+        self.accepting = True
+        self._factory = session_factory
+        self._random_bytes = random_bytes
+        self._allocator = PortAllocator(config.port_range)
+        self._sticky = StickyPorts(remember_for=config.sticky_port_seconds)
+        self._sessions: dict[TunnelConnection, S] = {}
+        self._by_id: dict[str, S] = {}
+
+    # Sessions -----------------------------------------------------------------
+
+    def session(self, tunnel: TunnelConnection, wall_time: float) -> S:
+        """The session of ``tunnel``, created on first sight."""
+        session = self._sessions.get(tunnel)
+        if session is None:
+            tunnel_id = self._random_bytes(6).hex()
+            while tunnel_id in self._by_id:
+                tunnel_id = self._random_bytes(6).hex()
+            address = tunnel.peer_address
+            peer = "" if address is None else format_address(address)
+            session = self._factory(tunnel, tunnel_id, peer, wall_time)
+            self._sessions[tunnel] = session
+            self._by_id[tunnel_id] = session
+        return session
+
+    def get(self, tunnel: TunnelConnection) -> S | None:
+        return self._sessions.get(tunnel)
+
+    def sessions(self) -> list[S]:
+        return list(self._sessions.values())
+
+    def route_to(self, name: str) -> S | None:
+        """The session an outbound stream for ``name`` goes to: the newest of that name."""
+        record = self.registry.route(name)
+        return None if record is None else self._by_id.get(record.tunnel_id)
+
+    # Tunnel decisions ---------------------------------------------------------
+
+    def on_handshake(self) -> CloseVerdict | None:
+        """A handshake completed: close the tunnel if the server is shutting down."""
+        return None if self.accepting else (CloseCode.SHUTTING_DOWN, SHUTTING_DOWN)
+
+    def decide_credential(self, session: S, *, lookup_failed: bool) -> CloseVerdict | None:
+        """After the credential lookup: how to reject it (pass both to
+        ``TunnelConnection.reject_credential``), or None: the tunnel is admitted."""
+        if not self.accepting:
+            return CloseCode.SHUTTING_DOWN, SHUTTING_DOWN
+        if lookup_failed:
+            return CloseCode.AUTHENTICATION_FAILED, "the aggregator could not check the credential"
+        if self._at_tunnel_limit():
+            return CloseCode.LIMIT_EXCEEDED, AT_TUNNEL_LIMIT
+        session.admitted = True
+        return None
+
+    def on_authenticated(
+        self, session: S, *, name: str, scheme: str, wall_time: float
+    ) -> CloseVerdict | None:
+        """Register an authenticated tunnel, or say why to close it instead."""
+        if not self.accepting:
+            return CloseCode.SHUTTING_DOWN, SHUTTING_DOWN
+        if not session.admitted:  # SimpleAck: no credential step came before
+            if self._at_tunnel_limit():
+                return CloseCode.LIMIT_EXCEEDED, AT_TUNNEL_LIMIT
+            session.admitted = True
+        session.name = name
+        session.scheme = scheme
+        self.registry.register(
+            TunnelRecord(
+                tunnel_id=session.tunnel_id,
+                name=name,
+                peer=session.peer,
+                scheme=scheme,
+                registered_at=wall_time,
+            )
+        )
+        session.registered = True
+        return None
+
+    def on_closed(self, tunnel: TunnelConnection, reason: str) -> S | None:
+        """Forget a closed tunnel; its session (None if it never completed a handshake).
+
+        Its ports stay allocated until the binding has closed their listeners and
+        called :meth:`port_released`."""
+        session = self._sessions.pop(tunnel, None)
+        if session is None:
+            return None
+        self._by_id.pop(session.tunnel_id, None)
+        session.closed = True
+        session.prune_streams()
+        self.registry.deregister(session.tunnel_id, reason)
+        return session
+
+    def _at_tunnel_limit(self) -> bool:
+        limit = self.config.max_tunnels
+        if limit is None:
+            return False
+        return sum(1 for s in self._sessions.values() if s.admitted) >= limit
+
+    # Stream decisions ---------------------------------------------------------
+
+    def route(self, session: S, address: RouteAddress) -> RouteDecision:
+        """What to do with a stream the client of ``session`` opened to ``address``."""
+        if not self.accepting or session.closed or not session.registered:
+            return RouteDecision(kind=RouteKind.DROP)
+        if self.config.proxyme:
+            try:
+                request = ProxymeRequest.from_address(address)
+            except ProtocolError as exc:
+                return RouteDecision(kind=RouteKind.REFUSE, reason=f"bad proxyme request: {exc}")
+            if request is not None:
+                return RouteDecision(kind=RouteKind.PROXYME, request=request)
+        return RouteDecision(kind=RouteKind.HOOK)
+
+    # Ports --------------------------------------------------------------------
+
+    @property
+    def ports_in_use(self) -> frozenset[int]:
+        return self._allocator.allocated
+
+    def allocate_port(self, session: S, now: float, exclude: set[int]) -> int | None:
+        """A port to bind for ``session`` (its old one if free), or None if none is left.
+
+        Pass the ports the operating system refused as ``exclude``; give every port
+        that could not be bound back with :meth:`port_unavailable`."""
+        if not self.accepting:
+            return None
+        preferred = self._sticky.recall(session.label, now)
+        try:
+            return self._allocator.allocate(preferred=preferred, exclude=exclude)
+        except PortsExhausted:
+            return None
+
+    def no_port_reason(self, exclude: set[int]) -> str:
+        """Why :meth:`allocate_port` returned None."""
+        if not self.accepting:
+            return SHUTTING_DOWN
+        detail = f" ({len(exclude)} refused by the OS)" if exclude else ""
+        return f"no free port in {self.config.port_range}{detail}"
+
+    def port_unavailable(self, port: int) -> None:
+        """The port could not be bound: it goes back to the allocator."""
+        self._allocator.release(port)
+
+    def port_granted(self, session: S, port: int) -> None:
+        """The port's listener is bound and the grant is on its way to the client."""
+        session.ports.add(port)
+        self._update_record_ports(session)
+
+    def port_released(self, session: S, port: int, now: float) -> bool:
+        """The port's listener is closed: free the port, remember it for the name.
+
+        False if it was never granted (denied before the grant went out)."""
+        if self._allocator.is_allocated(port):
+            self._allocator.release(port)
+        if port not in session.ports:
+            return False
+        session.ports.discard(port)
+        self._sticky.handle_timer(now)
+        self._sticky.remember(session.label, port, now)
+        self._update_record_ports(session)
+        return True
+
+    def _update_record_ports(self, session: S) -> None:
+        record = self.registry.get(session.tunnel_id)
+        if record is not None:
+            self.registry.update(record.with_ports(tuple(sorted(session.ports))))
+
+    # Status and shutdown ------------------------------------------------------
+
+    def status(self, session: S) -> TunnelStatus:
+        session.prune_streams()
+        return TunnelStatus(
+            tunnel_id=session.tunnel_id,
+            name=session.label,
+            peer=session.peer,
+            scheme=session.scheme,
+            ports=tuple(sorted(session.ports)),
+            connected_at=session.connected_at,
+            open_streams=len(session.streams),
+            bytes_in=session.done_bytes_in + sum(s.bytes_received for s in session.streams),
+            bytes_out=session.done_bytes_out + sum(s.bytes_sent for s in session.streams),
+        )
+
+    def statuses(self) -> list[TunnelStatus]:
+        """The authenticated tunnels, oldest first."""
+        return [
+            self.status(self._by_id[record.tunnel_id])
+            for record in self.registry
+            if record.tunnel_id in self._by_id
+        ]
+
+    def finish(self, reason: str) -> frozenset[int]:
+        """After the binding has stopped everything: drop what is left.
+
+        Returns the ports that were still allocated (a bug in the binding: every
+        lease frees its port as it unwinds); they are released."""
+        for record in self.registry:
+            self.registry.deregister(record.tunnel_id, reason)
+        self._sessions.clear()
+        self._by_id.clear()
+        self.accepting = False
+        leftover = self._allocator.allocated
+        for port in leftover:
+            self._allocator.release(port)
+        return leftover

@@ -1,0 +1,183 @@
+"""How a client's connection attempt ended, and whether another attempt can help.
+
+Shared by every binding's client, so that both tell a user the same thing: a
+rejected credential or an untrusted certificate is fatal (retrying cannot fix it),
+silence or a lost tunnel is worth another attempt.  Each verdict is an
+:class:`AttemptEnd` that names the error class a binding raises (:class:`ErrorKind`)
+and its message; the binding maps the kind to its own exception types.
+
+Also here: the certificate pin check that runs as the handshake completes, and the
+parsing of the public port out of a ``proxyme`` grant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum, auto
+
+from .certificates import fingerprint, parse_fingerprint
+from .codes import CloseCode
+from .events import TunnelClosed
+from .tunnel import TunnelConnection
+
+__all__ = [
+    "AttemptEnd",
+    "ErrorKind",
+    "check_pinned_certificate",
+    "diagnose_early_close",
+    "local_socket_failure",
+    "lost_tunnel",
+    "no_answer",
+    "port_of",
+    "unresolvable",
+]
+
+#: aioquic closes a failed TLS handshake with CRYPTO_ERROR (0x100) plus the alert number.
+CRYPTO_ERROR_FIRST = 0x100
+CRYPTO_ERROR_LAST = 0x1FF
+
+
+class ErrorKind(Enum):
+    """Which error a binding raises for an :class:`AttemptEnd`."""
+
+    #: The credential was refused, or the schemes differ.
+    AUTHENTICATION = auto()
+    #: The aggregator was not reached or not trusted.
+    CONNECT = auto()
+    #: An authenticated tunnel was lost (``code`` and ``close_reason`` say how).
+    TUNNEL_CLOSED = auto()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AttemptEnd:
+    """One attempt's end: retry it (unless ``fatal``), or raise ``kind(message)``."""
+
+    fatal: bool
+    kind: ErrorKind
+    message: str
+    #: One line for logs and the ``Reconnecting`` activity.
+    reason: str
+    #: Nothing answered at the address tried: the next attempt tries the next one.
+    no_answer: bool = False
+    #: For :attr:`ErrorKind.TUNNEL_CLOSED`: the close code and reason.
+    code: int = 0
+    close_reason: str = ""
+
+
+def check_pinned_certificate(tunnel: TunnelConnection, pinned: str) -> str | None:
+    """None if the peer's certificate has the SHA-256 fingerprint ``pinned``, else why not.
+
+    aioquic has no hook for pinning: the configuration skips chain verification
+    (:func:`~snocat_proto.certificates.install_trust` with ``pinned``) and this runs
+    once the handshake completed, before any authentication byte is sent.
+    """
+    expected = parse_fingerprint(pinned)
+    certificate = getattr(tunnel.engine.tls, "_peer_certificate", None)
+    if certificate is None:
+        return "certificate fingerprint mismatch: the aggregator presented no certificate"
+    actual = fingerprint(certificate)
+    if actual != expected:
+        return f"certificate fingerprint mismatch: expected {expected}, the aggregator has {actual}"
+    return None
+
+
+def unresolvable(host: str, detail: str) -> AttemptEnd:
+    """The aggregator's host name did not resolve (retryable: DNS may come back)."""
+    reason = f"cannot resolve {host}: {detail}"
+    return AttemptEnd(
+        fatal=False,
+        kind=ErrorKind.CONNECT,
+        message=f"{reason}; check the aggregator's host name",
+        reason=reason,
+    )
+
+
+def local_socket_failure(server_label: str, detail: str) -> AttemptEnd:
+    """No UDP socket could be opened for the attempt (fatal: nothing remote to retry)."""
+    return _fatal(ErrorKind.CONNECT, f"cannot open a UDP socket for {server_label}: {detail}")
+
+
+def no_answer(server_label: str, detail: str) -> AttemptEnd:
+    """Nothing answered at ``server_label`` (``detail``: for how long, or the close)."""
+    reason = f"no answer from {server_label} {detail}"
+    return AttemptEnd(
+        fatal=False,
+        kind=ErrorKind.CONNECT,
+        message=f"{reason}: is the aggregator running there, and is UDP allowed through?",
+        reason=reason,
+        no_answer=True,
+    )
+
+
+def diagnose_early_close(
+    closed: TunnelClosed,
+    *,
+    handshake_done: bool,
+    pin_problem: str | None,
+    server_label: str,
+    server_name: str,
+) -> AttemptEnd:
+    """A tunnel that closed before authentication: fatal, or worth another attempt."""
+    if pin_problem is not None:
+        return _fatal(
+            ErrorKind.CONNECT,
+            f"{pin_problem}; check --fingerprint against the aggregator's certificate",
+        )
+    if closed.application and closed.code == CloseCode.AUTHENTICATION_FAILED:
+        # The core's reasons already say what to change, on either side.
+        who = "the aggregator refused authentication" if closed.by_peer else "authentication failed"
+        reason = closed.reason or (
+            "no reason given; check the tunnel name and token, and that both sides use "
+            "the same authentication scheme"
+        )
+        return _fatal(ErrorKind.AUTHENTICATION, f"{who}: {reason}")
+    if not closed.application and CRYPTO_ERROR_FIRST <= closed.code <= CRYPTO_ERROR_LAST:
+        alert = closed.code - CRYPTO_ERROR_FIRST
+        detail = closed.reason or f"TLS alert {alert}"
+        if closed.by_peer:
+            return _fatal(
+                ErrorKind.CONNECT,
+                f"the aggregator at {server_label} aborted the TLS handshake "
+                f"({detail}); is it a snocat aggregator (ALPN ms-snocat-1)?",
+            )
+        return _fatal(
+            ErrorKind.CONNECT,
+            f"the aggregator's certificate is not trusted ({detail}): pass the "
+            "certificate or CA that signed it with --authority, pin it with "
+            f"--fingerprint, or check that it is issued for {server_name!r} (--san)",
+        )
+    detail = f"(code {closed.code:#x}): {closed.reason or 'no reason given'}"
+    if not handshake_done:
+        return no_answer(server_label, detail)
+    reason = f"tunnel closed before authentication {detail}"
+    return AttemptEnd(
+        fatal=False,
+        kind=ErrorKind.CONNECT,
+        message=f"{reason}; connecting to {server_label}",
+        reason=reason,
+    )
+
+
+def lost_tunnel(closed: TunnelClosed) -> AttemptEnd:
+    """An authenticated tunnel closed (retryable)."""
+    return AttemptEnd(
+        fatal=False,
+        kind=ErrorKind.TUNNEL_CLOSED,
+        message=closed.reason,
+        reason=f"tunnel closed (code {closed.code:#x}): {closed.reason or 'no reason given'}",
+        code=closed.code,
+        close_reason=closed.reason,
+    )
+
+
+def _fatal(kind: ErrorKind, message: str) -> AttemptEnd:
+    return AttemptEnd(fatal=True, kind=kind, message=message, reason=message)
+
+
+def port_of(addresses: tuple[str, ...]) -> int:
+    """The port of the first ``host:port`` / ``[v6]:port`` address (0 if none parses)."""
+    for address in addresses:
+        _, _, port = address.rpartition(":")
+        if port.isdigit() and 0 < int(port) <= 65535:
+            return int(port)
+    return 0
