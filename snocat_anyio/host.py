@@ -150,8 +150,10 @@ class TunnelHost:
         finally:
             self._flushing = False
         timer_at = self.endpoint.get_timer()
-        if timer_at != self._timer_at:
-            self._timer_at = timer_at
+        previous, self._timer_at = self._timer_at, timer_at
+        if timer_at is not None and (previous is None or timer_at < previous):
+            # Wake the timer task only for an earlier deadline: one that moved later
+            # (as most do, packet after packet) is found when the armed one expires.
             self._timer_changed.set()
 
     async def _receive_loop(self) -> None:
@@ -182,8 +184,7 @@ class TunnelHost:
             if delay > 0:
                 with anyio.move_on_after(delay):
                     await changed.wait()
-                if changed.is_set():
-                    continue
+                continue  # look again: the deadline may have moved either way
             self.endpoint.handle_timer(max(anyio.current_time(), timer_at))
             self._timer_at = None  # force re-arming even at the same deadline
             self.flush()

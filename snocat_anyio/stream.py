@@ -57,6 +57,7 @@ class TunnelStream(anyio.abc.ByteStream):
         self._flush = flush
         self._forget = forget
         self._changed = anyio.Event()
+        self._waiters = 0
 
     @property
     def tunnel(self) -> TunnelConnection:
@@ -84,7 +85,10 @@ class TunnelStream(anyio.abc.ByteStream):
         while True:
             data = self.handle.read(max_bytes)
             if isinstance(data, bytes):
-                self._flush()
+                # The credit goes out with the next datagram anyway; transmit at once
+                # only when the peer is about to run out of it (per half window).
+                if self.tunnel.credit_update_due(self.stream_id):
+                    self._flush()
                 return data
             if data is not Blocked.WAIT:
                 self._raise(data)
@@ -166,8 +170,15 @@ class TunnelStream(anyio.abc.ByteStream):
         raise anyio.ClosedResourceError
 
     async def _wait(self) -> None:
-        await self._changed.wait()
+        self._waiters += 1
+        try:
+            await self._changed.wait()
+        finally:
+            self._waiters -= 1
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        # Every waiter checks the handle before it waits, so with nobody waiting
+        # there is nobody to wake (and no new Event to make, once per datagram).
+        if self._waiters:
+            self._changed.set()
+            self._changed = anyio.Event()

@@ -149,11 +149,21 @@ class StreamHandle:
         """Up to ``max_bytes`` (> 0) received bytes, acknowledged to the peer."""
         if not self._chunks:
             return self._read_blocked()
-        chunk = self._chunks[0]
+        chunks = self._chunks
+        chunk = chunks[0]
         if len(chunk) > max_bytes:
-            data, self._chunks[0] = chunk[:max_bytes], chunk[max_bytes:]
+            data, chunks[0] = chunk[:max_bytes], chunk[max_bytes:]
+        elif len(chunks) == 1 or len(chunk) + len(chunks[1]) > max_bytes:
+            data = chunks.popleft()
         else:
-            data = self._chunks.popleft()
+            # Several datagrams' worth waiting: one read takes them together, so a
+            # relay makes one write (and one acknowledgement) instead of many.
+            parts, size = [], 0
+            while chunks and size + len(chunks[0]) <= max_bytes:
+                part = chunks.popleft()
+                parts.append(part)
+                size += len(part)
+            data = b"".join(parts)
         self.tunnel.acknowledge_received_data(self.stream_id, len(data))
         return data
 

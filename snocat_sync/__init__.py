@@ -1,1 +1,45 @@
-"""snocat for blocking programs: stdlib sockets and one pump thread."""
+"""snocat for blocking programs: stdlib sockets, ``selectors`` and one pump thread.
+
+The same tunnels, configuration and decisions as :mod:`snocat_anyio`, with no event
+loop: :class:`TunnelClient` exposes a local port through an aggregator, and
+:class:`TunnelServer` is the aggregator.  Tunnel streams behave like blocking
+sockets (:class:`TunnelStream`) and may be shared between threads.
+"""
+
+from __future__ import annotations
+
+from snocat_proto.aggregator import TunnelStatus
+from snocat_proto.auth import ClientCredentials
+from snocat_proto.settings import ClientConfig, ServerConfig
+from snocat_proto.targets import ProxyTcpTarget
+
+from .client import TunnelClient
+from .errors import (
+    AuthenticationError,
+    ConnectError,
+    SnocatError,
+    StreamRefusedError,
+    StreamResetError,
+    TunnelClosedError,
+    TunnelNotFoundError,
+)
+from .server import TunnelServer
+from .stream import TunnelStream
+
+__all__ = [
+    "AuthenticationError",
+    "ClientConfig",
+    "ClientCredentials",
+    "ConnectError",
+    "ProxyTcpTarget",
+    "ServerConfig",
+    "SnocatError",
+    "StreamRefusedError",
+    "StreamResetError",
+    "TunnelClient",
+    "TunnelClosedError",
+    "TunnelNotFoundError",
+    "TunnelServer",
+    "TunnelStatus",
+    "TunnelStream",
+]

@@ -1,0 +1,84 @@
+"""Copying bytes both ways between a tunnel stream and a TCP socket, half-closes included.
+
+The calling thread copies tunnel -> socket; one helper thread copies socket -> tunnel.
+A FIN on one side becomes a half-close of the other, and the opposite direction keeps
+flowing (a TCP half-close is not the end of both).  An abort on either side aborts
+the other: a stream reset or a closed tunnel shuts the socket down, which wakes a
+thread blocked on it.  Returns the byte counts, for the observability events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from dataclasses import dataclass
+
+from .stream import TunnelStream
+
+#: Read size of the copy loops: large reads keep per-call overhead down.
+COPY_CHUNK = 256 * 1024
+
+
+@dataclass(slots=True)
+class RelayResult:
+    sent_to_tunnel: int = 0
+    received_from_tunnel: int = 0
+    error: BaseException | None = None
+
+
+def relay(stream: TunnelStream, sock: socket.socket) -> RelayResult:
+    """Copy both ways until both directions have ended (or one side fails); then close
+    the stream and the socket."""
+    result = RelayResult()
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def abort(error: BaseException) -> None:
+        with lock:
+            errors.append(error)
+        stream.reset()
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def shut_socket() -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def to_tunnel() -> None:
+        try:
+            while True:
+                data = sock.recv(COPY_CHUNK)
+                if not data:
+                    stream.shutdown(socket.SHUT_WR)
+                    return
+                stream.sendall(data)
+                result.sent_to_tunnel += len(data)
+        except OSError as exc:
+            abort(exc)
+
+    stream.add_abort_callback(shut_socket)
+    helper = threading.Thread(
+        target=to_tunnel, name=f"snocat-relay-{stream.stream_id}", daemon=True
+    )
+    helper.start()
+    try:
+        while True:
+            data = stream.recv(COPY_CHUNK)
+            if not data:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_WR)
+                break
+            sock.sendall(data)
+            result.received_from_tunnel += len(data)
+    except OSError as exc:
+        abort(exc)
+    finally:
+        # Unbounded, as the other direction may flow for long after this one ended;
+        # every abort (either side, or the tunnel's close) wakes the helper.
+        helper.join()
+        stream.close()
+        sock.close()
+    if errors:
+        result.error = errors[0]
+    return result
