@@ -317,7 +317,10 @@ class TunnelClient:
         outcome: _Outcome = None
         try:
             async with anyio.create_task_group() as pump_group:
-                await pump_group.start(self._pump, session)
+                # Not pump_group.start(): cancelled while it waits, start() waits in turn
+                # for the (shielded) pump to end, which nothing would ever stop.
+                session.pump_scope = anyio.CancelScope(shield=True)
+                pump_group.start_soon(self._pump, session)
                 try:
                     async with anyio.create_task_group() as services:
                         session.services = services
@@ -335,17 +338,11 @@ class TunnelClient:
             self._set_granted(None)
         return outcome
 
-    async def _pump(
-        self,
-        session: _Session,
-        *,
-        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-    ) -> None:
+    async def _pump(self, session: _Session) -> None:
         # Shielded, so datagrams keep moving while a cancelled session says goodbye;
         # the session cancels this scope itself once it is done.
-        with anyio.CancelScope(shield=True) as scope:
-            session.pump_scope = scope
-            task_status.started()
+        assert session.pump_scope is not None
+        with session.pump_scope:
             await session.host.run()
 
     async def _supervise(self, session: _Session, on_ready: _Callback) -> _Outcome:

@@ -1,0 +1,5 @@
+"""``python -m snocat_anyio``: the ``snocat`` command."""
+
+from .cli import main
+
+main()
