@@ -149,6 +149,10 @@ class QuicEngine(QuicConnection):
     def stream_is_open(self, stream_id: int) -> bool:
         return stream_id in self._streams
 
+    def stream_was_discarded(self, stream_id: int) -> bool:
+        """The stream existed and the engine has since dropped all of its state."""
+        return self._stream_is_discarded(stream_id)
+
     def can_send(self, stream_id: int) -> bool:
         """Whether data or a FIN may still be written (not reset, not already ended)."""
         stream = self._streams.get(stream_id)

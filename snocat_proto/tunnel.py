@@ -139,6 +139,10 @@ class TunnelConnection:
         self._role = role
         self._authenticator = authenticator
         self._limits = limits
+        # A keep-alive must beat the idle timeout, however short it was configured.
+        idle_timeout = engine.configuration.idle_timeout
+        if keepalive_interval is not None:
+            keepalive_interval = min(keepalive_interval, idle_timeout / 3)
         self._keepalive_interval = keepalive_interval
         self._now = now
         self._state = TunnelState.HANDSHAKING
@@ -345,8 +349,12 @@ class TunnelConnection:
         return stream_id
 
     def accept_stream(self, stream_id: int) -> None:
-        """Accept a :class:`StreamRequested`; bytes that came early are delivered now."""
-        stream = self._stream(stream_id)
+        """Accept a :class:`StreamRequested`; bytes that came early are delivered now.
+
+        A no-op when the peer aborted the stream before the decision (it may not know)."""
+        stream = self._pending_decision(stream_id)
+        if stream is None:
+            return
         negotiation = stream.negotiation
         if not isinstance(negotiation, AcceptorNegotiation):
             raise LocalProtocolError(f"stream {stream_id} is not awaiting a decision")
@@ -361,8 +369,12 @@ class TunnelConnection:
             self._remote_end(stream)
 
     def refuse_stream(self, stream_id: int) -> None:
-        """Refuse a :class:`StreamRequested` (status 01, then the stream is dropped)."""
-        stream = self._stream(stream_id)
+        """Refuse a :class:`StreamRequested` (status 01, then the stream is dropped).
+
+        A no-op when the peer aborted the stream before the decision."""
+        stream = self._pending_decision(stream_id)
+        if stream is None:
+            return
         negotiation = stream.negotiation
         if not isinstance(negotiation, AcceptorNegotiation):
             raise LocalProtocolError(f"stream {stream_id} is not awaiting a decision")
@@ -798,6 +810,15 @@ class TunnelConnection:
         del self._by_state[stream.state][stream]
         self._by_state[state][stream] = None
         stream.state = state
+
+    def _pending_decision(self, stream_id: int) -> _Stream | None:
+        """The stream a decision is for, or None if the peer aborted it meanwhile."""
+        stream = self._streams.get(stream_id)
+        if stream is None and self._quic.stream_was_discarded(stream_id):
+            return None
+        if stream is not None and stream.state is StreamState.DONE and not stream.we_opened:
+            return None
+        return self._stream(stream_id)
 
     def _stream(self, stream_id: int) -> _Stream:
         try:

@@ -1137,3 +1137,23 @@ TunnelPair.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 test_tunnel_pair_model = TunnelPair.TestCase
+
+
+@pytest.mark.parametrize("decision", ["accept", "refuse"])
+def test_a_decision_on_a_stream_the_peer_aborted_meanwhile_is_a_no_op(decision: str) -> None:
+    # The application cannot know that the request it is deciding was reset since.
+    sim = connected()
+    sim.server_app.route = lambda address: None  # hold the decision
+    stream_id = sim.client.open_stream(ADDRESS)
+    sim.touch(sim.client)
+    sim.run_until(lambda: bool(sim.server_app.of_type(StreamRequested)), timeout=5)
+    sim.client.reset_stream(stream_id)
+    sim.touch(sim.client)
+    sim.run_for(2.0)  # the reset arrives and the server's record is purged
+    server = sim.server_tunnel
+    getattr(server, f"{decision}_stream")(stream_id)
+    sim.touch(server)
+    sim.run_for(1.0)
+    assert server.state is TunnelState.AUTHENTICATED
+    with pytest.raises(LocalProtocolError):
+        server.accept_stream(stream_id + 400)  # a stream that never existed is still misuse
