@@ -133,6 +133,10 @@ class TunnelHost:
         """Drain events and send datagrams until the core is quiet; re-arm the timer.
 
         Pass the ``tunnel`` an application call changed, so its output is sent."""
+        errors = getattr(self.endpoint, "internal_errors", None)
+        while errors:
+            # The endpoint closed the tunnel concerned; the rest carry on.
+            logger.error("internal error in a tunnel, which was closed", exc_info=errors.popleft())
         if tunnel is not None:
             self.endpoint.mark_dirty(tunnel)
         if self._flushing:

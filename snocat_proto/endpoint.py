@@ -10,6 +10,7 @@ they have terminated.  Its events are ``(tunnel, event)`` pairs.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import os
@@ -17,6 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 
 from .auth import Authenticator
+from .codes import CloseCode
 from .config import Limits
 from .engine import (
     SMALLEST_MAX_DATAGRAM_SIZE,
@@ -77,6 +79,9 @@ class ServerEndpoint:
         self._closing = False
         #: Datagrams dropped because they belonged to no tunnel and could start none.
         self.dropped_datagrams = 0
+        #: The latest failures inside a tunnel (a bug, not the peer's fault: peers only
+        #: cause ProtocolErrors, handled inside). That tunnel was closed; others go on.
+        self.internal_errors: deque[BaseException] = deque(maxlen=16)
 
     # The adapter's surface ---------------------------------------------------
 
@@ -94,7 +99,7 @@ class ServerEndpoint:
             cid_length = self._configuration.connection_id_length
             tunnel = self._by_cid.get(data[1 : 1 + cid_length])
             if tunnel is not None:
-                tunnel.receive_datagram(data, addr, now)
+                self._guarded(tunnel, tunnel.receive_datagram, data, addr, now)
                 self._after_input(tunnel)
                 return
         header = parse_packet_header(data, cid_length=self._configuration.connection_id_length)
@@ -119,7 +124,7 @@ class ServerEndpoint:
             tunnel = self._new_tunnel(header, data, addr, now)
             if tunnel is None:
                 return
-        tunnel.receive_datagram(data, addr, now)
+        self._guarded(tunnel, tunnel.receive_datagram, data, addr, now)
         self._after_input(tunnel)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
@@ -153,7 +158,7 @@ class ServerEndpoint:
             self._deadlines[tunnel] = None  # re-armed by _after_input
             timer = tunnel.get_timer()
             if timer is not None and timer <= now:
-                tunnel.handle_timer(now)
+                self._guarded(tunnel, tunnel.handle_timer, now)
             self._after_input(tunnel)
 
     def next_event(self) -> tuple[TunnelConnection, TunnelEvent] | None:
@@ -218,6 +223,15 @@ class ServerEndpoint:
         for cid in cids:
             self._by_cid[cid] = tunnel
         return tunnel
+
+    def _guarded(self, tunnel: TunnelConnection, call: Callable[..., None], *args: object) -> None:
+        """Feed one tunnel; a failure there closes that tunnel only, never the endpoint."""
+        try:
+            call(*args)
+        except Exception as exc:
+            self.internal_errors.append(exc)
+            with contextlib.suppress(Exception):
+                tunnel.close(CloseCode.INTERNAL_ERROR, "internal error in the aggregator")
 
     def _after_input(self, tunnel: TunnelConnection) -> None:
         cids = self._tunnels.get(tunnel)

@@ -149,6 +149,24 @@ class QuicEngine(QuicConnection):
     def stream_is_open(self, stream_id: int) -> bool:
         return stream_id in self._streams
 
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        paths = self._network_paths
+        if self._is_client or not paths or paths[0].is_validated:
+            return super().datagrams_to_send(now)
+        # aioquic builds its CONNECTION_CLOSE without the 3x budget of an unvalidated
+        # address (RFC 9000 section 8.1); hold every datagram to it, the close included.
+        path = paths[0]
+        budget = 3 * path.bytes_received - path.bytes_sent
+        datagrams = super().datagrams_to_send(now)
+        kept = []
+        for datagram, addr in datagrams:
+            if len(datagram) > budget:
+                path.bytes_sent -= len(datagram)
+                continue
+            budget -= len(datagram)
+            kept.append((datagram, addr))
+        return kept
+
     def stream_was_discarded(self, stream_id: int) -> bool:
         """The stream existed and the engine has since dropped all of its state."""
         return self._stream_is_discarded(stream_id)

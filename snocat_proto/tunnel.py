@@ -659,8 +659,8 @@ class TunnelConnection:
             self._finish(stream)
             return stream
         stream = _Stream(stream_id=stream_id, we_opened=False, state=StreamState.NEGOTIATING)
-        self._start_acceptor(stream)
         self._add_stream(stream)
+        self._start_acceptor(stream)
         return stream
 
     def _add_stream(self, stream: _Stream) -> None:
@@ -668,6 +668,12 @@ class TunnelConnection:
         self._by_state[stream.state][stream] = None
 
     def _start_acceptor(self, stream: _Stream) -> None:
+        if not self._quic.can_send(stream.stream_id):
+            # STOP_SENDING came before the first byte: the engine already reset our side.
+            self._transition(stream, StreamInput.ABORTED)
+            self._reset_both(stream, StreamCode.CANCELLED)
+            self._finish(stream)
+            return
         negotiation = AcceptorNegotiation(limits=self._limits)
         stream.negotiation = negotiation
         stream.deadline = self._now + self._limits.negotiation_timeout

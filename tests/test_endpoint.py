@@ -327,3 +327,23 @@ def test_endpoint_close_closes_every_tunnel_and_refuses_new_ones() -> None:
     assert not authenticated(late.app)
     sim.run_until(lambda: len(sim.server) == 0, timeout=10)
     assert all(t.name != "10.0.0.5:5555" for t in sim.server.tunnels)
+
+
+def test_a_failure_inside_one_tunnel_closes_that_tunnel_only() -> None:
+    # A bug in one tunnel's handling (not a peer's ProtocolError, which is handled
+    # inside) must not escape the endpoint and stop the other tunnels' pump.
+    sim = Simulation(server_auth=SimpleAckListener, client_auth=SimpleAckConnector())
+    sim.run_until(lambda: sim.server_app.of_type(TunnelAuthenticated), timeout=5)
+    tunnel = sim.server_tunnel
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("bug")
+
+    tunnel.receive_datagram = broken  # type: ignore[method-assign]
+    tunnel.handle_timer = broken  # type: ignore[method-assign]
+    sim.client.open_stream(RouteAddress.of("svc"))
+    sim.touch(sim.client)
+    sim.run_until(lambda: sim.client_app.closed is not None, timeout=10)
+    assert sim.client_app.closed.code == CloseCode.INTERNAL_ERROR
+    assert sim.client_app.closed.application
+    assert any(isinstance(e, RuntimeError) for e in sim.server.internal_errors)

@@ -1,0 +1,689 @@
+"""Harnesses for the byte-level parsers and state machines of snocat_proto.
+
+Every harness is ``fn(data: bytes) -> None``.  The input is the peer's bytes as they
+arrive on the wire, so the committed seeds are plain wire traces; the choices a
+harness makes besides (how to split the bytes into reads, what the application
+decides) come from a PRNG seeded with the input, so a run replays exactly.
+
+The invariant of each harness:
+
+* the peer's bytes give a valid result or a :class:`ProtocolError` subclass, and never
+  anything else (the authenticators promise more: no exception at all);
+* the result does not depend on how the bytes were split into reads (whole,
+  byte at a time, random cuts), which is what a stream transport delivers;
+* the harness's round-trip or oracle checks (listed with each harness).
+
+An ``AssertionError`` or any other exception is a crash.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import random
+import re
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from itertools import pairwise
+from typing import Any
+
+from snocat_proto.address import RouteAddress
+from snocat_proto.auth import (
+    HELLO_SIZE,
+    SIMPLE_ACK_ANSWER,
+    Authenticated,
+    Authenticator,
+    AuthEvent,
+    CredentialRequired,
+    Rejected,
+    SimpleAckConnector,
+    SimpleAckListener,
+    TokenConnector,
+    TokenListener,
+    token_mac,
+)
+from snocat_proto.config import Limits
+from snocat_proto.errors import (
+    FrameTooLarge,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    UnsupportedVersion,
+)
+from snocat_proto.framing import FrameDecoder, encode_frame
+from snocat_proto.negotiation import (
+    HEADER,
+    Accepted,
+    AcceptorNegotiation,
+    AddressReceived,
+    OpenerNegotiation,
+    Refused,
+)
+from snocat_proto.proxyme import (
+    Denied,
+    Granted,
+    ProxymeClient,
+    ProxymeEvent,
+    ProxymeRequest,
+    ProxymeServer,
+    Released,
+    ReleaseRequested,
+    SubjectReceived,
+)
+from snocat_proto.targets import ProxyTcpTarget, parse_port
+
+__all__ = ["HARNESSES", "Harness", "chunkings", "rng_for"]
+
+Harness = Callable[[bytes], None]
+
+#: Feeding byte at a time is quadratic in places; past this size, cut into 64 pieces.
+_BYTEWISE_LIMIT = 2048
+LIMITS = Limits()
+#: Small limits, so that the fuzzer reaches every "too large" branch with short inputs.
+SMALL_LIMITS = Limits(
+    max_address_size=24,
+    max_frame_size=40,
+    max_auth_message_size=120,
+    max_proxyme_subject_size=12,
+)
+
+
+def rng_for(data: bytes) -> random.Random:
+    """The harness's choices for ``data``: a PRNG seeded with the input itself."""
+    return random.Random(zlib.crc32(data))
+
+
+def chunkings(data: bytes, rng: random.Random) -> Iterator[list[bytes]]:
+    """The same bytes, split into reads three ways: whole, byte-wise, random cuts."""
+    yield [data]
+    if len(data) <= 1:
+        return
+    if len(data) <= _BYTEWISE_LIMIT:
+        yield [data[i : i + 1] for i in range(len(data))]
+    else:
+        step = -(-len(data) // 64)
+        yield [data[i : i + step] for i in range(0, len(data), step)]
+    cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(1, 8))))
+    bounds = [0, *cuts, len(data)]
+    yield [data[a:b] for a, b in pairwise(bounds)]
+
+
+#: In a read plan, the application makes its pending decisions here.
+DECIDE = None
+Plan = list[bytes | None]
+
+
+def plans(data: bytes, rng: random.Random) -> Iterator[Plan]:
+    """Reads with decision points between them, split every way :func:`chunkings` does.
+
+    An application decides when it is ready, not when a read ends, so the decision
+    points are fixed positions in the byte stream (chosen by ``rng``), the same in every
+    split; a decision the bytes so far call for waits for the next point."""
+    points = sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, rng.randint(1, 3))))
+    bounds = [0, *points, len(data)]
+    segments = [data[a:b] for a, b in pairwise(bounds)]
+    split = [list(chunkings(segment, random.Random(rng.random()))) for segment in segments]
+    for style in range(3):
+        plan: Plan = []
+        for ways in split:
+            plan.extend(chunk for chunk in ways[min(style, len(ways) - 1)] if chunk)
+            plan.append(DECIDE)
+        yield plan
+
+
+def _same_for_every_split(outcomes: Sequence[object], what: str) -> None:
+    first = outcomes[0]
+    for other in outcomes[1:]:
+        assert other == first, (
+            f"{what}: the outcome depends on how reads are split:\n{first!r}\n{other!r}"
+        )
+
+
+def _pick_limits(rng: random.Random) -> Limits:
+    return SMALL_LIMITS if rng.random() < 0.3 else LIMITS
+
+
+# --- framing ------------------------------------------------------------------------
+
+
+def _decode_frames(chunks: list[bytes], max_size: int) -> tuple[tuple[bytes, ...], object]:
+    decoder = FrameDecoder(max_size)
+    frames: list[bytes] = []
+    try:
+        for chunk in chunks:
+            decoder.feed(chunk)
+            while (frame := decoder.next_frame()) is not None:
+                frames.append(frame)
+    except FrameTooLarge:
+        return tuple(frames), FrameTooLarge
+    return tuple(frames), decoder.take_remainder()
+
+
+def fuzz_framing(data: bytes) -> None:
+    """Length-prefixed frames.  Oracle: frames re-encoded plus the remainder are the
+    input; no frame is over the limit; a refusal names a head frame over the limit."""
+    if not data:
+        return
+    max_size, wire = data[0] * 7, data[1:]
+    rng = rng_for(data)
+    outcomes = [_decode_frames(chunks, max_size) for chunks in chunkings(wire, rng)]
+    _same_for_every_split(outcomes, "framing")
+    frames, rest = outcomes[0]
+    assert all(len(frame) <= max_size for frame in frames)
+    encoded = b"".join(encode_frame(frame) for frame in frames)
+    assert wire.startswith(encoded)
+    if rest is FrameTooLarge:
+        head = wire[len(encoded) : len(encoded) + 4]
+        assert len(head) == 4 and int.from_bytes(head, "big") > max_size
+    else:
+        assert encoded + rest == wire  # type: ignore[operator]
+
+
+# --- route addresses ------------------------------------------------------------------
+
+_VALID_ADDRESS = re.compile(r"(?:/(?:[^/\\]|\\[/\\])*)*", re.DOTALL)
+_SEGMENT = re.compile(r"/((?:[^/\\]|\\[/\\])*)", re.DOTALL)
+
+
+def _reference_parse(text: str) -> tuple[str, ...] | None:
+    """An independent reading of the address rules (protocol.md 2.5), as an oracle."""
+    if not _VALID_ADDRESS.fullmatch(text):
+        return None
+    return tuple(re.sub(r"\\([/\\])", r"\1", match.group(1)) for match in _SEGMENT.finditer(text))
+
+
+def fuzz_address(data: bytes) -> None:
+    """Route addresses from wire bytes.  Oracles: an independent regex parser agrees
+    on validity and segments; rendering is the exact inverse of parsing."""
+    try:
+        text: str | None = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    try:
+        address = RouteAddress.decode(data)
+    except RemoteProtocolError:
+        assert text is None or _reference_parse(text) is None, f"valid address refused: {data!r}"
+        return
+    assert text is not None
+    assert _reference_parse(text) == address.segments, (data, address.segments)
+    assert address.encode() == data
+    assert str(address) == text
+    assert RouteAddress(address.segments) == address
+    assert RouteAddress.decode(address.encode()) == address
+
+
+# --- proxy-tcp targets and proxyme requests -------------------------------------------
+
+
+def fuzz_targets(data: bytes) -> None:
+    """``proxy-tcp`` and ``proxyme`` addresses, and ``--target`` text.  Oracle: what
+    parses renders back to an address (text) that parses to the same value."""
+    try:
+        address = RouteAddress.decode(data)
+    except RemoteProtocolError:
+        # Still reach the segment checks: cut the text at slashes ourselves.
+        text = data.decode("utf-8", errors="replace")
+        address = RouteAddress(tuple(text.split("/")[1:]))
+    try:
+        target = ProxyTcpTarget.from_address(address)
+    except RemoteProtocolError:
+        target = None
+    if target is not None:
+        assert ProxyTcpTarget.from_address(target.to_address()) == target
+        assert target.connect_host()
+        str(target)
+    try:
+        request = ProxymeRequest.from_address(address)
+    except RemoteProtocolError:
+        request = None
+    if request is not None:
+        assert ProxymeRequest.from_address(request.to_address()) == request
+        assert ProxyTcpTarget.from_address(request.target().to_address()) == request.target()
+    text = data.decode("utf-8", errors="replace")
+    port = parse_port(text)
+    assert port is None or 1 <= port <= 65535
+    try:
+        parsed = ProxyTcpTarget.parse_host_port(text)
+    except LocalProtocolError:
+        return
+    assert ProxyTcpTarget.parse_host_port(str(parsed)) == parsed, (text, parsed)
+
+
+# --- NYAN negotiation ----------------------------------------------------------------
+
+
+def _acceptor_outcome(chunks: list[bytes], limits: Limits, accept: bool) -> tuple[object, ...]:
+    negotiation = AcceptorNegotiation(limits=limits)
+    assert negotiation.initial_data() == HEADER
+    result: AddressReceived | None = None
+    after = bytearray()
+    try:
+        for chunk in chunks:
+            if result is not None:
+                after += chunk  # service bytes: no longer the negotiation's business
+                continue
+            result = negotiation.receive_data(chunk)
+            assert result is None or negotiation.complete
+        if result is None:
+            negotiation.receive_eof()
+            raise AssertionError("the end of the stream before the address was accepted")
+    except ProtocolError as error:
+        assert not isinstance(error, LocalProtocolError), error
+        assert not negotiation.complete
+        negotiation.receive_eof()  # after a failure the end adds nothing
+        return ("failed", type(error))
+    status = negotiation.accept() if accept else negotiation.refuse()
+    assert status == (b"\x00" if accept else b"\x01") and negotiation.decided
+    for late in (negotiation.accept, negotiation.refuse):
+        try:
+            late()
+        except LocalProtocolError:
+            pass
+        else:
+            raise AssertionError("a second decision was taken")
+    return ("address", result.address, result.remainder + bytes(after))
+
+
+def fuzz_nyan_acceptor(data: bytes) -> None:
+    """The acceptor's side of NYAN.  Oracle: an address is reported exactly when the
+    input is the header, a frame within the limit holding a valid address, then any
+    service bytes; an unsupported version is a version byte above 0 after the magic."""
+    rng = rng_for(data)
+    limits = _pick_limits(rng)
+    accept = rng.random() < 0.5
+    outcomes = [_acceptor_outcome(chunks, limits, accept) for chunks in chunkings(data, rng)]
+    _same_for_every_split(outcomes, "NYAN acceptor")
+    outcome = outcomes[0]
+    if outcome[0] == "address":
+        _, address, service = outcome
+        assert isinstance(address, RouteAddress)
+        expected = HEADER + encode_frame(address.encode())
+        assert data == expected + service  # type: ignore[operator]
+        assert len(address.encode()) <= limits.max_address_size
+    elif outcome[1] is UnsupportedVersion:
+        assert data[:4] == b"NYAN" and data[4] > 0
+
+
+_OPENER_ADDRESSES = (
+    RouteAddress.of("proxyme", "0.0.1", "127.0.0.1", "5000"),
+    RouteAddress.of("proxy-tcp", "dns", "127.0.0.1", "tcp", "5000"),
+    RouteAddress(()),
+)
+
+
+def _opener_outcome(chunks: list[bytes], address: RouteAddress) -> tuple[object, ...]:
+    negotiation = OpenerNegotiation(address, limits=LIMITS)
+    assert negotiation.initial_data() == HEADER + encode_frame(address.encode())
+    result: Accepted | Refused | None = None
+    after = bytearray()
+    try:
+        for chunk in chunks:
+            if result is not None:
+                after += chunk
+                continue
+            result = negotiation.receive_data(chunk)
+        if result is None:
+            negotiation.receive_eof()
+            raise AssertionError("the end of the stream before the status was accepted")
+    except ProtocolError as error:
+        assert not isinstance(error, LocalProtocolError), error
+        assert not negotiation.complete
+        negotiation.receive_eof()
+        return ("failed", type(error))
+    assert negotiation.complete
+    negotiation.receive_eof()  # the end after the result is fine
+    if isinstance(result, Refused):
+        return ("refused", result.status)
+    return ("accepted", result.remainder + bytes(after))
+
+
+def fuzz_nyan_opener(data: bytes) -> None:
+    """The opener's side of NYAN.  Oracle: accepted exactly on ``NYAN 00 00``, refused
+    with the status byte on ``NYAN 00 xx`` (xx non-zero), unsupported version on a
+    version byte above 0."""
+    rng = rng_for(data)
+    address = rng.choice(_OPENER_ADDRESSES)
+    outcomes = [_opener_outcome(chunks, address) for chunks in chunkings(data, rng)]
+    _same_for_every_split(outcomes, "NYAN opener")
+    outcome = outcomes[0]
+    if outcome[0] == "accepted":
+        assert data[:6] == HEADER + b"\x00" and outcome[1] == data[6:]
+    elif outcome[0] == "refused":
+        assert data[:5] == HEADER and data[5] == outcome[1] != 0
+    elif outcome[1] is UnsupportedVersion:
+        assert data[:4] == b"NYAN" and data[4] > 0
+    else:
+        assert not data.startswith(HEADER) or len(data) == len(HEADER)
+
+
+# --- authentication ------------------------------------------------------------------
+
+SECRET = b"correct-horse-battery-staple"
+NAME = "alice"
+NONCE = bytes(range(32))
+#: In token-listener inputs, 64 of these stand for the correct MAC of the claimed
+#: name (the fuzzer cannot compute an HMAC; the harness fills it in).
+MAC_PLACEHOLDER = b"@" * 64
+_NAME_IN_RESPONSE = re.compile(rb'"name"\s*:\s*"([^"\\]{1,128})"')
+
+
+def _summary(event: AuthEvent) -> tuple[str, str]:
+    if isinstance(event, Authenticated | CredentialRequired):
+        return type(event).__name__, event.name
+    assert isinstance(event, Rejected)
+    assert event.reason and event.reason.isprintable(), event.reason
+    return "Rejected", event.reason
+
+
+def _drive(
+    authenticator: Authenticator,
+    plan: Plan,
+    eof: bool,
+    decide: Callable[[Authenticator, str], None] | None = None,
+) -> tuple[tuple[tuple[str, str], ...], bytes]:
+    """Feed the peer's bytes; the events and every byte the authenticator wrote.
+
+    A :class:`CredentialRequired` is answered (by ``decide``) at the next decision
+    point of the plan."""
+    events: list[tuple[str, str]] = []
+    output = bytearray(authenticator.data_to_send())
+    pending: list[str] = []
+
+    def drain() -> None:
+        while (event := authenticator.next_event()) is not None:
+            assert _terminal(tuple(events)) is None, "an event after the terminal one"
+            events.append(_summary(event))
+            if isinstance(event, CredentialRequired):
+                pending.append(event.name)
+        output.extend(authenticator.data_to_send())
+
+    for read in plan:
+        if read is DECIDE:
+            while pending:
+                assert decide is not None
+                decide(authenticator, pending.pop(0))
+        else:
+            authenticator.receive_data(read)
+        drain()
+    if eof:
+        authenticator.receive_eof()
+        drain()
+    finished = authenticator.is_finished
+    assert finished == (_terminal(tuple(events)) is not None)
+    if finished:  # after the end, input is ignored
+        authenticator.receive_data(b"more bytes")
+        authenticator.receive_eof()
+        assert authenticator.next_event() is None and authenticator.data_to_send() == b""
+    return tuple(events), bytes(output)
+
+
+def _terminal(events: tuple[tuple[str, str], ...]) -> str | None:
+    kinds = [kind for kind, _ in events if kind in ("Authenticated", "Rejected")]
+    return kinds[0] if kinds else None
+
+
+def fuzz_simple_ack_listener(data: bytes) -> None:
+    """Listen side of SimpleAck.  Oracle: authenticated exactly when the first 64 bytes
+    start with ``HELO/HELO`` NUL; only the hello is ever written."""
+    rng = rng_for(data)
+    eof = rng.random() < 0.5
+    outcomes = [_drive(SimpleAckListener("10.0.0.2:5000"), plan, eof) for plan in plans(data, rng)]
+    _same_for_every_split(outcomes, "SimpleAck listener")
+    events, output = outcomes[0]
+    assert output == b"HELO".ljust(HELLO_SIZE, b"\0")
+    good = len(data) >= HELLO_SIZE and data.startswith(b"HELO/HELO\0")
+    assert (_terminal(events) == "Authenticated") == good
+    if good:
+        assert events == (("Authenticated", "10.0.0.2:5000"),)
+
+
+def fuzz_simple_ack_connector(data: bytes) -> None:
+    """Connect side of SimpleAck.  Oracle: answers ``HELO/HELO`` (and authenticates)
+    exactly when the hello's text is ``HELO``, and writes nothing otherwise."""
+    rng = rng_for(data)
+    eof = rng.random() < 0.5
+    outcomes = [_drive(SimpleAckConnector(), plan, eof) for plan in plans(data, rng)]
+    _same_for_every_split(outcomes, "SimpleAck connector")
+    events, output = outcomes[0]
+    hello = data[:HELLO_SIZE]
+    text = hello.split(b"\0", 1)[0] if b"\0" in hello else hello[:32]
+    good = len(hello) == HELLO_SIZE and text == b"HELO"
+    assert (_terminal(events) == "Authenticated") == good
+    assert output == (SIMPLE_ACK_ANSWER if good else b"")
+
+
+def _fill_in_mac(data: bytes) -> bytes:
+    match = _NAME_IN_RESPONSE.search(data)
+    name = match.group(1).decode("utf-8", errors="replace") if match else NAME
+    try:
+        mac = token_mac(SECRET, NONCE, name).hex().encode()
+    except UnicodeEncodeError:
+        return data
+    return data.replace(MAC_PLACEHOLDER, mac)
+
+
+def _parse_frames(data: bytes) -> list[bytes]:
+    frames = []
+    while len(data) >= 4:
+        size = int.from_bytes(data[:4], "big")
+        frames.append(data[4 : 4 + size])
+        data = data[4 + size :]
+    return frames
+
+
+def fuzz_token_listener(data: bytes) -> None:
+    """Listen side of the token scheme.  Oracles: authenticated only if the response
+    names a name whose secret the application supplied and carries that name's
+    correct MAC for our nonce; after the hello exactly one result frame is written,
+    ``{"ok":true}`` exactly when authenticated; nothing ever raises."""
+    rng = rng_for(data)
+    data = _fill_in_mac(data)
+    limits = _pick_limits(rng)
+    eof = rng.random() < 0.5
+    choice = rng.random()
+
+    def decide(authenticator: Authenticator, name: str) -> None:
+        assert isinstance(authenticator, TokenListener)
+        if choice < 0.7:
+            authenticator.supply_credential(SECRET if name == NAME else None)
+        elif choice < 0.85:
+            authenticator.supply_credential(SECRET)  # every name has this secret
+        else:
+            authenticator.reject("the aggregator is full")
+
+    outcomes = [
+        _drive(TokenListener(NONCE, limits=limits), plan, eof, decide) for plan in plans(data, rng)
+    ]
+    _same_for_every_split(outcomes, "token listener")
+    events, output = outcomes[0]
+    assert output[:64] == b"snocat-token-v1".ljust(32, b"\0") + NONCE
+    results = _parse_frames(output[64:])
+    terminal = _terminal(events)
+    if terminal == "Authenticated":
+        name = events[-1][1]
+        response = json.loads(_parse_frames(data)[0])
+        assert response["name"] == name
+        expected = token_mac(SECRET, NONCE, name)
+        assert hmac.compare_digest(bytes.fromhex(response["mac"]), expected)
+        assert choice >= 0.7 or name == NAME
+        assert results == [b'{"ok":true}']
+    elif results:
+        assert len(results) == 1 and len(results[0]) <= limits.max_auth_message_size
+        assert json.loads(results[0])["ok"] is False
+
+
+def _token_hello(data: bytes) -> bytes | None:
+    hello = data[:HELLO_SIZE]
+    if len(hello) == HELLO_SIZE and hello[:32] == b"snocat-token-v1".ljust(32, b"\0"):
+        return hello[32:]
+    return None
+
+
+def fuzz_token_connector(data: bytes) -> None:
+    """Connect side of the token scheme.  Oracles: answers exactly a token hello, with
+    one frame holding the correct MAC for that hello's nonce; authenticated only on a
+    ``"ok": true`` result after it; the secret never appears in the output."""
+    rng = rng_for(data)
+    limits = _pick_limits(rng)
+    eof = rng.random() < 0.5
+    outcomes = [
+        _drive(TokenConnector(NAME, SECRET, limits=limits), plan, eof) for plan in plans(data, rng)
+    ]
+    _same_for_every_split(outcomes, "token connector")
+    events, output = outcomes[0]
+    assert SECRET not in output
+    nonce = _token_hello(data)
+    if nonce is None:
+        assert output == b"" and _terminal(events) != "Authenticated"
+        return
+    (frame,) = _parse_frames(output)
+    response = json.loads(frame)
+    assert response == {"name": NAME, "mac": token_mac(SECRET, nonce, NAME).hex()}
+    if _terminal(events) == "Authenticated":
+        (result,) = _parse_frames(data[HELLO_SIZE:])[:1]
+        assert json.loads(result)["ok"] is True
+
+
+# --- proxyme -------------------------------------------------------------------------
+
+
+def _events(events: list[ProxymeEvent]) -> list[object]:
+    return [
+        (type(e).__name__, getattr(e, "addresses", None), getattr(e, "subject", None))
+        for e in events
+    ]
+
+
+def _proxyme_server_outcome(
+    plan: Plan, limits: Limits, grant: bool, withdraw: bool, eof: bool
+) -> tuple[object, ...]:
+    machine = ProxymeServer(limits=limits)
+    output = bytearray()
+    seen: list[ProxymeEvent] = []
+    pending: list[ProxymeEvent] = []
+
+    def decide() -> None:
+        while pending:
+            event = pending.pop(0)
+            if isinstance(event, SubjectReceived):
+                assert isinstance(event.subject, str)
+                event.subject.encode("utf-8")
+                output.extend(machine.grant(["[::]:8080"]) if grant else machine.deny())
+                if grant and withdraw:
+                    output.extend(machine.release_ack())
+            elif isinstance(event, ReleaseRequested) and machine.granted:
+                output.extend(machine.release_ack())
+
+    try:
+        for read in plan:
+            if read is DECIDE:
+                decide()
+                continue
+            events = machine.receive_data(read)
+            seen.extend(events)
+            pending.extend(events)
+        if eof:
+            events = machine.receive_eof()
+            seen.extend(events)
+            pending.extend(events)
+            decide()
+    except RemoteProtocolError as error:
+        # Events of the same read that failed are lost with it: only the failure counts.
+        return ("failed", type(error))
+    return ("ok", _events(seen), bytes(output), machine.granted)
+
+
+def fuzz_proxyme_server(data: bytes) -> None:
+    """The aggregator's side of ``proxyme``.  Oracle: a subject is reported only for a
+    JSON string frame within the limit; the release is acknowledged at most once."""
+    rng = rng_for(data)
+    limits = _pick_limits(rng)
+    grant, withdraw, eof = (rng.random() < 0.7), (rng.random() < 0.2), (rng.random() < 0.5)
+    outcomes = [
+        _proxyme_server_outcome(plan, limits, grant, withdraw, eof) for plan in plans(data, rng)
+    ]
+    _same_for_every_split(outcomes, "proxyme server")
+    outcome = outcomes[0]
+    if outcome[0] == "failed":
+        return
+    _, events, output, _ = outcome
+    assert isinstance(events, list) and isinstance(output, bytes)
+    if events and events[0][0] == "SubjectReceived":
+        (subject,) = _parse_frames(data)[:1]
+        assert len(subject) <= limits.max_proxyme_subject_size
+        assert isinstance(json.loads(subject), str)
+    assert output.count(bytes(8)) <= 1 + output.count(b"null")
+
+
+def _proxyme_client_outcome(
+    plan: Plan, limits: Limits, release: bool, eof: bool
+) -> tuple[object, ...]:
+    machine = ProxymeClient(limits=limits)
+    output = bytearray(machine.initial_data())
+    seen: list[ProxymeEvent] = []
+    asked = False
+
+    try:
+        for read in plan:
+            if read is DECIDE:
+                if release and machine.granted and not asked:
+                    asked = True
+                    output.extend(machine.release())
+                continue
+            seen.extend(machine.receive_data(read))
+        if eof:
+            seen.extend(machine.receive_eof())
+    except RemoteProtocolError as error:
+        # Events of the same read that failed are lost with it: only the failure counts.
+        return ("failed", type(error))
+    for event in seen:
+        if isinstance(event, Granted):
+            assert all(isinstance(a, str) for a in event.addresses)
+        else:
+            assert isinstance(event, Denied | Released)
+    return ("ok", _events(seen), bytes(output), machine.granted)
+
+
+def fuzz_proxyme_client(data: bytes) -> None:
+    """The client's side of ``proxyme``.  Oracle: granted only on a JSON list of
+    strings within the frame limit; released at most once."""
+    rng = rng_for(data)
+    limits = _pick_limits(rng)
+    release, eof = (rng.random() < 0.5), (rng.random() < 0.5)
+    outcomes = [_proxyme_client_outcome(plan, limits, release, eof) for plan in plans(data, rng)]
+    _same_for_every_split(outcomes, "proxyme client")
+    outcome = outcomes[0]
+    if outcome[0] == "failed":
+        return
+    events = outcome[1]
+    assert isinstance(events, list)
+    kinds = [kind for kind, _, _ in events]
+    assert kinds.count("Released") <= 1 and kinds.count("Granted") <= 1
+    if "Granted" in kinds:
+        (response,) = _parse_frames(data)[:1]
+        assert len(response) <= limits.max_frame_size
+        value: Any = json.loads(response)
+        assert isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _quic_harnesses() -> dict[str, Harness]:
+    from . import quic_harness
+
+    return quic_harness.HARNESSES
+
+
+#: Every harness by name; the corpus of ``name`` lives in ``fuzz/corpus/<name>/``.
+HARNESSES: dict[str, Harness] = {
+    "framing": fuzz_framing,
+    "address": fuzz_address,
+    "targets": fuzz_targets,
+    "nyan_acceptor": fuzz_nyan_acceptor,
+    "nyan_opener": fuzz_nyan_opener,
+    "simple_ack_listener": fuzz_simple_ack_listener,
+    "simple_ack_connector": fuzz_simple_ack_connector,
+    "token_listener": fuzz_token_listener,
+    "token_connector": fuzz_token_connector,
+    "proxyme_server": fuzz_proxyme_server,
+    "proxyme_client": fuzz_proxyme_client,
+    **_quic_harnesses(),
+}

@@ -1,0 +1,241 @@
+"""The committed seed corpus, as code: ``python -m fuzz seeds`` rewrites fuzz/corpus/.
+
+Seeds are the wire traces of docs/protocol.md and /work/shared/wire-snocat-0.8.md
+(the reference's ``proxyme`` and ``proxy-tcp`` exchanges, SimpleAck, the token
+example), plus edge cases next to every limit and error branch.  Every file is small
+and named for what it holds.  The QUIC seeds embed a real client's first Initial
+(its ClientHello), so they differ from one generation to the next.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from pathlib import Path
+
+from aioquic._buffer import Buffer
+from aioquic.quic.crypto import CryptoPair
+from aioquic.quic.packet import pull_quic_header
+
+from snocat_proto.address import RouteAddress
+from snocat_proto.auth import SIMPLE_ACK_ANSWER, SIMPLE_ACK_HELLO, token_mac
+from snocat_proto.config import Limits
+from snocat_proto.engine import QuicEngine, quic_configuration
+from snocat_proto.framing import encode_frame
+from snocat_proto.negotiation import HEADER
+
+from .harnesses import MAC_PLACEHOLDER, NAME, NONCE, SECRET
+
+PROXYME = b"/proxyme/0.0.1/127.0.0.1/5000"
+PROXY_TCP = b"/proxy-tcp/dns/127.0.0.1/tcp/5000"
+TOKEN_HELLO = b"snocat-token-v1".ljust(32, b"\0") + NONCE
+GRANT = b'["[::]:8080"]'
+
+
+def _record(control: int, payload: bytes) -> bytes:
+    return bytes([control]) + len(payload).to_bytes(2, "big") + payload
+
+
+def _op(op: int, argument: int, payload: bytes = b"") -> bytes:
+    return bytes([op, argument]) + len(payload).to_bytes(2, "big") + payload
+
+
+def _varint(value: int) -> bytes:
+    buf = Buffer(capacity=8)
+    buf.push_uint_var(value)
+    return buf.data
+
+
+def _stream_frame(stream_id: int, data: bytes, *, offset: int = 0, fin: bool = False) -> bytes:
+    frame_type = 0x08 | 0x04 | 0x02 | (0x01 if fin else 0)  # OFF, LEN (and FIN)
+    return _varint(frame_type) + _varint(stream_id) + _varint(offset) + _varint(len(data)) + data
+
+
+def _client_initial_plaintexts() -> list[tuple[bytes, bytes]]:
+    """``(dcid + scid, plaintext payload)`` of a real client's first Initial packets."""
+    configuration = quic_configuration(is_client=True, limits=Limits(), server_name="localhost")
+    configuration.verify_mode = ssl.CERT_NONE
+    engine = QuicEngine(configuration=configuration)
+    engine.connect(("10.0.0.1", 4433), now=0.0)
+    found = []
+    for datagram, _ in engine.datagrams_to_send(0.0):
+        header = pull_quic_header(Buffer(data=datagram), host_cid_length=8)
+        crypto = CryptoPair()
+        crypto.setup_initial(cid=header.destination_cid, is_client=False, version=1)
+        buf = Buffer(data=datagram)
+        pull_quic_header(buf, host_cid_length=8)
+        packet = datagram[: header.packet_length]
+        _, payload, _ = crypto.decrypt_packet(packet, buf.tell(), 0)
+        found.append((header.destination_cid + header.source_cid, payload.rstrip(b"\0")))
+    return found
+
+
+def seeds() -> dict[str, dict[str, bytes]]:
+    """Every seed, by harness and file name."""
+    address = RouteAddress.of("proxy-tcp", "tcp", "22")
+    token_response = json.dumps({"name": NAME, "mac": MAC_PLACEHOLDER.decode()}).encode()
+    real_response = json.dumps(
+        {"name": NAME, "mac": token_mac(SECRET, NONCE, NAME).hex()}, separators=(",", ":")
+    ).encode()
+    initials = _client_initial_plaintexts()
+    dcid, hello = initials[0]
+
+    return {
+        "framing": {
+            # max_size byte first (x7), then frames.
+            "proxyme-request": b"\x05" + encode_frame(PROXYME),
+            "proxyme-subject-and-grant": b"\x03" + encode_frame(b'""') + encode_frame(GRANT),
+            "empty-frame": b"\x01" + encode_frame(b""),
+            "too-large": b"\x01" + (1 << 31).to_bytes(4, "big") + b"x",
+            "partial-header": b"\x10\x00\x00",
+            "with-remainder": b"\x10" + encode_frame(b"abc") + b"\x00\x00\x00\x05ab",
+        },
+        "address": {
+            "empty": b"",
+            "root": b"/",
+            "two-empty": b"//",
+            "escaped-slash": b"/a\\/b",
+            "escaped-backslash": b"/a\\\\b",
+            "mixed": b"/a\\/b/c\\\\d/",
+            "utf8": "/é".encode(),
+            "proxy-tcp": address.encode(),
+            "proxyme": PROXYME,
+            "no-leading-slash": b"a",
+            "lone-backslash": b"/a\\",
+            "bad-escape": b"/a\\x",
+            "bad-utf8": b"/\xff\xfe",
+            "surrogate-bytes": b"/\xed\xa0\x80",
+        },
+        "targets": {
+            "local": b"/proxy-tcp/tcp/22",
+            "ip4": b"/proxy-tcp/ip4/127.0.0.1/tcp/5000",
+            "ip6": b"/proxy-tcp/ip6/::1/tcp/5000",
+            "ip6-zone": b"/proxy-tcp/ip6/fe80::1%eth0/tcp/5000",
+            "dns": PROXY_TCP,
+            "dns4": b"/proxy-tcp/dns4/example.com/tcp/443",
+            "dns6": b"/proxy-tcp/dns6/example.com/tcp/0443",
+            "port-zero": b"/proxy-tcp/tcp/0",
+            "port-sign": b"/proxy-tcp/tcp/+80",
+            "extra-segment": b"/proxy-tcp/dns/a/tcp/1/x",
+            "proxyme-long": PROXYME,
+            "proxyme-short": b"/proxyme/0.0.1/5000",
+            "proxyme-version": b"/proxyme/0.0.2/5000",
+            "host-port": b"127.0.0.1:5000",
+            "host-port-v6": b"[::1]:5000",
+            "host-port-name": b"localhost:80",
+        },
+        "nyan_acceptor": {
+            "reference-proxyme": HEADER + encode_frame(PROXYME),
+            "reference-proxy-tcp": HEADER + encode_frame(PROXY_TCP) + b"GET / HTTP/1.0\r\n",
+            "refused-nope": HEADER + encode_frame(b"/nope"),
+            "bad-magic": b"NYAX\x00" + encode_frame(b"/a"),
+            "version-1": b"NYAN\x01" + encode_frame(b"/a"),
+            "huge-length": HEADER + (1 << 31).to_bytes(4, "big"),
+            "bad-address": HEADER + encode_frame(b"/bad\\escape"),
+            "fin-in-length": HEADER + b"\x00\x00",
+        },
+        "nyan_opener": {
+            "accepted": HEADER + b"\x00",
+            "accepted-with-bytes": HEADER + b"\x00HTTP/1.0 200 OK\r\n",
+            "refused": HEADER + b"\x01",
+            "refused-other": HEADER + b"\x7f",
+            "bad-magic": b"NYAM\x00\x00",
+            "version-2": b"NYAN\x02\x00",
+            "header-only": HEADER,
+        },
+        "simple_ack_listener": {
+            "answer": SIMPLE_ACK_ANSWER,
+            "answer-split": SIMPLE_ACK_ANSWER[:10],
+            "token-client": b"",
+            "compat-to-token": b"snocat-token-v1/snocat-token-v1".ljust(64, b"\0"),
+            "garbage": b"HELO/HELX".ljust(64, b"\0"),
+        },
+        "simple_ack_connector": {
+            "hello": SIMPLE_ACK_HELLO,
+            "token-hello": TOKEN_HELLO,
+            "unknown": b"HOLA".ljust(64, b"\0"),
+            "no-nul": b"H" * 64,
+            "short": SIMPLE_ACK_HELLO[:20],
+        },
+        "token_listener": {
+            "response-placeholder": encode_frame(token_response),
+            "response-example": encode_frame(real_response),
+            "compat-answer": b"snocat-token-v1/snocat-token-v1".ljust(64, b"\0"),
+            "too-large": (5000).to_bytes(4, "big") + b"{",
+            "not-json": encode_frame(b"{nope"),
+            "bad-name": encode_frame(b'{"name":"a b","mac":"' + b"0" * 64 + b'"}'),
+            "trailing": encode_frame(token_response) + b"x",
+        },
+        "token_connector": {
+            "hello-ok": TOKEN_HELLO + encode_frame(b'{"ok":true}'),
+            "hello-refused": TOKEN_HELLO
+            + encode_frame(b'{"ok":false,"reason":"unknown tunnel name or wrong token"}'),
+            "hello-bad-result": TOKEN_HELLO + encode_frame(b"[1]"),
+            "simple-hello": SIMPLE_ACK_HELLO,
+            "malformed-hello": b"snocat-token-v1\0x".ljust(64, b"\0"),
+            "result-too-large": TOKEN_HELLO + (99999).to_bytes(4, "big"),
+        },
+        "proxyme_server": {
+            "reference-subject": encode_frame(b'""'),
+            "subject-then-release": encode_frame(b'""') + bytes(8),
+            "subject-not-string": encode_frame(b"[]"),
+            "subject-too-large": encode_frame(b'"' + b"a" * 300 + b'"'),
+            "surrogate": encode_frame(b'"\\ud800"'),
+            "release-too-long": encode_frame(b'""') + bytes(9),
+        },
+        "proxyme_client": {
+            "reference-grant": encode_frame(GRANT),
+            "grant-then-ack": encode_frame(GRANT) + bytes(8),
+            "denied": encode_frame(b"null"),
+            "bad-response": encode_frame(b'{"a":1}'),
+            "nan": encode_frame(b"[NaN]"),
+            "ack-plus-extra": encode_frame(GRANT) + bytes(9),
+            "deep": encode_frame(b"[" * 5000),
+        },
+        "endpoint_datagrams": {
+            # options byte, then records: control(1) length(2) payload.
+            "retry-sealed-hello": b"\x00" + _record(0x20, dcid + hello),
+            "retry-sealed-hello-token": b"\x00" + _record(0x60, dcid + hello),
+            "no-retry-sealed-hello": b"\x01" + _record(0x20, dcid + hello),
+            "token-auth-no-retry": b"\x03" + _record(0x20, dcid + hello),
+            "junk": b"\x00" + _record(0x00, b"\x40" + b"\x00" * 40),
+            "unknown-version": b"\x00"
+            + _record(
+                0x01,
+                bytes([0xC0])
+                + (0x1A2A3A4A).to_bytes(4, "big")
+                + b"\x08dcid0000\x08scid0000"
+                + bytes(1200),
+            ),
+            "two-clients-max-1": b"\x05"
+            + _record(0x20, dcid + hello)
+            + _record(0x21, b"other-01other-02" + hello),
+        },
+        "endpoint_handshaken": {
+            # options byte (bit0 token, bit1 authenticate, bits2-3 routing), then ops.
+            "auth-open-proxyme": b"\x03"
+            + _op(0, 0, HEADER + encode_frame(PROXYME) + encode_frame(b'""')),
+            "auth-open-and-reset": b"\x03" + _op(0, 0, HEADER) + _op(2, 0, b"\x02"),
+            "unauth-held-stream": b"\x01" + _op(0, 0, HEADER + encode_frame(b"/a") + b"x" * 500),
+            "unauth-write-auth-channel": b"\x01" + _op(1, 0x80, encode_frame(b'{"name":"x"}')),
+            "simple-answer-late": b"\x00" + _op(1, 0x80, SIMPLE_ACK_ANSWER) + _op(0, 0, HEADER),
+            "frames-stream": b"\x03"
+            + _op(4, 0, _stream_frame(0, HEADER + encode_frame(b"/svc"), fin=True)),
+            "frames-over-window": b"\x03"
+            + _op(4, 0, _stream_frame(0, b"", offset=10_000_000, fin=True)),
+            "frames-uni-stream": b"\x03" + _op(4, 0, _stream_frame(2, b"uni")),
+            "frames-migrate": b"\x03" + _op(4, 1, b"\x01") + _op(4, 1, b"\x01"),
+            "frames-max-streams": b"\x03" + _op(4, 0, _stream_frame(4 * 40, b"NYAN")),
+            "wait-timeouts": b"\x01" + _op(0, 0, b"NY") + _op(5, 6) + _op(5, 7),
+            "server-opens": b"\x03" + _op(6, 0, b"host") + _op(5, 3) + _op(7, 0),
+        },
+    }
+
+
+def write_corpus(directory: Path) -> None:
+    for harness, files in seeds().items():
+        target = directory / harness
+        target.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (target / name).write_bytes(data)
+        print(f"{harness}: {len(files)} seeds")
