@@ -32,7 +32,9 @@ class Limits:
     #: Bidirectional streams the peer may have open at once (QUIC MAX_STREAMS).
     max_streams_per_tunnel: int = 256
     #: Streams the peer opened whose route decision the application has not made yet.
-    max_pending_requests: int = 64
+    #: As many as the peer may open: a forwarded burst waits for its local connects
+    #: rather than being reset; bounded by max_streams_per_tunnel all the same.
+    max_pending_requests: int = 256
     #: Bytes one stream may hold unacknowledged in its send buffer.
     stream_send_buffer: int = 256 * 1024
     #: Bytes all streams of one tunnel may hold unacknowledged together.

@@ -682,7 +682,7 @@ async def test_slowloris_peers_do_not_starve_an_honest_transfer(server_identity:
     open 100 streams each and never finish the NYAN header (64 wait for their 2 s
     negotiation deadline and are reset with TIMEOUT, the rest at once with
     LIMIT_EXCEEDED; their tunnels live on).  The honest transfer is intact."""
-    limits = Limits(auth_timeout=2.0, negotiation_timeout=2.0)
+    limits = Limits(auth_timeout=2.0, negotiation_timeout=2.0, max_pending_requests=64)
     async with (
         aggregator(server_identity, limits=limits) as server,
         tcp_target() as target,
