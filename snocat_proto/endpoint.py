@@ -134,6 +134,7 @@ class ServerEndpoint:
         for tunnel in unsent:
             datagrams.extend(tunnel.datagrams_to_send(now))
             self._dirty[tunnel] = None
+            self._retime[tunnel] = None  # sending arms loss and pacing timers
         return datagrams
 
     def get_timer(self) -> float | None:

@@ -1,0 +1,257 @@
+"""Scale: N idle authenticated tunnels on one ``snocat server`` process.
+
+    python -m bench.scale [--tunnels 100,1000,10000] [--window 64] [--idle 10]
+
+A driver in this process plays N clients with the sans-IO core (one UDP socket,
+datagrams routed to tunnels by connection ID, ``--window`` handshakes in flight),
+each with its own token.  Reported: tunnels established per second, the server's
+CPU time per handshake (Retry, TLS, token authentication), its RSS growth per
+tunnel, and its CPU while the N tunnels sit idle (keep-alives only) for ``--idle`` s.
+The driver shares the machine's two cores with the server, so the rate is a floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import heapq
+import itertools
+import select
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from bench.common import (
+    HOST,
+    cpu_seconds,
+    free_port,
+    free_port_range,
+    make_credentials,
+    process,
+    rss_bytes,
+    scratch_directory,
+    snocat,
+    table,
+    wait_for_json_line,
+)
+from snocat_proto.auth import ClientCredentials, connect_authenticator
+from snocat_proto.certificates import install_trust
+from snocat_proto.config import Limits
+from snocat_proto.engine import parse_packet_header, quic_configuration
+from snocat_proto.events import TunnelAuthenticated, TunnelClosed
+from snocat_proto.tokens import parse_tokens
+from snocat_proto.tunnel import TunnelConnection
+
+KEEPALIVE = 5.0
+
+
+class Driver:
+    """Many Connect-side tunnels over one UDP socket."""
+
+    def __init__(self, server: tuple[str, int], authority: bytes, tokens: dict[str, bytes]):
+        self.server = server
+        self.limits = Limits()
+        self.configuration = quic_configuration(
+            is_client=True, limits=self.limits, server_name="localhost"
+        )
+        install_trust(self.configuration, authority_pem=authority, pinned=None)
+        self.tokens = list(tokens.items())
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+        self.sock.bind((HOST, 0))
+        self.sock.setblocking(False)
+        self.by_cid: dict[bytes, TunnelConnection] = {}
+        self.timers: list[tuple[float, int, TunnelConnection]] = []
+        #: Each tunnel's deadline as last armed; heap entries that differ are stale.
+        self.deadlines: dict[TunnelConnection, float | None] = {}
+        self.counter = itertools.count()
+        self.pending: dict[TunnelConnection, int] = {}
+        #: Token indexes whose tunnel closed before authenticating: opened again.
+        self.retry: list[int] = []
+        self.opened = 0
+        self.authenticated: list[TunnelConnection] = []
+        self.failed = 0
+
+    def open(self, index: int) -> None:
+        name, secret = self.tokens[index]
+        now = time.monotonic()
+        tunnel = TunnelConnection.connect(
+            self.configuration,
+            address=self.server,
+            authenticator=connect_authenticator(
+                ClientCredentials.token(name, secret), limits=self.limits
+            ),
+            limits=self.limits,
+            now=now,
+            keepalive_interval=KEEPALIVE,
+        )
+        self.by_cid[tunnel.engine.host_cid] = tunnel
+        self.pending[tunnel] = index
+        self.after_input(tunnel, now)
+
+    def after_input(self, tunnel: TunnelConnection, now: float) -> None:
+        for issued, cid in tunnel.pop_connection_id_changes():
+            if issued:
+                self.by_cid[cid] = tunnel
+            else:
+                self.by_cid.pop(cid, None)
+        while (event := tunnel.next_event()) is not None:
+            if isinstance(event, TunnelAuthenticated):
+                self.pending.pop(tunnel, None)
+                self.authenticated.append(tunnel)
+            elif isinstance(event, TunnelClosed):
+                index = self.pending.pop(tunnel, None)
+                if index is not None:
+                    self.failed += 1
+                    self.retry.append(index)
+        for data, addr in tunnel.datagrams_to_send(now):
+            with contextlib.suppress(BlockingIOError):  # lost: QUIC retransmits
+                self.sock.sendto(data, addr)
+        timer = tunnel.get_timer()
+        if timer != self.deadlines.get(tunnel):
+            self.deadlines[tunnel] = timer
+            if timer is not None:
+                heapq.heappush(self.timers, (timer, next(self.counter), tunnel))
+
+    def step(self, max_wait: float) -> None:
+        now = time.monotonic()
+        wait = max_wait
+        if self.timers:
+            wait = max(0.0, min(wait, self.timers[0][0] - now))
+        readable, _, _ = select.select([self.sock], [], [], wait)
+        now = time.monotonic()
+        touched: dict[TunnelConnection, None] = {}
+        if readable:
+            for _ in range(256):
+                try:
+                    data, addr = self.sock.recvfrom(65535)
+                except BlockingIOError:
+                    break
+                header = parse_packet_header(data, cid_length=8)
+                tunnel = None if header is None else self.by_cid.get(header.destination_cid)
+                if tunnel is not None:
+                    tunnel.receive_datagram(data, addr, now)
+                    touched[tunnel] = None
+        while self.timers and self.timers[0][0] <= now:
+            deadline, _, tunnel = heapq.heappop(self.timers)
+            if self.deadlines.get(tunnel) != deadline:
+                continue  # stale
+            self.deadlines[tunnel] = None  # re-armed by after_input
+            current = tunnel.get_timer()
+            if current is not None and current <= now:
+                tunnel.handle_timer(now)
+            touched[tunnel] = None
+        for tunnel in touched:
+            self.after_input(tunnel, now)
+
+    def establish(self, count: int, window: int, timeout: float) -> float:
+        start = time.monotonic()
+        target = len(self.authenticated) + count
+        while len(self.authenticated) < target:
+            while len(self.pending) < window and (
+                len(self.authenticated) + len(self.pending) < target
+            ):
+                if self.retry:
+                    self.open(self.retry.pop())
+                else:
+                    self.open(self.opened)
+                    self.opened += 1
+            self.step(0.05)
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(
+                    f"{len(self.authenticated)} of {target} tunnels after {timeout} s"
+                )
+        return time.monotonic() - start
+
+    def run_for(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            self.step(min(0.05, max(0.0, end - time.monotonic())))
+
+
+def run(directory: Path, steps: list[int], window: int, idle: float) -> list[list[object]]:
+    creds = make_credentials(directory, [f"t{i}" for i in range(max(steps))])
+    quic_port = free_port(socket.SOCK_DGRAM)
+    first, last = free_port_range(2)
+    args = snocat(
+        "server",
+        "--cert", str(creds.certificate),
+        "--key", str(creds.private_key),
+        "--tokens", str(creds.tokens),
+        "--quic", f"{HOST}:{quic_port}",
+        "--ports", f"{first}:{last}",
+        "--max-tunnels", str(max(steps) + 10),
+        "--log-level", "warning",
+        "--json",
+    )  # fmt: skip
+    rows: list[list[object]] = []
+    log = directory / "server.log"
+    with process(args, log=log) as server:
+        wait_for_json_line(log, "listening_on", server)
+        driver = Driver(
+            (HOST, quic_port),
+            creds.certificate.read_bytes(),
+            parse_tokens(creds.tokens.read_text()),
+        )
+        time.sleep(0.5)
+        base_rss = rss_bytes(server.pid)
+        previous = 0
+        for step in steps:
+            cpu_before = cpu_seconds(server.pid)
+            seconds = driver.establish(step - previous, window, timeout=max(120, step / 10))
+            handshake_cpu = (cpu_seconds(server.pid) - cpu_before) / (step - previous)
+            driver.run_for(1.0)  # let the last tunnels settle
+            rss = rss_bytes(server.pid)
+            cpu_before = cpu_seconds(server.pid)
+            driver.run_for(idle)
+            idle_cpu = (cpu_seconds(server.pid) - cpu_before) / idle
+            _check_alive(server)
+            rows.append([
+                step,
+                f"{(step - previous) / seconds:.0f}",
+                driver.failed,
+                f"{handshake_cpu * 1e3:.1f}",
+                f"{rss / 1e6:.0f}",
+                f"{(rss - base_rss) / step / 1e3:.1f}",
+                f"{idle_cpu * 100:.1f}",
+            ])  # fmt: skip
+            previous = step
+            print(rows[-1], flush=True)
+    return rows
+
+
+def _check_alive(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        raise RuntimeError(f"server exited with {proc.returncode}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tunnels", default="100,1000,10000")
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--idle", type=float, default=10.0)
+    args = parser.parse_args()
+    steps = sorted(int(n) for n in args.tunnels.split(","))
+    with scratch_directory() as directory:
+        rows = run(directory, steps, args.window, args.idle)
+    print("\n## Idle authenticated tunnels on one server process\n")
+    print(
+        table(
+            [
+                "tunnels",
+                "new tunnels/s",
+                "retried",
+                "server CPU ms/handshake",
+                "server RSS MB",
+                "RSS kB/tunnel",
+                "idle server CPU %",
+            ],
+            rows,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
