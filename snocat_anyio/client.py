@@ -41,12 +41,13 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Concatenate, ParamSpec
 
 import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
-from snocat_proto import activity
+from snocat_proto import activity, notices
 from snocat_proto.address import RouteAddress
 from snocat_proto.allowlist import AllowList
 from snocat_proto.attempts import (
@@ -64,17 +65,15 @@ from snocat_proto.auth import connect_authenticator
 from snocat_proto.backoff import Backoff
 from snocat_proto.certificates import install_trust
 from snocat_proto.client_endpoint import ClientEndpoint
+from snocat_proto.client_events import ClientEvents
 from snocat_proto.codes import CloseCode, StreamCode
 from snocat_proto.engine import NetworkAddress, quic_configuration
 from snocat_proto.errors import LocalProtocolError, ProtocolError
 from snocat_proto.events import (
-    HandshakeCompleted,
-    StreamRequested,
-    TunnelAuthenticated,
     TunnelClosed,
-    TunnelEvent,
 )
-from snocat_proto.proxyme import Denied, Granted, ProxymeClient, ProxymeRequest, Released
+from snocat_proto.notices import Notice
+from snocat_proto.proxyme import ProxymeClient, ProxymeRequest
 from snocat_proto.settings import ClientConfig
 from snocat_proto.targets import ProxyTcpTarget, TargetKind
 from snocat_proto.tunnel import TunnelConnection, TunnelState, format_address
@@ -93,6 +92,7 @@ from .stream import TunnelStream
 
 __all__ = ["ClientConfig", "TunnelClient", "check_pinned_certificate", "connect_target"]
 
+P = ParamSpec("P")
 logger = logging.getLogger("snocat.client")
 
 _SHUTDOWN_REASON = "client shutting down"
@@ -139,7 +139,7 @@ class _Session:
             await self.changed.wait()
 
 
-class TunnelClient:
+class TunnelClient(ClientEvents[_Session, TunnelStream]):
     """The Connect side of snocat: see the module docstring."""
 
     def __init__(self, config: ClientConfig) -> None:
@@ -393,75 +393,24 @@ class TunnelClient:
             tunnel.close(CloseCode.NORMAL, _SHUTDOWN_REASON)
             session.host.flush(tunnel)
 
-    # Events from the pump (synchronous: never block) ---------------------------
+    # Events from the pump: the core's ClientEvents handles them (synchronously,
+    # never blocking); these are the I/O it asks for ---------------------------
 
-    def _on_event(
-        self,
-        session: _Session,
-        tunnel: TunnelConnection,
-        event: TunnelEvent,
-        stream: TunnelStream | None,
-    ) -> None:
-        try:
-            self._handle_event(session, tunnel, event, stream)
-        except Exception:
-            # A bug must cost this tunnel (it is retried), never stop the pump silently.
-            logger.exception("failed to handle %s; closing the tunnel", type(event).__name__)
-            if stream is not None:
-                stream.reset(StreamCode.CANCELLED)
-            tunnel.close(CloseCode.INTERNAL_ERROR, "client internal error")
-            session.host.flush(tunnel)
-
-    def _handle_event(
-        self,
-        session: _Session,
-        tunnel: TunnelConnection,
-        event: TunnelEvent,
-        stream: TunnelStream | None,
-    ) -> None:
-        if isinstance(event, StreamRequested):
-            assert stream is not None
-            services = session.services
-            if services is None or session.closed is not None:
-                session.host.refuse(stream)
-            else:
-                services.start_soon(self._serve_stream, session, stream)
-            return
-        if isinstance(event, HandshakeCompleted):
-            if self.config.fingerprint is not None:
-                problem = check_pinned_certificate(tunnel, self.config.fingerprint)
-                if problem is not None:
-                    session.pin_problem = problem
-                    tunnel.close(CloseCode.REFUSED, problem)
-                    session.host.flush(tunnel)
-            session.handshake_done = True
-            self._publish(activity.TunnelConnected, tunnel_id=session.tunnel_id, peer=session.peer)
-        elif isinstance(event, TunnelAuthenticated):
-            session.authenticated = True
-            session.name = event.name
-            self._publish(
-                activity.TunnelAuthenticated,
-                tunnel_id=session.tunnel_id,
-                name=event.name,
-                peer=session.peer,
-                scheme=event.scheme,
-            )
-        elif isinstance(event, TunnelClosed):
-            session.closed = event
-            if self.granted is not None and session is self._session:
-                self._port_gone(session)
-            self._publish(
-                activity.TunnelClosed,
-                tunnel_id=session.tunnel_id,
-                name=session.name,
-                peer=session.peer,
-                code=event.code,
-                reason=event.reason,
-                by_peer=event.by_peer,
-            )
+    def _stream_requested(self, session: _Session, stream: TunnelStream) -> None:
+        services = session.services
+        if services is None or session.closed is not None:
+            session.host.refuse(stream)
         else:
-            return
+            services.start_soon(self._serve_stream, session, stream)
+
+    def _state_changed(self, session: _Session) -> None:
         session.notify()
+
+    def _flush(self, session: _Session, tunnel: TunnelConnection) -> None:
+        session.host.flush(tunnel)
+
+    def _failed(self, message: str, *args: object) -> None:
+        logger.exception(message, *args)
 
     # proxyme -------------------------------------------------------------------
 
@@ -495,8 +444,7 @@ class TunnelClient:
             stream.reset(StreamCode.CANCELLED)
             granted = client.granted
             if session.closed is None:
-                self._port_denied(session, f"the proxyme stream failed: {exc}")
-                self._port_gone(session)
+                self._proxyme_failed(session, f"the proxyme stream failed: {exc}")
         session.proxyme = None
         await stream.aclose()  # after a denial or a release: the exchange is over
         return granted
@@ -520,55 +468,13 @@ class TunnelClient:
                     events = client.receive_data(data)
             except ProtocolError as exc:
                 stream.reset(StreamCode.PROTOCOL_VIOLATION)
-                self._port_denied(session, f"bad proxyme answer: {exc.reason}")
-                self._port_gone(session)
+                self._proxyme_failed(session, f"bad proxyme answer: {exc.reason}")
                 return was_granted
-            for event in events:
-                if isinstance(event, Granted):
-                    was_granted = True
-                    self._port_granted(session, event.addresses)
-                elif isinstance(event, Denied):
-                    self._port_denied(
-                        session, "the aggregator has no free port for this tunnel (null answer)"
-                    )
-                    return False
-                elif isinstance(event, Released):
-                    self._port_gone(session)
-                    return was_granted
+            was_granted, over = self._follow_proxyme(session, events, was_granted)
+            if over:
+                return was_granted
 
-    def _port_granted(self, session: _Session, addresses: tuple[str, ...]) -> None:
-        self._set_granted(addresses)
-        self._answered(session)
-        self._publish(
-            activity.PortGranted,
-            tunnel_id=session.tunnel_id,
-            name=session.name or "",
-            port=port_of(addresses),
-            addresses=addresses,
-            target=str(self.config.targets[0]),
-        )
-
-    def _port_gone(self, session: _Session) -> None:
-        granted = self.granted
-        if granted is None:
-            return
-        self._set_granted(None)
-        self._publish(
-            activity.PortReleased,
-            tunnel_id=session.tunnel_id,
-            name=session.name or "",
-            port=port_of(granted),
-        )
-
-    def _port_denied(self, session: _Session, reason: str) -> None:
-        logger.warning("no public port: %s", reason)
-        self._publish(
-            activity.PortDenied, tunnel_id=session.tunnel_id, name=session.name or "", reason=reason
-        )
-        self._answered(session)
-
-    @staticmethod
-    def _answered(session: _Session) -> None:
+    def _answered(self, session: _Session) -> None:
         if not session.first_answer:
             session.first_answer = True
             session.notify()
@@ -605,42 +511,27 @@ class TunnelClient:
             await tcp.aclose()
             logger.debug("stream %d vanished before it was accepted: %s", stream.stream_id, exc)
             return
-        self._publish(
-            activity.StreamOpened,
-            tunnel_id=session.tunnel_id,
-            stream_id=stream.stream_id,
-            address=address,
-            direction="in",
-        )
+        self._report(notices.stream_opened, session.tunnel_id, stream.stream_id, address, "in")
         result = await relay(stream, tcp)
-        self._publish(
-            activity.StreamClosed,
-            tunnel_id=session.tunnel_id,
-            stream_id=stream.stream_id,
-            address=address,
-            bytes_in=result.received_from_tunnel,
-            bytes_out=result.sent_to_tunnel,
-            error=None
-            if result.error is None
-            else str(result.error) or type(result.error).__name__,
-        )
+        self._report(notices.client_relayed, session.tunnel_id, stream.stream_id, address, result)
 
     def _refuse(self, session: _Session, stream: TunnelStream, reason: str) -> None:
-        logger.info("refused stream %s: %s", stream.address, reason)
         if session.closed is None and session.tunnel.state is not TunnelState.CLOSED:
             with contextlib.suppress(LocalProtocolError):
                 session.host.refuse(stream)
-        self._publish(
-            activity.StreamRefused,
-            tunnel_id=session.tunnel_id,
-            address=str(stream.address),
-            reason=reason,
-        )
+        self._report(notices.client_stream_refused, session.tunnel_id, stream.address, reason)
 
     # Helpers -------------------------------------------------------------------
 
     def _publish(self, kind: type[activity.Activity], **fields: object) -> None:
         self.activity.publish(kind(at=time.time(), **fields))
+
+    def _report(
+        self, build: Callable[Concatenate[float, P], Notice], *args: P.args, **kwargs: P.kwargs
+    ) -> None:
+        """Log and publish what the core reports (``build(now, *args, **kwargs)``)."""
+        notice = build(time.time(), *args, **kwargs)
+        notices.deliver(notice, logger.log, self.activity.publish)
 
 
 async def connect_target(target: ProxyTcpTarget) -> anyio.abc.SocketStream:

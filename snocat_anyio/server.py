@@ -29,18 +29,17 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Concatenate, ParamSpec
 
 import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
-from snocat_proto import activity
+from snocat_proto import notices
 from snocat_proto.address import RouteAddress
 from snocat_proto.aggregator import (
     PORT_TAKEN_ERRNOS,
     Aggregator,
-    RouteKind,
     TunnelSession,
     TunnelStatus,
     endpoint_capacity,
@@ -56,14 +55,7 @@ from snocat_proto.codes import CloseCode, StreamCode
 from snocat_proto.endpoint import ServerEndpoint
 from snocat_proto.engine import quic_configuration
 from snocat_proto.errors import LocalProtocolError, ProtocolError
-from snocat_proto.events import (
-    CredentialRequired,
-    HandshakeCompleted,
-    StreamRequested,
-    TunnelAuthenticated,
-    TunnelClosed,
-    TunnelEvent,
-)
+from snocat_proto.notices import Notice
 from snocat_proto.proxyme import (
     ProxymeEvent,
     ProxymeRequest,
@@ -71,6 +63,7 @@ from snocat_proto.proxyme import (
     ReleaseRequested,
     SubjectReceived,
 )
+from snocat_proto.server_events import ServerEvents
 from snocat_proto.settings import ServerConfig
 from snocat_proto.tunnel import TunnelConnection, format_address
 
@@ -89,6 +82,7 @@ __all__ = [
     "TunnelStatus",
 ]
 
+P = ParamSpec("P")
 logger = logging.getLogger("snocat.server")
 
 #: Serves one accepted stream; the server closes the stream when it returns.
@@ -171,7 +165,7 @@ class _Session(TunnelSession):
             scope.cancel()
 
 
-class TunnelServer:
+class TunnelServer(ServerEvents[_Session, TunnelStream]):
     """The aggregator.  Run :meth:`serve`; see the module docstring."""
 
     def __init__(
@@ -199,16 +193,6 @@ class TunnelServer:
         self._shutdown_requested: anyio.Event
         self._stopped: anyio.Event
         self._services_idle: anyio.Event
-        self._handlers: dict[
-            type[TunnelEvent],
-            Callable[[TunnelConnection, Any, TunnelStream | None], None],
-        ] = {
-            HandshakeCompleted: self._on_handshake,
-            CredentialRequired: self._on_credential_required,
-            TunnelAuthenticated: self._on_authenticated,
-            StreamRequested: self._on_stream_requested,
-            TunnelClosed: self._on_tunnel_closed,
-        }
 
     # Public API ---------------------------------------------------------------
 
@@ -277,10 +261,7 @@ class TunnelServer:
                 self._tg = tg
                 tg.start_soon(self._pump, self._host)
                 try:
-                    self._publish(
-                        activity.ListeningOn, address=format_address(self._host.local_address)
-                    )
-                    logger.info("listening on %s (QUIC)", format_address(self._host.local_address))
+                    self._report(notices.listening, format_address(self._host.local_address))
                     task_status.started(self)
                     await self._shutdown_requested.wait()
                 finally:
@@ -324,124 +305,17 @@ class TunnelServer:
             raise TunnelNotFoundError(name)
         return await self._open_on(session, address)
 
-    # Events from the pump (synchronous; they start tasks for anything slow) ----
+    # Events from the pump: the core's ServerEvents handles them (synchronously);
+    # these are the I/O it asks for (tasks for anything slow) -------------------
 
-    def _on_event(
-        self, tunnel: TunnelConnection, event: TunnelEvent, stream: TunnelStream | None
-    ) -> None:
-        handler = self._handlers.get(type(event))
-        if handler is None:
-            return
-        try:
-            handler(tunnel, event, stream)
-        except Exception:
-            # A bug must cost this tunnel, never the server.
-            logger.exception("failed to handle %s; closing the tunnel", type(event).__name__)
-            if stream is not None:
-                stream.reset(StreamCode.CANCELLED)
-            tunnel.close(CloseCode.INTERNAL_ERROR, "aggregator internal error")
-            self._flush(tunnel)
+    def _spawn(self, session: _Session, fn: Callable[..., Any], *args: object) -> None:
+        session.spawn(fn, *args)
 
-    def _on_handshake(
-        self, tunnel: TunnelConnection, event: HandshakeCompleted, _: TunnelStream | None
-    ) -> None:
-        session = self._session(tunnel)
-        self._publish(activity.TunnelConnected, tunnel_id=session.tunnel_id, peer=session.peer)
-        verdict = self._books.on_handshake()
-        if verdict is not None:
-            tunnel.close(*verdict)
-            self._flush(tunnel)
+    def _tunnel_gone(self, session: _Session) -> None:
+        session.close()
 
-    def _on_credential_required(
-        self, tunnel: TunnelConnection, event: CredentialRequired, _: TunnelStream | None
-    ) -> None:
-        session = self._session(tunnel)
-        session.spawn(self._check_credential, session, event.name)
-
-    def _on_authenticated(
-        self, tunnel: TunnelConnection, event: TunnelAuthenticated, _: TunnelStream | None
-    ) -> None:
-        session = self._session(tunnel)
-        verdict = self._books.on_authenticated(
-            session, name=event.name, scheme=event.scheme, wall_time=time.time()
-        )
-        if verdict is not None:
-            tunnel.close(*verdict)
-            self._flush(tunnel)
-            return
-        logger.info(
-            "tunnel %s authenticated as %r (%s) from %s",
-            session.tunnel_id,
-            event.name,
-            event.scheme,
-            session.peer,
-        )
-        self._publish(
-            activity.TunnelAuthenticated,
-            tunnel_id=session.tunnel_id,
-            name=event.name,
-            peer=session.peer,
-            scheme=event.scheme,
-        )
-
-    def _on_stream_requested(
-        self, tunnel: TunnelConnection, event: StreamRequested, stream: TunnelStream | None
-    ) -> None:
-        assert stream is not None
-        session = self._session(tunnel)
-        host = self._require_host()
-        address = event.address
-        decision = self._books.route(session, address)
-        if decision.kind is RouteKind.DROP:
-            host.refuse(stream)
-            return
-        if decision.kind is RouteKind.REFUSE:
-            self._refuse(session, stream, decision.reason)
-            return
-        if decision.kind is RouteKind.PROXYME:
-            assert decision.request is not None
-            host.accept(stream)
-            session.track(stream.handle)
-            session.spawn(self._serve_proxyme, session, stream, decision.request)
-            return
-        handler = None
-        if self._route is not None:
-            try:
-                handler = self._route(self._books.status(session), address)
-            except Exception:
-                logger.exception("the route hook failed for %s", address)
-        if handler is None:
-            self._refuse(session, stream, "no service for this address")
-            return
-        host.accept(stream)
-        session.track(stream.handle)
-        self._service_started()
-        session.spawn(self._serve_routed, session, stream, handler)
-
-    def _on_tunnel_closed(
-        self, tunnel: TunnelConnection, event: TunnelClosed, _: TunnelStream | None
-    ) -> None:
-        session = self._books.on_closed(tunnel, event.reason)
-        if session is None:
-            return  # closed before its handshake completed: nothing was started
-        session.close()  # its tasks free its ports as they unwind
-        logger.info(
-            "tunnel %s (%s) closed%s: code %#x %s",
-            session.tunnel_id,
-            session.label,
-            " by the peer" if event.by_peer else "",
-            event.code,
-            event.reason,
-        )
-        self._publish(
-            activity.TunnelClosed,
-            tunnel_id=session.tunnel_id,
-            name=session.name,
-            peer=session.peer,
-            code=event.code,
-            reason=event.reason,
-            by_peer=event.by_peer,
-        )
+    def _failed(self, message: str, *args: object) -> None:
+        logger.exception(message, *args)
 
     # Authentication -------------------------------------------------------------
 
@@ -457,7 +331,6 @@ class TunnelServer:
         return self.config.tokens.get(name)
 
     async def _check_credential(self, session: _Session, name: str) -> None:
-        tunnel = session.tunnel
         secret: bytes | None = None
         lookup_failed = False
         try:
@@ -465,17 +338,10 @@ class TunnelServer:
         except Exception:
             logger.exception("credential lookup for tunnel name %r failed", name)
             lookup_failed = True
-        refusal = self._books.decide_credential(session, lookup_failed=lookup_failed)
-        try:
-            if refusal is not None:
-                code, reason = refusal
-                tunnel.reject_credential(reason, code)
-            else:
-                tunnel.supply_credential(secret)
-        except LocalProtocolError as exc:  # e.g. the lookup returned a str
-            logger.error("credential decision for %r failed: %s", name, exc)
-            tunnel.close(CloseCode.AUTHENTICATION_FAILED, "credential check failed")
-        self._flush(tunnel)
+        error = self._books.settle_credential(session, secret, lookup_failed=lookup_failed)
+        if error is not None:
+            logger.error("credential decision for %r failed: %s", name, error)
+        self._flush(session.tunnel)
 
     # proxyme -------------------------------------------------------------------
 
@@ -493,15 +359,7 @@ class TunnelServer:
             lease, reason = await self._lease_port(session, request)
             if lease is None:
                 await stream.send(machine.deny())
-                logger.info(
-                    "tunnel %s (%s): port denied: %s", session.tunnel_id, session.label, reason
-                )
-                self._publish(
-                    activity.PortDenied,
-                    tunnel_id=session.tunnel_id,
-                    name=session.label,
-                    reason=reason,
-                )
+                self._report(notices.port_denied, session, reason)
                 await stream.aclose()
                 return
             await stream.send(machine.grant(lease.addresses))
@@ -569,33 +427,14 @@ class TunnelServer:
         if not self._books.accepting:
             lease.accepting.cancel()
         self._books.port_granted(session, lease.port)
-        logger.info(
-            "tunnel %s (%s): port %s -> %s",
-            session.tunnel_id,
-            session.label,
-            ", ".join(lease.addresses),
-            lease.request.target(),
-        )
-        self._publish(
-            activity.PortGranted,
-            tunnel_id=session.tunnel_id,
-            name=session.label,
-            port=lease.port,
-            addresses=lease.addresses,
-            target=str(lease.request.target()),
-        )
+        self._report(notices.port_granted, session, lease.port, lease.addresses, lease.request)
 
     def _end_lease(self, session: _Session, lease: _Lease) -> None:
         """The listener is closed: free the port, remember it for the name."""
         session.leases.pop(lease.port, None)
         if not self._books.port_released(session, lease.port, anyio.current_time()):
             return  # never granted (denied before the grant went out)
-        logger.info(
-            "tunnel %s (%s): port %d released", session.tunnel_id, session.label, lease.port
-        )
-        self._publish(
-            activity.PortReleased, tunnel_id=session.tunnel_id, name=session.label, port=lease.port
-        )
+        self._report(notices.port_released, session, lease.port)
 
     async def _listen(self, session: _Session, lease: _Lease) -> None:
         """Accept on every socket of the lease until released, stopped or the tunnel closes."""
@@ -654,30 +493,11 @@ class TunnelServer:
             try:
                 stream = await self._open_on(session, address)
             except (StreamRefusedError, TunnelClosedError) as exc:
-                self._publish(
-                    activity.StreamRefused,
-                    tunnel_id=session.tunnel_id,
-                    address=str(address),
-                    reason=str(exc),
-                )
+                self._report(notices.stream_refused, session.tunnel_id, address, str(exc))
                 return
-            self._publish(
-                activity.StreamOpened,
-                tunnel_id=session.tunnel_id,
-                stream_id=stream.stream_id,
-                address=str(address),
-                direction="out",
-            )
+            self._report(notices.stream_opened, session.tunnel_id, stream.stream_id, address, "out")
             result = await relay(stream, conn)
-            self._publish(
-                activity.StreamClosed,
-                tunnel_id=session.tunnel_id,
-                stream_id=stream.stream_id,
-                address=str(address),
-                bytes_in=result.received_from_tunnel,
-                bytes_out=result.sent_to_tunnel,
-                error=None if result.error is None else repr(result.error),
-            )
+            self._report(notices.relayed, session.tunnel_id, stream.stream_id, address, result)
         finally:
             if conn is None:
                 client.close()
@@ -691,12 +511,8 @@ class TunnelServer:
     async def _serve_routed(
         self, session: _Session, stream: TunnelStream, handler: RouteHandler
     ) -> None:
-        self._publish(
-            activity.StreamOpened,
-            tunnel_id=session.tunnel_id,
-            stream_id=stream.stream_id,
-            address=str(stream.address),
-            direction="in",
+        self._report(
+            notices.stream_opened, session.tunnel_id, stream.stream_id, stream.address, "in"
         )
         error: str | None = None
         try:
@@ -711,26 +527,12 @@ class TunnelServer:
         finally:
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
-            self._publish(
-                activity.StreamClosed,
-                tunnel_id=session.tunnel_id,
-                stream_id=stream.stream_id,
-                address=str(stream.address),
-                bytes_in=stream.bytes_received,
-                bytes_out=stream.bytes_sent,
-                error=error,
-            )
+            self._report(notices.served, session.tunnel_id, stream, error)
             self._service_finished()
 
     def _refuse(self, session: _Session, stream: TunnelStream, reason: str) -> None:
-        logger.debug("tunnel %s: refused %s: %s", session.tunnel_id, stream.address, reason)
         self._require_host().refuse(stream)
-        self._publish(
-            activity.StreamRefused,
-            tunnel_id=session.tunnel_id,
-            address=str(stream.address),
-            reason=reason,
-        )
+        self._report(notices.stream_refused, session.tunnel_id, stream.address, reason)
 
     async def _open_on(self, session: _Session, address: RouteAddress) -> TunnelStream:
         if session.closed:
@@ -797,6 +599,9 @@ class TunnelServer:
     def _session(self, tunnel: TunnelConnection) -> _Session:
         return self._books.session(tunnel, time.time())
 
+    def _wall_time(self) -> float:
+        return time.time()
+
     def _service_started(self) -> None:
         self._services += 1
 
@@ -805,8 +610,12 @@ class TunnelServer:
         if self._services == 0:
             self._services_idle.set()
 
-    def _publish(self, kind: type[activity.Activity], **fields: Any) -> None:
-        self.activity.publish(kind(at=anyio.current_time(), **fields))
+    def _report(
+        self, build: Callable[Concatenate[float, P], Notice], *args: P.args, **kwargs: P.kwargs
+    ) -> None:
+        """Log and publish what the core reports (``build(now, *args, **kwargs)``)."""
+        notice = build(anyio.current_time(), *args, **kwargs)
+        notices.deliver(notice, logger.log, self.activity.publish)
 
 
 async def _next_proxyme_event(

@@ -25,7 +25,7 @@ from typing import Generic, TypeVar
 
 from .address import RouteAddress
 from .codes import CloseCode
-from .errors import ProtocolError
+from .errors import LocalProtocolError, ProtocolError
 from .ports import PortAllocator, PortsExhausted, StickyPorts
 from .proxyme import ProxymeRequest
 from .registry import TunnelRecord, TunnelRegistry
@@ -34,6 +34,8 @@ from .stream_handle import StreamHandle
 from .tunnel import TunnelConnection, format_address
 
 __all__ = [
+    "INTERNAL_ERROR",
+    "NO_SERVICE",
     "PORT_TAKEN_ERRNOS",
     "SHUTTING_DOWN",
     "Aggregator",
@@ -48,10 +50,13 @@ __all__ = [
 #: Bind errors that concern one port only: the next port of the range is tried.
 PORT_TAKEN_ERRNOS = frozenset({errno.EADDRINUSE, errno.EACCES})
 SHUTTING_DOWN = "the aggregator is shutting down"
+NO_SERVICE = "no service for this address"
 AT_TUNNEL_LIMIT = "aggregator is at its tunnel limit"
 
 #: ``(code, reason)``: close the tunnel with these.
 CloseVerdict = tuple[CloseCode, str]
+#: How a binding closes a tunnel whose event handling failed (a bug).
+INTERNAL_ERROR: CloseVerdict = (CloseCode.INTERNAL_ERROR, "aggregator internal error")
 
 
 def endpoint_capacity(max_tunnels: int | None) -> int | None:
@@ -120,6 +125,8 @@ class TunnelSession:
 
 
 S = TypeVar("S", bound=TunnelSession)
+#: A binding's route handler (what its route hook returns).
+H = TypeVar("H")
 #: Builds a binding's session: ``(tunnel, tunnel_id, peer, connected_at)``.
 SessionFactory = Callable[[TunnelConnection, str, str, float], S]
 
@@ -208,6 +215,25 @@ class Aggregator(Generic[S]):
         session.admitted = True
         return None
 
+    def settle_credential(
+        self, session: S, secret: bytes | None, *, lookup_failed: bool
+    ) -> LocalProtocolError | None:
+        """After the credential lookup: :meth:`decide_credential`, and give the tunnel
+        the secret or the refusal.  If the tunnel rejects that (e.g. the lookup returned
+        a str), it is closed instead and the error returned for the binding to log."""
+        tunnel = session.tunnel
+        refusal = self.decide_credential(session, lookup_failed=lookup_failed)
+        try:
+            if refusal is not None:
+                code, reason = refusal
+                tunnel.reject_credential(reason, code)
+            else:
+                tunnel.supply_credential(secret)
+        except LocalProtocolError as exc:
+            tunnel.close(CloseCode.AUTHENTICATION_FAILED, "credential check failed")
+            return exc
+        return None
+
     def on_authenticated(
         self, session: S, *, name: str, scheme: str, wall_time: float
     ) -> CloseVerdict | None:
@@ -266,6 +292,30 @@ class Aggregator(Generic[S]):
             if request is not None:
                 return RouteDecision(kind=RouteKind.PROXYME, request=request)
         return RouteDecision(kind=RouteKind.HOOK)
+
+    def dispatch(
+        self,
+        session: S,
+        address: RouteAddress,
+        hook: Callable[[TunnelStatus, RouteAddress], H | None] | None,
+        hook_failed: Callable[[RouteAddress], None],
+    ) -> tuple[RouteDecision, H | None]:
+        """:meth:`route`, with :attr:`RouteKind.HOOK` settled: the decision and, for
+        ``HOOK``, the handler ``hook`` picked (no handler becomes a ``REFUSE``).
+        If the hook raises, ``hook_failed(address)`` is called from the ``except``
+        block (so the binding can log the traceback) and the stream is refused."""
+        decision = self.route(session, address)
+        if decision.kind is not RouteKind.HOOK:
+            return decision, None
+        handler: H | None = None
+        if hook is not None:
+            try:
+                handler = hook(self.status(session), address)
+            except Exception:
+                hook_failed(address)
+        if handler is None:
+            return RouteDecision(kind=RouteKind.REFUSE, reason=NO_SERVICE), None
+        return decision, handler
 
     # Ports --------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ __all__ = [
     "ErrorKind",
     "check_pinned_certificate",
     "diagnose_early_close",
+    "enforce_pin",
     "local_socket_failure",
     "lost_tunnel",
     "no_answer",
@@ -181,3 +182,15 @@ def port_of(addresses: tuple[str, ...]) -> int:
         if port.isdigit() and 0 < int(port) <= 65535:
             return int(port)
     return 0
+
+
+def enforce_pin(tunnel: TunnelConnection, pinned: str | None) -> str | None:
+    """After the handshake: if ``pinned`` is set and the aggregator's certificate does
+    not match it, close the tunnel (:attr:`CloseCode.REFUSED`) and say why (the
+    binding then flushes the tunnel); None if there is nothing wrong."""
+    if pinned is None:
+        return None
+    problem = check_pinned_certificate(tunnel, pinned)
+    if problem is not None:
+        tunnel.close(CloseCode.REFUSED, problem)
+    return problem

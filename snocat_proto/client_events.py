@@ -1,0 +1,184 @@
+"""The client's reactions to tunnel events, written once for both bindings.
+
+:class:`ClientEvents` is the part of a binding's client that the pump calls for
+every :class:`~snocat_proto.events.TunnelEvent` of one attempt: it checks the
+pinned certificate, follows the attempt's state (handshake done, authenticated,
+closed) and reports what happened (:mod:`~snocat_proto.notices`).  Whatever does
+I/O is left to the binding through the abstract methods below: flushing a tunnel,
+serving a stream, waking whoever waits, logging a failure.  Nothing here logs,
+blocks, sleeps or reads a clock.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from typing import Concatenate, Generic, ParamSpec, Protocol, TypeVar
+
+from .attempts import enforce_pin
+from .codes import CloseCode, StreamCode
+from .events import (
+    HandshakeCompleted,
+    StreamRequested,
+    TunnelAuthenticated,
+    TunnelClosed,
+    TunnelEvent,
+)
+from .notices import (
+    Notice,
+    client_port_denied,
+    client_port_granted,
+    client_port_released,
+    tunnel_authenticated,
+    tunnel_closed,
+    tunnel_connected,
+)
+from .proxyme import Denied, Granted, ProxymeEvent, Released
+from .server_events import EventStream
+from .settings import ClientConfig
+from .tunnel import TunnelConnection
+
+__all__ = ["Attempt", "ClientEvents"]
+
+P = ParamSpec("P")
+
+
+class Attempt(Protocol):
+    """What the event handling needs of a binding's session (one attempt)."""
+
+    tunnel_id: str
+    peer: str
+    name: str | None
+    handshake_done: bool
+    authenticated: bool
+    closed: TunnelClosed | None
+    pin_problem: str | None
+
+
+A = TypeVar("A", bound=Attempt)
+NO_FREE_PORT = "the aggregator has no free port for this tunnel (null answer)"
+T = TypeVar("T", bound=EventStream)
+
+
+class ClientEvents(ABC, Generic[A, T]):
+    """Base of a binding's client: handles the pump's events (see the module docstring)."""
+
+    config: ClientConfig
+    #: The public address(es) the aggregator listens on for us; None while not granted.
+    granted: tuple[str, ...] | None
+    _session: A | None
+
+    # What the binding does ------------------------------------------------------
+
+    @abstractmethod
+    def _flush(self, session: A, tunnel: TunnelConnection) -> None:
+        """Send what ``tunnel`` has to send."""
+
+    @abstractmethod
+    def _report(
+        self, build: Callable[Concatenate[float, P], Notice], *args: P.args, **kwargs: P.kwargs
+    ) -> None:
+        """Log and publish ``build(now, *args, **kwargs)``."""
+
+    @abstractmethod
+    def _stream_requested(self, session: A, stream: T) -> None:
+        """Serve a stream the aggregator opened, or refuse it if the attempt is ending."""
+
+    @abstractmethod
+    def _state_changed(self, session: A) -> None:
+        """Wake whoever waits for the attempt's state to change."""
+
+    @abstractmethod
+    def _set_granted(self, addresses: tuple[str, ...] | None) -> None:
+        """Record (and announce to waiters) the granted addresses, or None."""
+
+    @abstractmethod
+    def _answered(self, session: A) -> None:
+        """The aggregator answered the first port request of ``session``."""
+
+    @abstractmethod
+    def _failed(self, message: str, *args: object) -> None:
+        """Something raised: log ``message % args`` with the traceback (called from
+        the ``except`` block)."""
+
+    # The handlers -----------------------------------------------------------------
+
+    def _on_event(
+        self, session: A, tunnel: TunnelConnection, event: TunnelEvent, stream: T | None
+    ) -> None:
+        try:
+            self._handle_event(session, tunnel, event, stream)
+        except Exception:
+            # A bug must cost this tunnel (it is retried), never stop the pump silently.
+            self._failed("failed to handle %s; closing the tunnel", type(event).__name__)
+            if stream is not None:
+                stream.reset(StreamCode.CANCELLED)
+            tunnel.close(CloseCode.INTERNAL_ERROR, "client internal error")
+            self._flush(session, tunnel)
+
+    def _handle_event(
+        self, session: A, tunnel: TunnelConnection, event: TunnelEvent, stream: T | None
+    ) -> None:
+        if isinstance(event, StreamRequested):
+            assert stream is not None
+            self._stream_requested(session, stream)
+            return
+        if isinstance(event, HandshakeCompleted):
+            session.pin_problem = enforce_pin(tunnel, self.config.fingerprint)
+            if session.pin_problem is not None:
+                self._flush(session, tunnel)
+            session.handshake_done = True
+            self._report(tunnel_connected, session)
+        elif isinstance(event, TunnelAuthenticated):
+            session.authenticated = True
+            session.name = event.name
+            self._report(tunnel_authenticated, session, event, log=False)
+        elif isinstance(event, TunnelClosed):
+            session.closed = event
+            if self.granted is not None and session is self._session:
+                self._port_gone(session)
+            self._report(tunnel_closed, session, event, log=False)
+        else:
+            return
+        self._state_changed(session)
+
+    # The proxyme answers ----------------------------------------------------------
+
+    def _follow_proxyme(
+        self, session: A, events: Iterable[ProxymeEvent], was_granted: bool
+    ) -> tuple[bool, bool]:
+        """Act on the aggregator's ``proxyme`` answers: ``(was_granted, over)``, whether
+        a port was granted on the way and whether the exchange is over."""
+        for event in events:
+            if isinstance(event, Granted):
+                was_granted = True
+                self._port_granted(session, event.addresses)
+            elif isinstance(event, Denied):
+                self._port_denied(session, NO_FREE_PORT)
+                return False, True
+            elif isinstance(event, Released):
+                self._port_gone(session)
+                self._state_changed(session)
+                return was_granted, True
+        return was_granted, False
+
+    def _proxyme_failed(self, session: A, reason: str) -> None:
+        """The ``proxyme`` exchange broke: no port, and the one we had is gone."""
+        self._port_denied(session, reason)
+        self._port_gone(session)
+
+    def _port_granted(self, session: A, addresses: tuple[str, ...]) -> None:
+        self._set_granted(addresses)
+        self._answered(session)
+        self._report(client_port_granted, session, addresses, self.config.targets[0])
+
+    def _port_gone(self, session: A) -> None:
+        granted = self.granted
+        if granted is None:
+            return
+        self._set_granted(None)
+        self._report(client_port_released, session, granted)
+
+    def _port_denied(self, session: A, reason: str) -> None:
+        self._report(client_port_denied, session, reason)
+        self._answered(session)

@@ -1,0 +1,341 @@
+"""Notices: what a binding reports about one event, built once for both bindings.
+
+A :class:`Notice` pairs the log line (a printf-style message, its arguments and
+level) with the :mod:`~snocat_proto.activity` record of one event.  The builders
+here decide both; a binding only delivers them (logs the line, publishes the
+record).  Pure: the time of the event (``at``, the binding's clock, always the
+first argument) is passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from snocat_proto import activity, events
+from snocat_proto.aggregator import TunnelSession
+from snocat_proto.attempts import port_of
+from snocat_proto.proxyme import ProxymeRequest
+
+__all__ = [
+    "DEBUG",
+    "INFO",
+    "WARNING",
+    "Counted",
+    "Notice",
+    "Relayed",
+    "Tunnel",
+    "client_port_denied",
+    "client_port_granted",
+    "client_port_released",
+    "client_relayed",
+    "client_stream_refused",
+    "deliver",
+    "error_message",
+    "listening",
+    "port_denied",
+    "port_granted",
+    "port_released",
+    "relayed",
+    "served",
+    "stream_closed",
+    "stream_opened",
+    "stream_refused",
+    "tunnel_authenticated",
+    "tunnel_closed",
+    "tunnel_connected",
+]
+
+#: Log levels, as numbers (the same as :mod:`logging`'s).
+DEBUG = 10
+INFO = 20
+WARNING = 30
+
+
+class Tunnel(Protocol):
+    """What the notices need of either side's session of one tunnel."""
+
+    @property
+    def tunnel_id(self) -> str: ...
+    @property
+    def peer(self) -> str: ...
+    @property
+    def name(self) -> str | None: ...
+
+
+class Relayed(Protocol):
+    """A relay's result, as both bindings' ``RelayResult`` have it."""
+
+    @property
+    def sent_to_tunnel(self) -> int: ...
+    @property
+    def received_from_tunnel(self) -> int: ...
+    @property
+    def error(self) -> BaseException | None: ...
+
+
+class Counted(Protocol):
+    """A stream with its byte counts, as both bindings' ``TunnelStream`` have them."""
+
+    @property
+    def stream_id(self) -> int: ...
+    @property
+    def address(self) -> object: ...
+    @property
+    def bytes_received(self) -> int: ...
+    @property
+    def bytes_sent(self) -> int: ...
+
+
+def deliver(
+    notice: Notice,
+    log: Callable[..., object],
+    publish: Callable[[activity.Activity], object],
+) -> None:
+    """Hand ``notice`` to the binding: ``log(level, message, *args)`` (the binding's
+    logger's ``log``) if it has a message, ``publish(record)`` if it has a record."""
+    if notice.message:
+        log(notice.level, notice.message, *notice.args)
+    if notice.record is not None:
+        publish(notice.record)
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """An activity record to publish and a log line (none if ``message`` is empty)."""
+
+    record: activity.Activity | None
+    message: str = ""
+    args: tuple[object, ...] = ()
+    level: int = INFO
+
+
+# Tunnels (both sides; ``log=False``: the record only) ------------------------------
+
+
+def tunnel_connected(at: float, session: Tunnel) -> Notice:
+    return Notice(activity.TunnelConnected(at=at, tunnel_id=session.tunnel_id, peer=session.peer))
+
+
+def tunnel_authenticated(
+    at: float, session: Tunnel, event: events.TunnelAuthenticated, *, log: bool = True
+) -> Notice:
+    name, scheme = event.name, event.scheme
+    return Notice(
+        activity.TunnelAuthenticated(
+            at=at, tunnel_id=session.tunnel_id, name=name, peer=session.peer, scheme=scheme
+        ),
+        "tunnel %s authenticated as %r (%s) from %s" if log else "",
+        (session.tunnel_id, name, scheme, session.peer),
+    )
+
+
+def tunnel_closed(
+    at: float, session: Tunnel, event: events.TunnelClosed, *, log: bool = True
+) -> Notice:
+    code, reason, by_peer = event.code, event.reason, event.by_peer
+    label = session.name if session.name is not None else session.peer
+    return Notice(
+        activity.TunnelClosed(
+            at=at,
+            tunnel_id=session.tunnel_id,
+            name=session.name,
+            peer=session.peer,
+            code=code,
+            reason=reason,
+            by_peer=by_peer,
+        ),
+        "tunnel %s (%s) closed%s: code %#x %s" if log else "",
+        (session.tunnel_id, label, " by the peer" if by_peer else "", code, reason),
+    )
+
+
+# Server ports ------------------------------------------------------------------
+
+
+def port_granted(
+    at: float,
+    session: TunnelSession,
+    port: int,
+    addresses: tuple[str, ...],
+    request: ProxymeRequest,
+) -> Notice:
+    target = str(request.target())
+    return Notice(
+        activity.PortGranted(
+            at=at,
+            tunnel_id=session.tunnel_id,
+            name=session.label,
+            port=port,
+            addresses=addresses,
+            target=target,
+        ),
+        "tunnel %s (%s): port %s -> %s",
+        (session.tunnel_id, session.label, ", ".join(addresses), target),
+    )
+
+
+def port_denied(at: float, session: TunnelSession, reason: str) -> Notice:
+    return Notice(
+        activity.PortDenied(at=at, tunnel_id=session.tunnel_id, name=session.label, reason=reason),
+        "tunnel %s (%s): port denied: %s",
+        (session.tunnel_id, session.label, reason),
+    )
+
+
+def port_released(at: float, session: TunnelSession, port: int) -> Notice:
+    return Notice(
+        activity.PortReleased(at=at, tunnel_id=session.tunnel_id, name=session.label, port=port),
+        "tunnel %s (%s): port %d released",
+        (session.tunnel_id, session.label, port),
+    )
+
+
+# Streams (both sides) ----------------------------------------------------------
+
+
+def stream_refused(at: float, tunnel_id: str, address: object, reason: str) -> Notice:
+    """A stream to ``address`` was refused (logged at debug level)."""
+    return Notice(
+        activity.StreamRefused(at=at, tunnel_id=tunnel_id, address=str(address), reason=reason),
+        "tunnel %s: refused %s: %s",
+        (tunnel_id, address, reason),
+        DEBUG,
+    )
+
+
+def stream_opened(
+    at: float, tunnel_id: str, stream_id: int, address: object, direction: str
+) -> Notice:
+    return Notice(
+        activity.StreamOpened(
+            at=at,
+            tunnel_id=tunnel_id,
+            stream_id=stream_id,
+            address=str(address),
+            direction=direction,
+        )
+    )
+
+
+def stream_closed(
+    at: float,
+    tunnel_id: str,
+    stream_id: int,
+    address: object,
+    bytes_in: int,
+    bytes_out: int,
+    error: BaseException | str | None,
+    describe: Callable[[BaseException], str] = repr,
+) -> Notice:
+    """A stream ended; ``error`` (an exception is reported by ``describe``) or None."""
+    return Notice(
+        activity.StreamClosed(
+            at=at,
+            tunnel_id=tunnel_id,
+            stream_id=stream_id,
+            address=str(address),
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            error=error if error is None or isinstance(error, str) else describe(error),
+        )
+    )
+
+
+def relayed(
+    at: float,
+    tunnel_id: str,
+    stream_id: int,
+    address: object,
+    result: Relayed,
+    describe: Callable[[BaseException], str] = repr,
+) -> Notice:
+    """A relayed stream ended (:func:`stream_closed` with the relay's counts)."""
+    return stream_closed(
+        at,
+        tunnel_id,
+        stream_id,
+        address,
+        result.received_from_tunnel,
+        result.sent_to_tunnel,
+        result.error,
+        describe,
+    )
+
+
+def served(at: float, tunnel_id: str, stream: Counted, error: str | None) -> Notice:
+    """A stream served by a route handler ended (:func:`stream_closed`, its counts)."""
+    return stream_closed(
+        at,
+        tunnel_id,
+        stream.stream_id,
+        stream.address,
+        stream.bytes_received,
+        stream.bytes_sent,
+        error,
+    )
+
+
+def listening(at: float, address: str) -> Notice:
+    """A server bound its QUIC socket."""
+    return Notice(
+        activity.ListeningOn(at=at, address=address), "listening on %s (QUIC)", (address,)
+    )
+
+
+def client_relayed(
+    at: float, tunnel_id: str, stream_id: int, address: object, result: Relayed
+) -> Notice:
+    """The client's :func:`relayed`: errors are reported by :func:`error_message`."""
+    return relayed(at, tunnel_id, stream_id, address, result, error_message)
+
+
+def error_message(error: BaseException) -> str:
+    """The client's way to report a stream's error: its message, else its type."""
+    return str(error) or type(error).__name__
+
+
+# Client ports and streams ------------------------------------------------------
+
+
+def client_port_granted(
+    at: float, session: Tunnel, addresses: tuple[str, ...], target: object
+) -> Notice:
+    return Notice(
+        activity.PortGranted(
+            at=at,
+            tunnel_id=session.tunnel_id,
+            name=session.name or "",
+            port=port_of(addresses),
+            addresses=addresses,
+            target=str(target),
+        )
+    )
+
+
+def client_port_released(at: float, session: Tunnel, addresses: tuple[str, ...]) -> Notice:
+    return Notice(
+        activity.PortReleased(
+            at=at, tunnel_id=session.tunnel_id, name=session.name or "", port=port_of(addresses)
+        )
+    )
+
+
+def client_port_denied(at: float, session: Tunnel, reason: str) -> Notice:
+    return Notice(
+        activity.PortDenied(
+            at=at, tunnel_id=session.tunnel_id, name=session.name or "", reason=reason
+        ),
+        "no public port: %s",
+        (reason,),
+        WARNING,
+    )
+
+
+def client_stream_refused(at: float, tunnel_id: str, address: object, reason: str) -> Notice:
+    return Notice(
+        activity.StreamRefused(at=at, tunnel_id=tunnel_id, address=str(address), reason=reason),
+        "refused stream %s: %s",
+        (address, reason),
+    )
