@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-import os
 import random
 import ssl
 from collections import defaultdict
@@ -551,30 +550,12 @@ _OPS = (
 )
 
 
-#: Crashes that are reported but not fixed yet, in code this project's fuzzing may not
-#: change (each has a strict xfail test in tests/test_regressions.py).  The harness ends
-#: the input there instead of failing, so that fuzzing can go on looking for others;
-#: ``SNOCAT_FUZZ_STRICT=1`` makes them crashes again.
-KNOWN_ISSUES: tuple[tuple[type[BaseException], str], ...] = ()
-
-
-def _known_issue(error: BaseException) -> bool:
-    if os.environ.get("SNOCAT_FUZZ_STRICT") == "1":
-        return False
-    return any(isinstance(error, kind) and text in str(error) for kind, text in KNOWN_ISSUES)
-
-
 def fuzz_endpoint_handshaken(data: bytes) -> None:
     """A script for a hostile client after a real handshake (first byte: options; then
     ops, each ``op(1) argument(1) length(2) payload``).  See the module docstring."""
     if not data:
         return
-    pair = _connect(data[0])
-    try:
-        _play(pair, data)
-    except Exception as error:
-        if not _known_issue(error):
-            raise
+    _play(_connect(data[0]), data)
 
 
 def _play(pair: _Pair, data: bytes) -> None:

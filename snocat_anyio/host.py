@@ -22,13 +22,9 @@ import anyio.abc
 from snocat_proto.address import RouteAddress
 from snocat_proto.client_endpoint import Endpoint
 from snocat_proto.events import (
+    STREAM_EVENTS,
     DataReceived,
-    StreamAccepted,
-    StreamEnded,
-    StreamRefused,
     StreamRequested,
-    StreamReset,
-    StreamWritable,
     TunnelClosed,
     TunnelEvent,
 )
@@ -41,14 +37,6 @@ logger = logging.getLogger("snocat.host")
 #: Datagrams read per wake-up before the core's output is flushed.
 RECEIVE_BATCH = 64
 MAX_DATAGRAM = 65535
-_STREAM_EVENTS = (
-    DataReceived,
-    StreamEnded,
-    StreamReset,
-    StreamWritable,
-    StreamAccepted,
-    StreamRefused,
-)
 
 #: Called with every tunnel-level event; for StreamRequested the new stream comes along.
 EventHandler = Callable[[TunnelConnection, TunnelEvent, TunnelStream | None], None]
@@ -206,7 +194,7 @@ class TunnelHost:
                 self.datagrams_dropped += 1
 
     def _dispatch(self, tunnel: TunnelConnection, event: TunnelEvent) -> None:
-        if isinstance(event, _STREAM_EVENTS):
+        if isinstance(event, STREAM_EVENTS):
             stream = self._streams.get((tunnel, event.stream_id))
             if stream is not None:
                 stream.on_event(event)

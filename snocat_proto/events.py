@@ -116,3 +116,15 @@ class TunnelClosed(TunnelEvent):
     reason: str
     by_peer: bool
     application: bool
+
+
+#: The events that concern one stream (they carry ``stream_id``): a binding routes
+#: them to its stream object, and the rest to the application.
+STREAM_EVENTS = (
+    DataReceived,
+    StreamEnded,
+    StreamReset,
+    StreamWritable,
+    StreamAccepted,
+    StreamRefused,
+)

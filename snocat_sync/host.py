@@ -31,13 +31,9 @@ from snocat_proto.address import RouteAddress
 from snocat_proto.client_endpoint import Endpoint
 from snocat_proto.engine import NetworkAddress
 from snocat_proto.events import (
+    STREAM_EVENTS,
     DataReceived,
-    StreamAccepted,
-    StreamEnded,
-    StreamRefused,
     StreamRequested,
-    StreamReset,
-    StreamWritable,
     TunnelClosed,
     TunnelEvent,
 )
@@ -52,14 +48,6 @@ RECEIVE_BATCH = 64
 MAX_DATAGRAM = 65535
 #: How long :meth:`SyncHost.stop` waits for the pump thread.
 STOP_TIMEOUT = 5.0
-_STREAM_EVENTS = (
-    DataReceived,
-    StreamEnded,
-    StreamReset,
-    StreamWritable,
-    StreamAccepted,
-    StreamRefused,
-)
 
 #: Called with every tunnel-level event; for StreamRequested the new stream comes along.
 EventHandler = Callable[[TunnelConnection, TunnelEvent, TunnelStream | None], None]
@@ -355,7 +343,7 @@ class SyncHost:
                 self.datagrams_dropped += 1
 
     def _dispatch(self, tunnel: TunnelConnection, event: TunnelEvent) -> None:
-        if isinstance(event, _STREAM_EVENTS):
+        if isinstance(event, STREAM_EVENTS):
             stream = self._streams.get((tunnel, event.stream_id))
             if stream is not None:
                 stream.on_event(event)
