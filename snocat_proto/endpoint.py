@@ -10,7 +10,6 @@ they have terminated.  Its events are ``(tunnel, event)`` pairs.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import itertools
 import os
@@ -32,7 +31,7 @@ from .engine import (
     parse_packet_header,
 )
 from .errors import LocalProtocolError
-from .events import TunnelEvent
+from .events import TunnelClosed, TunnelEvent
 from .tunnel import DEFAULT_KEEPALIVE_INTERVAL, Role, TunnelConnection, format_address
 
 #: Builds the Listen-side authenticator of a new tunnel from the peer's address text.
@@ -82,6 +81,11 @@ class ServerEndpoint:
         #: The latest failures inside a tunnel (a bug, not the peer's fault: peers only
         #: cause ProtocolErrors, handled inside). That tunnel was closed; others go on.
         self.internal_errors: deque[BaseException] = deque(maxlen=16)
+        #: Tunnels that failed: they send what they have once more, then are dropped
+        #: (their state is suspect, and a timer that raises would fire forever).
+        self._failed: dict[TunnelConnection, None] = {}
+        #: TunnelClosed for failed tunnels that could not even report their close.
+        self._orphan_events: deque[tuple[TunnelConnection, TunnelEvent]] = deque()
 
     # The adapter's surface ---------------------------------------------------
 
@@ -132,9 +136,14 @@ class ServerEndpoint:
         self._stateless.clear()
         unsent, self._unsent = self._unsent, {}
         for tunnel in unsent:
-            datagrams.extend(tunnel.datagrams_to_send(now))
+            try:
+                datagrams.extend(tunnel.datagrams_to_send(now))
+            except Exception as exc:
+                self._fail(tunnel, exc)
             self._dirty[tunnel] = None
             self._retime[tunnel] = None  # sending arms loss and pacing timers
+            if tunnel in self._failed:
+                self._forget(tunnel)
         return datagrams
 
     def get_timer(self) -> float | None:
@@ -164,6 +173,8 @@ class ServerEndpoint:
 
     def next_event(self) -> tuple[TunnelConnection, TunnelEvent] | None:
         """The next ``(tunnel, event)``, across all tunnels, or None."""
+        if self._orphan_events:
+            return self._orphan_events.popleft()
         while self._dirty:
             tunnel = next(iter(self._dirty))
             event = tunnel.next_event()
@@ -230,9 +241,22 @@ class ServerEndpoint:
         try:
             call(*args)
         except Exception as exc:
-            self.internal_errors.append(exc)
-            with contextlib.suppress(Exception):
-                tunnel.close(CloseCode.INTERNAL_ERROR, "internal error in the aggregator")
+            self._fail(tunnel, exc)
+
+    def _fail(self, tunnel: TunnelConnection, exc: Exception) -> None:
+        self.internal_errors.append(exc)
+        if tunnel in self._failed:
+            return
+        self._failed[tunnel] = None
+        reason = "internal error in the aggregator"
+        try:
+            tunnel.close(CloseCode.INTERNAL_ERROR, reason)
+        except Exception:
+            # Not even closing worked: the application still hears that the tunnel is gone.
+            closed = TunnelClosed(
+                code=CloseCode.INTERNAL_ERROR, reason=reason, by_peer=False, application=True
+            )
+            self._orphan_events.append((tunnel, closed))
 
     def _after_input(self, tunnel: TunnelConnection) -> None:
         cids = self._tunnels.get(tunnel)
@@ -270,8 +294,11 @@ class ServerEndpoint:
         heapq.heappush(heap, (deadline, next(self._timer_order), tunnel))
 
     def _forget_if_terminated(self, tunnel: TunnelConnection) -> None:
-        if not tunnel.is_terminated:
-            return
+        if tunnel.is_terminated:
+            self._forget(tunnel)
+
+    def _forget(self, tunnel: TunnelConnection) -> None:
+        self._failed.pop(tunnel, None)
         self._unsent.pop(tunnel, None)
         self._deadlines.pop(tunnel, None)
         self._retime.pop(tunnel, None)

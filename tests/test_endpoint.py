@@ -347,3 +347,32 @@ def test_a_failure_inside_one_tunnel_closes_that_tunnel_only() -> None:
     assert sim.client_app.closed.code == CloseCode.INTERNAL_ERROR
     assert sim.client_app.closed.application
     assert any(isinstance(e, RuntimeError) for e in sim.server.internal_errors)
+    # The broken tunnel is dropped after its close went out: its timer, which raises
+    # every time, must not keep the endpoint busy (a livelock on the fake clock).
+    sim.run_for(60.0)
+    assert len(sim.server) == 0
+    assert sim.server_app.closed is not None
+
+
+def test_a_tunnel_that_cannot_even_close_is_still_reported_and_dropped() -> None:
+    sim = Simulation(server_auth=SimpleAckListener, client_auth=SimpleAckConnector())
+    sim.run_until(lambda: sim.server_app.of_type(TunnelAuthenticated), timeout=5)
+    tunnel = sim.server_tunnel
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("bug")
+
+    for name in ("receive_datagram", "handle_timer", "datagrams_to_send", "close"):
+        setattr(tunnel, name, broken)
+    sim.client.open_stream(RouteAddress.of("svc"))
+    sim.touch(sim.client)
+    sim.run_until(lambda: sim.server_app.closed is not None, timeout=10)
+    assert sim.server_app.closed == TunnelClosed(
+        code=CloseCode.INTERNAL_ERROR,
+        reason="internal error in the aggregator",
+        by_peer=False,
+        application=True,
+    )
+    assert len(sim.server) == 0
+    # The client hears nothing more and gives up by its idle timeout.
+    sim.run_until(lambda: sim.client_app.closed is not None, timeout=40)
