@@ -41,9 +41,7 @@ from snocat_proto.config import Limits
 from snocat_proto.engine import parse_packet_header, quic_configuration
 from snocat_proto.events import TunnelAuthenticated, TunnelClosed
 from snocat_proto.tokens import parse_tokens
-from snocat_proto.tunnel import TunnelConnection
-
-KEEPALIVE = 5.0
+from snocat_proto.tunnel import CONNECT_KEEPALIVE_INTERVAL, TunnelConnection
 
 
 class Driver:
@@ -85,7 +83,7 @@ class Driver:
             ),
             limits=self.limits,
             now=now,
-            keepalive_interval=KEEPALIVE,
+            keepalive_interval=CONNECT_KEEPALIVE_INTERVAL,
         )
         self.by_cid[tunnel.engine.host_cid] = tunnel
         self.pending[tunnel] = index

@@ -32,7 +32,7 @@ from .engine import (
 )
 from .errors import LocalProtocolError
 from .events import TunnelClosed, TunnelEvent
-from .tunnel import DEFAULT_KEEPALIVE_INTERVAL, Role, TunnelConnection, format_address
+from .tunnel import LISTEN_KEEPALIVE_INTERVAL, Role, TunnelConnection, format_address
 
 #: Builds the Listen-side authenticator of a new tunnel from the peer's address text.
 AuthenticatorFactory = Callable[[str], Authenticator]
@@ -49,7 +49,7 @@ class ServerEndpoint:
         limits: Limits,
         retry: bool = True,
         max_tunnels: int | None = None,
-        keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL,
+        keepalive_interval: float | None = LISTEN_KEEPALIVE_INTERVAL,
         random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
         if configuration.is_client:

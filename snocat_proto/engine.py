@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from aioquic import tls
 from aioquic._buffer import Buffer
 from aioquic.quic import events as quic_events
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
@@ -63,6 +64,22 @@ ALPN = "ms-snocat-1"
 UNAUTHENTICATED_CONNECTION_WINDOW = 64 * 1024
 UNAUTHENTICATED_MAX_STREAMS = 4
 
+#: Connection IDs we ask the peer to keep issued to us: the minimum RFC 9000 allows
+#: (section 18.2), one in use and one spare for a migration.  aioquic asks for 8,
+#: each a few hundred bytes on both sides and a routing entry at the aggregator.
+ACTIVE_CONNECTION_ID_LIMIT = 2
+
+#: How far in the past :meth:`QuicEngine.acknowledge_now` puts an ACK's due time.
+ACK_OVERDUE = 0.001
+
+#: Room for TLS output after the handshake, where QUIC has none (no KeyUpdate, no
+#: post-handshake authentication); aioquic keeps 16 KiB for each of three epochs.
+POST_HANDSHAKE_CRYPTO_BUFFER = 1024
+
+#: aioquic builds a table of frame handlers per connection with a new frozenset of
+#: epochs in each entry; the same few sets, shared, save kilobytes per connection.
+_SHARED_EPOCH_SETS: dict[frozenset[Any], frozenset[Any]] = {}
+
 
 def quic_configuration(
     *,
@@ -97,6 +114,30 @@ class QuicEngine(QuicConnection):
         self._set_peer_stream_limit(UNAUTHENTICATED_MAX_STREAMS)
         # We use no unidirectional streams: a peer that opens one breaks the limit.
         self._local_max_streams_uni.value = self._local_max_streams_uni.sent = 0
+        self._local_active_connection_id_limit = ACTIVE_CONNECTION_ID_LIMIT
+        self._share_frame_handler_epochs()
+
+    # Memory per connection ---------------------------------------------------
+
+    def _share_frame_handler_epochs(self) -> None:
+        handlers = self.__dict__.get("_QuicConnection__frame_handlers")
+        if handlers is None:  # another aioquic layout: nothing to share
+            return
+        for frame_type, (handler, epochs) in handlers.items():
+            handlers[frame_type] = (handler, _SHARED_EPOCH_SETS.setdefault(epochs, epochs))
+
+    def _discard_epoch(self, epoch: tls.Epoch) -> None:
+        super()._discard_epoch(epoch)
+        if epoch is not tls.Epoch.HANDSHAKE:
+            return
+        # Both sides discard the Handshake keys once the handshake is confirmed
+        # (RFC 9001 section 4.9.2): the Initial and Handshake buffers will not be
+        # written again and 1-RTT CRYPTO data is at most a session ticket.
+        buffers = self._crypto_buffers
+        for kind in (tls.Epoch.INITIAL, tls.Epoch.HANDSHAKE):
+            buffers[kind] = Buffer(capacity=0)
+        if buffers[tls.Epoch.ONE_RTT].tell() == 0:
+            buffers[tls.Epoch.ONE_RTT] = Buffer(capacity=POST_HANDSHAKE_CRYPTO_BUFFER)
 
     # Credit and limits -------------------------------------------------------
 
@@ -145,6 +186,19 @@ class QuicEngine(QuicConnection):
         if stream is None:
             return 0
         return len(stream.sender._buffer)
+
+    def acknowledge_now(self, now: float) -> None:
+        """Send the pending ACK with the next datagrams, not after the ACK delay."""
+        space = self._spaces[tls.Epoch.ONE_RTT]
+        if space.ack_at is not None and space.ack_at >= now:
+            # Strictly before ``now``: aioquic paces packets unless an ACK is overdue,
+            # and a paced ACK due exactly now would keep its timer firing in place.
+            space.ack_at = now - ACK_OVERDUE
+
+    @property
+    def idle_timeout(self) -> float:
+        """The idle timeout in force: the shorter of both ends' (or 3 PTOs, if longer)."""
+        return self._idle_timeout()
 
     def stream_is_open(self, stream_id: int) -> bool:
         return stream_id in self._streams

@@ -19,6 +19,7 @@ from .config import Limits
 from .engine import SMALLEST_MAX_DATAGRAM_SIZE
 from .ports import PortRange
 from .targets import ProxyTcpTarget
+from .tunnel import CONNECT_KEEPALIVE_INTERVAL, LISTEN_KEEPALIVE_INTERVAL
 
 __all__ = ["DEFAULT_MAX_DATAGRAM_SIZE", "MAX_DATAGRAM_SIZE_LIMIT", "ClientConfig", "ServerConfig"]
 
@@ -61,7 +62,9 @@ class ServerConfig:
     #: path known to carry more (see docs/performance.md).
     max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE
     retry: bool = True
-    keepalive_interval: float | None = 5.0
+    #: Seconds of silence from a client before the aggregator pings it: a fallback for
+    #: clients that do not ping (snocat clients ping first; see the tunnel module).
+    keepalive_interval: float | None = LISTEN_KEEPALIVE_INTERVAL
     #: A tunnel that reconnects under the same name gets its port back if it is free.
     sticky_port_seconds: float = 300.0
     #: Seconds in-flight streams may take to finish when the server shuts down.
@@ -114,7 +117,9 @@ class ClientConfig:
     idle_timeout: float = 30.0
     #: Largest UDP payload sent (as :attr:`ServerConfig.max_datagram_size`).
     max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE
-    keepalive_interval: float | None = 5.0
+    #: Seconds of silence from the aggregator before the client pings it, which also
+    #: keeps the client's NAT mapping open.  Capped at half the idle timeout.
+    keepalive_interval: float | None = CONNECT_KEEPALIVE_INTERVAL
     secrets_log_file: TextIO | None = None
     #: Seconds to wait for the QUIC handshake before an attempt counts as "no answer".
     connect_timeout: float = 10.0

@@ -40,8 +40,17 @@ from .negotiation import (
 
 #: The authentication channel: the Listen side's first bidirectional stream.
 AUTH_STREAM_ID = 1
-#: Keep-alive period of the reference server; it also keeps NAT bindings open.
-DEFAULT_KEEPALIVE_INTERVAL = 5.0
+#: Seconds without a packet from the peer after which the Connect side sends a PING.
+#: It is the side behind a NAT, whose UDP mapping may lapse after 30 s of silence.
+CONNECT_KEEPALIVE_INTERVAL = 15.0
+#: The Listen side pings only as a fallback for peers that do not (snocat 0.8 clients
+#: need not): later than the Connect side, so that between two snocat ends an idle
+#: tunnel costs one PING and its ACK per interval, and an aggregator with thousands of
+#: tunnels answers PINGs instead of sending its own.
+LISTEN_KEEPALIVE_INTERVAL = 20.0
+#: The longest silence a keep-alive waits for, as a share of the idle timeout both ends
+#: agreed on: the PING must arrive, or be retransmitted, before the peer gives up.
+_KEEPALIVE_SHARE = {"connect": 1 / 2, "listen": 2 / 3}
 
 
 class Role(Enum):
@@ -133,17 +142,15 @@ class TunnelConnection:
         authenticator: Authenticator,
         limits: Limits,
         now: float,
-        keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL,
+        keepalive_interval: float | None,
     ) -> None:
         self._quic = engine
         self._role = role
         self._authenticator = authenticator
         self._limits = limits
-        # A keep-alive must beat the idle timeout, however short it was configured.
-        idle_timeout = engine.configuration.idle_timeout
-        if keepalive_interval is not None:
-            keepalive_interval = min(keepalive_interval, idle_timeout / 3)
-        self._keepalive_interval = keepalive_interval
+        #: As configured; the period in force is known once the peer's idle timeout is.
+        self._keepalive_setting = keepalive_interval
+        self._keepalive_interval: float | None = None
         self._now = now
         self._state = TunnelState.HANDSHAKING
         self._name: str | None = None
@@ -160,6 +167,8 @@ class TunnelConnection:
         # by state (kept by _transition and _add_stream), and those waiting for room.
         self._by_state: dict[StreamState, dict[_Stream, None]] = {s: {} for s in StreamState}
         self._want_writable: dict[_Stream, None] = {}
+        #: Streams we opened whose negotiation deadline starts at the next transmission.
+        self._unclocked: list[int] = []
         #: Bytes unacknowledged in all streams' send buffers; None: to be counted again
         #: (acknowledgements, which arrive with datagrams, shrink it).
         self._buffered_total: int | None = 0
@@ -187,7 +196,7 @@ class TunnelConnection:
         authenticator: Authenticator,
         limits: Limits,
         now: float,
-        keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL,
+        keepalive_interval: float | None = CONNECT_KEEPALIVE_INTERVAL,
     ) -> TunnelConnection:
         """The Connect side: dial ``address`` (the first datagrams are ready at once)."""
         if not configuration.is_client:
@@ -237,16 +246,19 @@ class TunnelConnection:
         self._now = now
         self._quic.receive_datagram(data, addr, now)
         self._buffers_changed()
-        self._keepalive_at = (
-            None if self._keepalive_interval is None else now + self._keepalive_interval
-        )
+        if self._keepalive_interval is not None:
+            self._keepalive_at = now + self._keepalive_interval
         self._process()
+        if not self._streams and self._state is TunnelState.AUTHENTICATED:
+            # Nothing to batch acknowledgements with (typically a keep-alive PING):
+            # answer in this flush rather than after a timer of its own.
+            self._quic.acknowledge_now(now)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
         self._now = now
         datagrams = self._quic.datagrams_to_send(now)
-        if datagrams and self._keepalive_interval is not None:
-            self._keepalive_at = now + self._keepalive_interval
+        if self._unclocked:
+            self._start_negotiation_clocks(now)
         self._purge_finished_streams()
         return datagrams
 
@@ -343,9 +355,12 @@ class TunnelConnection:
                 we_opened=True,
                 state=StreamState.NEGOTIATING,
                 negotiation=negotiation,
-                deadline=self._now + self._limits.negotiation_timeout,
+                # The clock starts when the open goes out (datagrams_to_send): the
+                # last time this tunnel saw may be a keep-alive interval ago.
+                deadline=None,
             )
         )
+        self._unclocked.append(stream_id)
         return stream_id
 
     def accept_stream(self, stream_id: int) -> None:
@@ -607,9 +622,12 @@ class TunnelConnection:
         self._state = TunnelState.AUTHENTICATED
         self._name = name
         self._auth_deadline = None
-        self._keepalive_at = (
-            None if self._keepalive_interval is None else self._now + self._keepalive_interval
-        )
+        if self._keepalive_setting is not None:
+            share = _KEEPALIVE_SHARE[self._role.value]
+            self._keepalive_interval = min(
+                self._keepalive_setting, share * self._quic.idle_timeout
+            )
+            self._keepalive_at = self._now + self._keepalive_interval
         # The channel is done: FIN our side, stop the peer's if it is still open.
         if self._quic.can_send(AUTH_STREAM_ID):
             self._quic.send_stream_data(AUTH_STREAM_ID, b"", end_stream=True)
@@ -666,6 +684,13 @@ class TunnelConnection:
     def _add_stream(self, stream: _Stream) -> None:
         self._streams[stream.stream_id] = stream
         self._by_state[stream.state][stream] = None
+
+    def _start_negotiation_clocks(self, now: float) -> None:
+        for stream_id in self._unclocked:
+            stream = self._streams.get(stream_id)
+            if stream is not None and stream.deadline is None:
+                stream.deadline = now + self._limits.negotiation_timeout
+        self._unclocked.clear()
 
     def _start_acceptor(self, stream: _Stream) -> None:
         if not self._quic.can_send(stream.stream_id):

@@ -38,7 +38,11 @@ from snocat_proto.events import (
     TunnelClosed,
     TunnelEvent,
 )
-from snocat_proto.tunnel import DEFAULT_KEEPALIVE_INTERVAL, TunnelConnection
+from snocat_proto.tunnel import (
+    CONNECT_KEEPALIVE_INTERVAL,
+    LISTEN_KEEPALIVE_INTERVAL,
+    TunnelConnection,
+)
 
 SERVER_ADDR = ("10.0.0.1", 4433)
 CLIENT_ADDR = ("10.0.0.2", 50000)
@@ -247,7 +251,9 @@ class Simulation:
         seed: int = 0,
         retry: bool = True,
         trust: bool = True,
-        keepalive_interval: float | None = DEFAULT_KEEPALIVE_INTERVAL,
+        keepalive_interval: float | None = CONNECT_KEEPALIVE_INTERVAL,
+        server_keepalive_interval: float | None = LISTEN_KEEPALIVE_INTERVAL,
+        server_idle_timeout: float = 30.0,
         max_tunnels: int | None = None,
         client_token: bytes = b"",
     ) -> None:
@@ -258,12 +264,12 @@ class Simulation:
         self.keepalive_interval = keepalive_interval
         self.trust = trust
         self.server = ServerEndpoint(
-            server_configuration(self.limits),
+            server_configuration(self.limits, idle_timeout=server_idle_timeout),
             authenticator_factory=server_auth,
             limits=self.limits,
             retry=retry,
             max_tunnels=max_tunnels,
-            keepalive_interval=keepalive_interval,
+            keepalive_interval=server_keepalive_interval,
             random_bytes=self.rng.randbytes,
         )
         self.server_app = App()
@@ -273,6 +279,8 @@ class Simulation:
         self._queue: list[tuple[float, int, NetworkAddress, NetworkAddress, bytes]] = []
         self._seq = 0
         self.datagrams_sent = 0
+        #: Set to a list to record each datagram put on the link: ``(time, source, size)``.
+        self.sent_log: list[tuple[float, NetworkAddress, int]] | None = None
         #: Called after every step; an assertion there stops the run at the first breach.
         self.checks: list[Callable[[], None]] = []
         self._still_steps = 0
@@ -342,6 +350,8 @@ class Simulation:
 
     def _send(self, data: bytes, source: NetworkAddress, destination: NetworkAddress) -> None:
         self.datagrams_sent += 1
+        if self.sent_log is not None:
+            self.sent_log.append((self.now, source, len(data)))
         link = self.link
         if self.rng.random() < link.loss:
             return

@@ -25,6 +25,7 @@ from hypothesis.stateful import (
 )
 from netsim import (
     CLIENT_ADDR,
+    SERVER_ADDR,
     App,
     Link,
     RawStreams,
@@ -906,8 +907,47 @@ def test_keepalive_holds_an_idle_tunnel_open() -> None:
     assert sim.server_app.received[stream_id] == b"still here"
 
 
-def test_without_keepalive_an_idle_tunnel_times_out() -> None:
+def test_an_idle_tunnel_costs_one_ping_and_its_ack_per_client_interval() -> None:
+    sim = connected(link=Link(delay=0.005))
+    sim.run_for(5.0)
+    sim.sent_log = []
+    start = sim.now
+    sim.run_for(150.0)
+    from_client = [t for t, source, _ in sim.sent_log if source == CLIENT_ADDR]
+    from_server = [t for t, source, _ in sim.sent_log if source == SERVER_ADDR]
+    # The client pings every 15 s of silence (+ a round trip); the aggregator, whose
+    # own fallback is 20 s, only ever answers, at once rather than after an ACK delay.
+    assert 9 <= len(from_client) <= 10
+    assert len(from_server) == len(from_client)
+    for sent, answered in zip(from_client, from_server, strict=True):
+        assert answered == pytest.approx(sent + 0.005)
+    assert from_client[0] - start <= 15.0
+
+
+def test_a_stream_opened_after_a_long_silence_gets_its_whole_negotiation_time() -> None:
+    # 14 s without a datagram or a timer: the tunnel's last notion of "now" is that old.
+    sim = connected(link=Link(delay=0.005))
+    sim.run_for(14.0)
+    stream_id = open_stream(sim, sim.client)
+    assert sim.client_app.of_type(StreamAccepted)[-1] == StreamAccepted(stream_id=stream_id)
+
+
+def test_the_aggregator_keeps_a_tunnel_to_a_silent_client_open() -> None:
+    # A client that never pings (snocat 0.8 need not): the aggregator's fallback does.
     sim = connected(keepalive_interval=None)
+    sim.run_for(75.0)
+    assert sim.client_app.closed is None and sim.server_app.closed is None
+
+
+def test_the_keepalive_follows_the_shorter_idle_timeout_of_the_peer() -> None:
+    # The aggregator allows 8 s of silence: the client's 15 s setting must shrink.
+    sim = connected(server_keepalive_interval=None, server_idle_timeout=8.0)
+    sim.run_for(60.0)
+    assert sim.client_app.closed is None and sim.server_app.closed is None
+
+
+def test_without_keepalive_an_idle_tunnel_times_out() -> None:
+    sim = connected(keepalive_interval=None, server_keepalive_interval=None)
     idle_since = sim.now
     sim.run_until(lambda: closed_both(sim), timeout=60)
     found = sim.client_app.first(TunnelClosed)
