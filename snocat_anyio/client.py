@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -90,7 +91,13 @@ from .observe import ActivityFeed
 from .relay import relay
 from .stream import TunnelStream
 
-__all__ = ["ClientConfig", "TunnelClient", "check_pinned_certificate", "connect_target"]
+__all__ = [
+    "ClientConfig",
+    "TunnelClient",
+    "check_pinned_certificate",
+    "connect_address",
+    "connect_target",
+]
 
 P = ParamSpec("P")
 logger = logging.getLogger("snocat.client")
@@ -535,8 +542,16 @@ class TunnelClient(ClientEvents[_Session, TunnelStream]):
 
 
 async def connect_target(target: ProxyTcpTarget) -> anyio.abc.SocketStream:
-    """A TCP connection to ``target`` with TCP_NODELAY; DNS4/DNS6 restrict the family."""
+    """A TCP connection to ``target`` with TCP_NODELAY; DNS4/DNS6 restrict the family.
+
+    An IP address (an IP4/IP6 target, or each address a DNS4/DNS6 name resolves to)
+    is dialled directly by :func:`connect_address`; only names go through
+    ``anyio.connect_tcp``, for its happy eyeballs across both families."""
     host, port = target.connect_host(), target.port
+    if target.kind is TargetKind.IP4:
+        return await connect_address(socket.AF_INET, host, port)
+    if target.kind is TargetKind.IP6:
+        return await connect_address(socket.AF_INET6, host, port)
     if target.kind in (TargetKind.DNS4, TargetKind.DNS6):
         family = socket.AF_INET if target.kind is TargetKind.DNS4 else socket.AF_INET6
         infos = await anyio.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
@@ -545,19 +560,41 @@ async def connect_target(target: ProxyTcpTarget) -> anyio.abc.SocketStream:
         )
         for *_, sockaddr in infos:
             try:
-                tcp = await anyio.connect_tcp(str(sockaddr[0]), port)
+                return await connect_address(family, str(sockaddr[0]), port)
             except OSError as exc:
                 error = exc
-                continue
-            break
-        else:
-            raise error
-    else:
-        tcp = await anyio.connect_tcp(host, port)
+        raise error
+    tcp = await anyio.connect_tcp(host, port)
     raw = tcp.extra(SocketAttribute.raw_socket)
     if raw.family in (socket.AF_INET, socket.AF_INET6):
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return tcp
+
+
+async def connect_address(
+    family: socket.AddressFamily, host: str, port: int
+) -> anyio.abc.SocketStream:
+    """A TCP connection (with TCP_NODELAY) to the IP address ``host``, on the event loop.
+
+    ``anyio.connect_tcp`` resolves no IP literal either, but it runs happy eyeballs
+    (a task group, a task, an event, a timeout) even for one address; dialling a
+    non-blocking socket here costs about half as much per stream.  A failure raises
+    the connect's own ``OSError`` (``ConnectionRefusedError``, ...)."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.connect((host, port))
+        except (BlockingIOError, InterruptedError):  # the handshake is under way
+            await anyio.wait_writable(sock)
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                raise OSError(code, os.strerror(code)) from None
+        return await anyio.abc.SocketStream.from_socket(sock)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _full_sockaddr(family: int, sockaddr: tuple[str, int]) -> NetworkAddress:
