@@ -88,7 +88,7 @@ from .errors import (
 )
 from .host import TunnelHost, bind_udp
 from .observe import ActivityFeed
-from .relay import relay
+from .relay import read_on_demand, relay
 from .stream import TunnelStream
 
 __all__ = [
@@ -546,7 +546,12 @@ async def connect_target(target: ProxyTcpTarget) -> anyio.abc.SocketStream:
 
     An IP address (an IP4/IP6 target, or each address a DNS4/DNS6 name resolves to)
     is dialled directly by :func:`connect_address`; only names go through
-    ``anyio.connect_tcp``, for its happy eyeballs across both families."""
+    ``anyio.connect_tcp``, for its happy eyeballs across both families.  The stream
+    reads only when asked (:func:`~snocat_anyio.relay.read_on_demand`)."""
+    return read_on_demand(await _dial(target))
+
+
+async def _dial(target: ProxyTcpTarget) -> anyio.abc.SocketStream:
     host, port = target.connect_host(), target.port
     if target.kind is TargetKind.IP4:
         return await connect_address(socket.AF_INET, host, port)

@@ -7,6 +7,7 @@ aborts the other.  Returns the byte counts, for the observability events.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import anyio
@@ -26,6 +27,23 @@ class RelayResult:
 
 
 _BROKEN = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+
+
+def read_on_demand(stream: anyio.abc.SocketStream) -> anyio.abc.SocketStream:
+    """Make ``stream`` read from its socket only while a ``receive()`` waits.
+
+    On asyncio, anyio's socket stream starts reading as soon as it is made and pauses
+    only after a ``receive()`` that had to wait; until then every chunk the peer sends
+    is queued.  A TCP client that sends at once (any upload) while the tunnel's far end
+    reads slowly keeps that queue from ever emptying: the aggregator took in a whole
+    gigabyte ahead of a slow target.  Paused here, the stream takes at most a chunk or
+    two per wait and the kernel's socket buffer pushes back on the sender.  trio's
+    streams read only inside ``receive()`` already.
+    """
+    transport = getattr(stream, "_transport", None)
+    if isinstance(transport, asyncio.ReadTransport) and transport.is_reading():
+        transport.pause_reading()
+    return stream
 
 
 async def _copy(

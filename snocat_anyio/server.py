@@ -70,7 +70,7 @@ from snocat_proto.tunnel import TunnelConnection, format_address
 from .errors import SnocatError, StreamRefusedError, TunnelClosedError
 from .host import TunnelHost, bind_udp
 from .observe import ActivityFeed
-from .relay import relay
+from .relay import read_on_demand, relay
 from .stream import TunnelStream
 
 __all__ = [
@@ -489,7 +489,7 @@ class TunnelServer(ServerEvents[_Session, TunnelStream]):
             client.setblocking(False)
             with contextlib.suppress(OSError):
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = await anyio.abc.SocketStream.from_socket(client)
+            conn = read_on_demand(await anyio.abc.SocketStream.from_socket(client))
             try:
                 stream = await self._open_on(session, address)
             except (StreamRefusedError, TunnelClosedError) as exc:

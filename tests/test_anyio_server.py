@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -544,6 +545,62 @@ async def test_forwarding_carries_megabytes_both_ways_with_half_close(
             assert closed.error is None
             [status] = server.tunnels()
             assert status.bytes_out >= len(upload) and status.bytes_in >= len(reply)
+
+
+async def test_a_fast_uploader_is_held_back_by_a_stalled_reader(server_identity: Any) -> None:
+    # The target side reads nothing until told: what the uploader gets rid of must be
+    # bounded by the windows and the kernel's socket buffers, not queued without end
+    # in the aggregator; afterwards every byte arrives, in order.
+    cap = 192 * 1024 * 1024
+    release = anyio.Event()
+    received = hashlib.sha256()
+    counted = [0]
+
+    async def stalled(stream: TunnelStream) -> None:
+        await release.wait()
+        async for chunk in stream:
+            received.update(chunk)
+            counted[0] += len(chunk)
+        await stream.send_eof()
+
+    # The uploader is another process, as a real client is: pushing from a thread of
+    # this one would take turns with the aggregator's event loop for the GIL.
+    script = """
+import hashlib, os, socket, sys
+port, cap = int(sys.argv[1]), int(sys.argv[2])
+sent, total, chunk = hashlib.sha256(), 0, os.urandom(256 * 1024)
+with socket.create_connection(("127.0.0.1", port)) as sock:
+    sock.settimeout(1.0)
+    while total < cap:
+        try:
+            n = sock.send(chunk)
+        except TimeoutError:
+            break  # held back for a whole second
+        sent.update(chunk[:n])
+        total += n
+    print(total, sent.hexdigest(), flush=True)
+    sock.shutdown(socket.SHUT_WR)
+    sock.settimeout(60)
+    assert sock.recv(1) == b""
+"""
+
+    async with running(server_identity) as server:
+        async with connect(server, server_identity, handler=stalled) as peer:
+            handle = await peer.request_port()
+            command = [sys.executable, "-c", script, str(handle.port), str(cap)]
+            async with await anyio.open_process(command) as uploader:
+                assert uploader.stdout is not None
+                with anyio.fail_after(60):
+                    line = b""
+                    while not line.endswith(b"\n"):  # blocked for 1 s, or the cap reached
+                        line += await uploader.stdout.receive()
+                    release.set()
+                    await uploader.wait()
+            pushed, digest = int(line.split()[0]), line.split()[1].decode()
+            assert pushed < 64 * 1024 * 1024, f"{pushed / 1e6:.0f} MB taken in ahead of the reader"
+            assert uploader.returncode == 0
+            assert counted[0] == pushed
+            assert received.hexdigest() == digest
 
 
 async def test_a_hundred_concurrent_connections_stay_intact(server_identity: Any) -> None:
