@@ -14,6 +14,7 @@ import datetime
 import hashlib
 import http.client
 import http.server
+import importlib.util
 import json
 import os
 import random
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import pytest
 
+from snocat_anyio import cli as snocat_cli
 from snocat_proto.certificates import fingerprint, generate_self_signed, load_certificate_chain
 
 HOST = "127.0.0.1"
@@ -636,6 +638,18 @@ def test_killed_client_releases_its_port(lab: Lab, website: Website) -> None:
     assert aggregator.process.wait_event("port_released")["port"] == port
 
 
+def test_keepalive_zero_on_both_sides_lets_an_idle_tunnel_time_out(
+    lab: Lab, website: Website
+) -> None:
+    # The options reach both ends: without pings, 3 s of silence end the tunnel.
+    aggregator = start_server(lab, "--keepalive", "0", idle_timeout=3)
+    client = start_client(lab, aggregator, website.port, "--keepalive", "0")
+    public_port(client)
+    closed = aggregator.process.wait_event("tunnel_closed", timeout=15)
+    assert closed["name"] == "alpha"
+    assert "idle" in str(closed["reason"]).lower()
+
+
 def test_client_reconnects_to_a_restarted_server(lab: Lab, website: Website) -> None:
     aggregator = start_server(lab)
     client = start_client(lab, aggregator, website.port, "--json")
@@ -905,3 +919,47 @@ def test_client_signalled_while_connecting_stops(lab: Lab, website: Website) -> 
         client = start_client(lab, aggregator, website.port)
         client.wait_line("connecting to")
         assert client.stop(signum) < 10
+
+
+# The event loop (--loop, $SNOCAT_LOOP) -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("backend", "loop", "installed", "expected"),
+    [
+        # auto: asyncio's own loop, installed uvloop or not (uvloop measured slower).
+        ("asyncio", "auto", True, {"use_uvloop": False}),
+        ("asyncio", "auto", False, {"use_uvloop": False}),
+        ("asyncio", "asyncio", True, {"use_uvloop": False}),
+        ("asyncio", "uvloop", True, {"use_uvloop": True}),
+        # trio has its own loop: --loop does not apply.
+        ("trio", "auto", True, {}),
+        ("trio", "uvloop", False, {}),
+    ],
+)
+def test_the_loop_choice(backend: str, loop: str, installed: bool, expected: object) -> None:
+    assert snocat_cli.AUTO_PREFERS_UVLOOP is False
+    assert snocat_cli.run_options(backend, loop, uvloop_installed=installed) == expected
+
+
+def test_auto_takes_uvloop_only_if_preferred_and_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(snocat_cli, "AUTO_PREFERS_UVLOOP", True)
+    cases = [("auto", True, True), ("auto", False, False), ("asyncio", True, False)]
+    for loop, installed, uses_uvloop in cases:
+        options = snocat_cli.run_options("asyncio", loop, uvloop_installed=installed)
+        assert options == {"use_uvloop": uses_uvloop}, (loop, installed)
+
+
+def test_uvloop_asked_for_but_missing_is_a_usage_error() -> None:
+    with pytest.raises(snocat_cli.UsageProblem, match=r"snocat\[fast\]"):
+        snocat_cli.run_options("asyncio", "uvloop", uvloop_installed=False)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("uvloop") is not None, reason="uvloop is installed here"
+)
+def test_loop_uvloop_without_uvloop_is_one_line(lab: Lab) -> None:
+    result = lab.run(*_client_args(lab, "--loop", "uvloop"))
+    assert "uvloop is not installed" in assert_one_line_error(result, 2)
+    result = lab.run(*_client_args(lab), env={"SNOCAT_LOOP": "uvloop"})
+    assert "uvloop is not installed" in assert_one_line_error(result, 2)
