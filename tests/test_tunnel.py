@@ -916,7 +916,8 @@ def test_an_idle_tunnel_costs_one_ping_and_its_ack_per_client_interval() -> None
     from_client = [t for t, source, _ in sim.sent_log if source == CLIENT_ADDR]
     from_server = [t for t, source, _ in sim.sent_log if source == SERVER_ADDR]
     # The client pings every 15 s of silence (+ a round trip); the aggregator, whose
-    # own fallback is 20 s, only ever answers, at once rather than after an ACK delay.
+    # own fallback is 20 s here (2/3 of 30), only ever answers, at once rather than
+    # after an ACK delay.
     assert 9 <= len(from_client) <= 10
     assert len(from_server) == len(from_client)
     for sent, answered in zip(from_client, from_server, strict=True):
