@@ -62,7 +62,7 @@ from snocat_proto.tunnel import CONNECT_KEEPALIVE_INTERVAL, LISTEN_KEEPALIVE_INT
 
 from .client import ClientConfig, TunnelClient
 from .errors import AuthenticationError, ConnectError, SnocatError
-from .observe import ActivityFeed
+from .observe import Subscription
 from .server import ServerConfig, TunnelServer
 
 logger = logging.getLogger("snocat")
@@ -189,13 +189,16 @@ def _setup_logging(level: str) -> None:
 
 
 async def _report(
-    feed: ActivityFeed,
+    subscription: Subscription,
     *,
     json_mode: bool,
     on_record: Callable[[activity.Activity], None] | None = None,
 ) -> None:
-    """Print every activity record: JSON lines on stdout, or log lines on stderr."""
-    with feed.subscribe() as subscription:
+    """Print every activity record: JSON lines on stdout, or log lines on stderr.
+
+    The caller subscribes before starting the server or client: a task started
+    with ``start_soon`` may run after the first records (trio picks the order)."""
+    with subscription:
         async for record in subscription:
             if json_mode:
                 sys.stdout.write(json.dumps(record.to_dict(), default=list) + "\n")
@@ -711,7 +714,9 @@ def server(
         serving = anyio.CancelScope()
         async with anyio.create_task_group() as tg:
             await tg.start(_until_signalled, serving)
-            tg.start_soon(functools.partial(_report, server.activity, json_mode=json_mode))
+            tg.start_soon(
+                functools.partial(_report, server.activity.subscribe(), json_mode=json_mode)
+            )
             try:
                 await tg.start(server.serve)
             except OSError as exc:
@@ -914,7 +919,7 @@ def client(
             tg.start_soon(
                 functools.partial(
                     _report,
-                    tunnel_client.activity,
+                    tunnel_client.activity.subscribe(),
                     json_mode=json_mode,
                     on_record=None if json_mode else show,
                 )
@@ -991,7 +996,9 @@ def demo(
         tunnel_server = TunnelServer(server_config)
         console = _console(stderr=json_mode)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(functools.partial(_report, tunnel_server.activity, json_mode=json_mode))
+            tg.start_soon(
+                functools.partial(_report, tunnel_server.activity.subscribe(), json_mode=json_mode)
+            )
             await tg.start(tunnel_server.serve)
             host, port = tunnel_server.quic_address
             client_config = ClientConfig(
