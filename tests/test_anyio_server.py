@@ -584,23 +584,25 @@ with socket.create_connection(("127.0.0.1", port)) as sock:
     assert sock.recv(1) == b""
 """
 
-    async with running(server_identity) as server:
-        async with connect(server, server_identity, handler=stalled) as peer:
-            handle = await peer.request_port()
-            command = [sys.executable, "-c", script, str(handle.port), str(cap)]
-            async with await anyio.open_process(command) as uploader:
-                assert uploader.stdout is not None
-                with anyio.fail_after(60):
-                    line = b""
-                    while not line.endswith(b"\n"):  # blocked for 1 s, or the cap reached
-                        line += await uploader.stdout.receive()
-                    release.set()
-                    await uploader.wait()
-            pushed, digest = int(line.split()[0]), line.split()[1].decode()
-            assert pushed < 64 * 1024 * 1024, f"{pushed / 1e6:.0f} MB taken in ahead of the reader"
-            assert uploader.returncode == 0
-            assert counted[0] == pushed
-            assert received.hexdigest() == digest
+    async with (
+        running(server_identity) as server,
+        connect(server, server_identity, handler=stalled) as peer,
+    ):
+        handle = await peer.request_port()
+        command = [sys.executable, "-c", script, str(handle.port), str(cap)]
+        async with await anyio.open_process(command) as uploader:
+            assert uploader.stdout is not None
+            with anyio.fail_after(60):
+                line = b""
+                while not line.endswith(b"\n"):  # blocked for 1 s, or the cap reached
+                    line += await uploader.stdout.receive()
+                release.set()
+                await uploader.wait()
+        pushed, digest = int(line.split()[0]), line.split()[1].decode()
+        assert pushed < 64 * 1024 * 1024, f"{pushed / 1e6:.0f} MB taken in ahead of the reader"
+        assert uploader.returncode == 0
+        assert counted[0] == pushed
+        assert received.hexdigest() == digest
 
 
 async def test_a_hundred_concurrent_connections_stay_intact(server_identity: Any) -> None:
