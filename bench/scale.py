@@ -1,12 +1,15 @@
 """Scale: N idle authenticated tunnels on one ``snocat server`` process.
 
-    python -m bench.scale [--tunnels 100,1000,10000] [--window 64] [--idle 10]
+    python -m bench.scale [--tunnels 100,1000,10000] [--window 64] [--idle 30]
+                          [--keepalive 15] [--idle-timeout 30]
 
 A driver in this process plays N clients with the sans-IO core (one UDP socket,
 datagrams routed to tunnels by connection ID, ``--window`` handshakes in flight),
 each with its own token.  Reported: tunnels established per second, the server's
 CPU time per handshake (Retry, TLS, token authentication), its RSS growth per
-tunnel, and its CPU while the N tunnels sit idle (keep-alives only) for ``--idle`` s.
+tunnel, and its CPU and datagrams while the N tunnels sit idle (keep-alives only) for
+``--idle`` s.  The clients ping after ``--keepalive`` s without hearing from the server
+(the client default); ``--idle-timeout`` is given to both ends.
 The driver shares the machine's two cores with the server, so the rate is a floor.
 """
 
@@ -47,11 +50,20 @@ from snocat_proto.tunnel import CONNECT_KEEPALIVE_INTERVAL, TunnelConnection
 class Driver:
     """Many Connect-side tunnels over one UDP socket."""
 
-    def __init__(self, server: tuple[str, int], authority: bytes, tokens: dict[str, bytes]):
+    def __init__(
+        self,
+        server: tuple[str, int],
+        authority: bytes,
+        tokens: dict[str, bytes],
+        *,
+        keepalive: float,
+        idle_timeout: float,
+    ):
         self.server = server
         self.limits = Limits()
+        self.keepalive = keepalive
         self.configuration = quic_configuration(
-            is_client=True, limits=self.limits, server_name="localhost"
+            is_client=True, limits=self.limits, server_name="localhost", idle_timeout=idle_timeout
         )
         install_trust(self.configuration, authority_pem=authority, pinned=None)
         self.tokens = list(tokens.items())
@@ -71,6 +83,9 @@ class Driver:
         self.opened = 0
         self.authenticated: list[TunnelConnection] = []
         self.failed = 0
+        #: Datagrams the server received from / sent to the driver.
+        self.to_server = 0
+        self.from_server = 0
 
     def open(self, index: int) -> None:
         name, secret = self.tokens[index]
@@ -83,7 +98,7 @@ class Driver:
             ),
             limits=self.limits,
             now=now,
-            keepalive_interval=CONNECT_KEEPALIVE_INTERVAL,
+            keepalive_interval=self.keepalive,
         )
         self.by_cid[tunnel.engine.host_cid] = tunnel
         self.pending[tunnel] = index
@@ -107,6 +122,7 @@ class Driver:
         for data, addr in tunnel.datagrams_to_send(now):
             with contextlib.suppress(BlockingIOError):  # lost: QUIC retransmits
                 self.sock.sendto(data, addr)
+                self.to_server += 1
         timer = tunnel.get_timer()
         if timer != self.deadlines.get(tunnel):
             self.deadlines[tunnel] = timer
@@ -125,6 +141,7 @@ class Driver:
             for _ in range(256):
                 try:
                     data, addr = self.sock.recvfrom(65535)
+                    self.from_server += 1
                 except BlockingIOError:
                     break
                 header = parse_packet_header(data, cid_length=8)
@@ -169,7 +186,15 @@ class Driver:
             self.step(min(0.05, max(0.0, end - time.monotonic())))
 
 
-def run(directory: Path, steps: list[int], window: int, idle: float) -> list[list[object]]:
+def run(
+    directory: Path,
+    steps: list[int],
+    window: int,
+    idle: float,
+    *,
+    keepalive: float,
+    idle_timeout: float,
+) -> list[list[object]]:
     creds = make_credentials(directory, [f"t{i}" for i in range(max(steps))])
     quic_port = free_port(socket.SOCK_DGRAM)
     first, last = free_port_range(2)
@@ -181,6 +206,7 @@ def run(directory: Path, steps: list[int], window: int, idle: float) -> list[lis
         "--quic", f"{HOST}:{quic_port}",
         "--ports", f"{first}:{last}",
         "--max-tunnels", str(max(steps) + 10),
+        "--idle-timeout", str(idle_timeout),
         "--log-level", "warning",
         "--json",
     )  # fmt: skip
@@ -192,6 +218,8 @@ def run(directory: Path, steps: list[int], window: int, idle: float) -> list[lis
             (HOST, quic_port),
             creds.certificate.read_bytes(),
             parse_tokens(creds.tokens.read_text()),
+            keepalive=keepalive,
+            idle_timeout=idle_timeout,
         )
         time.sleep(0.5)
         base_rss = rss_bytes(server.pid)
@@ -203,8 +231,10 @@ def run(directory: Path, steps: list[int], window: int, idle: float) -> list[lis
             driver.run_for(1.0)  # let the last tunnels settle
             rss = rss_bytes(server.pid)
             cpu_before = cpu_seconds(server.pid)
+            datagrams_before = driver.to_server + driver.from_server
             driver.run_for(idle)
             idle_cpu = (cpu_seconds(server.pid) - cpu_before) / idle
+            datagrams = driver.to_server + driver.from_server - datagrams_before
             _check_alive(server)
             rows.append([
                 step,
@@ -213,6 +243,7 @@ def run(directory: Path, steps: list[int], window: int, idle: float) -> list[lis
                 f"{handshake_cpu * 1e3:.1f}",
                 f"{rss / 1e6:.0f}",
                 f"{(rss - base_rss) / step / 1e3:.1f}",
+                f"{datagrams / idle:.0f}",
                 f"{idle_cpu * 100:.1f}",
             ])  # fmt: skip
             previous = step
@@ -229,12 +260,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tunnels", default="100,1000,10000")
     parser.add_argument("--window", type=int, default=64)
-    parser.add_argument("--idle", type=float, default=10.0)
+    parser.add_argument("--idle", type=float, default=30.0, help="seconds idle per step")
+    parser.add_argument("--keepalive", type=float, default=CONNECT_KEEPALIVE_INTERVAL)
+    parser.add_argument("--idle-timeout", type=float, default=30.0)
     args = parser.parse_args()
     steps = sorted(int(n) for n in args.tunnels.split(","))
     with scratch_directory() as directory:
-        rows = run(directory, steps, args.window, args.idle)
-    print("\n## Idle authenticated tunnels on one server process\n")
+        rows = run(
+            directory,
+            steps,
+            args.window,
+            args.idle,
+            keepalive=args.keepalive,
+            idle_timeout=args.idle_timeout,
+        )
+    print(
+        f"\n## Idle authenticated tunnels on one server process "
+        f"(client keep-alive {args.keepalive:g} s, idle timeout {args.idle_timeout:g} s)\n"
+    )
     print(
         table(
             [
@@ -244,6 +287,7 @@ def main() -> None:
                 "server CPU ms/handshake",
                 "server RSS MB",
                 "RSS kB/tunnel",
+                "idle datagrams/s",
                 "idle server CPU %",
             ],
             rows,
