@@ -338,10 +338,10 @@ class LossyRelay:
             while True:
                 try:
                     data, client = self.front.recvfrom(65535)
-                except (BlockingIOError, InterruptedError):
-                    break
                 except OSError:
-                    continue
+                    # Nothing left, an ICMP error, or a socket closed under us: wait
+                    # again (``continue`` here spun forever on a closed socket).
+                    break
                 entry = self._upstream.get(client)
                 sock = entry[0] if entry is not None else self._open_upstream(client)
                 self._schedule(sock, data, self.server)
@@ -356,10 +356,8 @@ class LossyRelay:
                 while True:
                     try:
                         data, _ = sock.recvfrom(65535)
-                    except (BlockingIOError, InterruptedError):
-                        break
                     except OSError:
-                        continue
+                        break  # as in _front_loop
                     counts = self.stats.from_server_by_port
                     counts[port] = counts.get(port, 0) + 1
                     self._schedule(self.front, data, client)
