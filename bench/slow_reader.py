@@ -46,6 +46,7 @@ from bench.common import (
     PATTERN,
     UPLOAD,
     SnocatPair,
+    Target,
     pattern_digest,
     rss_bytes,
     scratch_directory,
@@ -180,7 +181,7 @@ def read_exactly(
     return bytes(data)
 
 
-class SlowTarget:
+class SlowTarget(Target):
     """The TCP service behind the client, one connection at a time.
 
     Each connection starts with ``HEADER`` (mode, size).  ``U``: read to EOF as
@@ -189,29 +190,15 @@ class SlowTarget:
     connects; what goes wrong is kept in :attr:`errors`."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server((HOST, 0))
-        self.port = int(self.sock.getsockname()[1])
         self.plan = Plan(size=0)
         self.progress = Progress()
-        self.errors: list[BaseException] = []
         self.served = threading.Event()
-        threading.Thread(target=self._accept_loop, daemon=True).start()
-
-    def close(self) -> None:
-        self.sock.close()
+        super().__init__()
 
     def expect(self, plan: Plan, progress: Progress) -> None:
         self.plan, self.progress = plan, progress
         self.errors.clear()
         self.served.clear()
-
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
         plan, progress = self.plan, self.progress
