@@ -313,8 +313,8 @@ def _run(main: Callable[[], Awaitable[None]], backend: str, loop: str) -> None:
 
 
 #: Whether ``--loop auto`` takes uvloop when it is installed.  Not now: measured on
-#: the tunnel (bench.throughput, 1200 B datagrams), uvloop cost 30-50 % more CPU per
-#: MB and moved fewer MB/s than asyncio's own loop, and opened streams no faster.
+#: the tunnel (docs/performance.md, table (g)), uvloop cost 1.1-2x the CPU per MB of
+#: asyncio's own loop, moved fewer MB/s and opened streams no faster.
 AUTO_PREFERS_UVLOOP = False
 
 

@@ -50,14 +50,16 @@ CONNECT_KEEPALIVE_INTERVAL = 15.0
 #: loss-detection timer per PING).  Capped at 2/3 of the idle timeout, this is 20 s
 #: with the default 30 s, and stays behind a client that pings every 25 s of 60.
 LISTEN_KEEPALIVE_INTERVAL = 40.0
-#: The longest silence a keep-alive waits for, as a share of the idle timeout both ends
-#: agreed on: the PING must arrive, or be retransmitted, before the peer gives up.
-_KEEPALIVE_SHARE = {"connect": 1 / 2, "listen": 2 / 3}
 
 
 class Role(Enum):
     LISTEN = "listen"  # accepted the QUIC connection (the aggregator)
     CONNECT = "connect"  # dialed it (the client)
+
+
+#: The longest silence a keep-alive waits for, as a share of the idle timeout both ends
+#: agreed on: the PING must arrive, or be retransmitted, before the peer gives up.
+_KEEPALIVE_SHARE = {Role.CONNECT: 1 / 2, Role.LISTEN: 2 / 3}
 
 
 class TunnelState(Enum):
@@ -625,7 +627,7 @@ class TunnelConnection:
         self._name = name
         self._auth_deadline = None
         if self._keepalive_setting is not None:
-            share = _KEEPALIVE_SHARE[self._role.value]
+            share = _KEEPALIVE_SHARE[self._role]
             self._keepalive_interval = min(self._keepalive_setting, share * self._quic.idle_timeout)
             self._keepalive_at = self._now + self._keepalive_interval
         # The channel is done: FIN our side, stop the peer's if it is still open.
