@@ -78,6 +78,7 @@ from snocat_proto.proxyme import ProxymeClient, ProxymeRequest
 from snocat_proto.settings import ClientConfig
 from snocat_proto.targets import ProxyTcpTarget, TargetKind
 from snocat_proto.tunnel import TunnelConnection, TunnelState, format_address
+from snocat_sync.udp import bind_udp
 
 from .errors import (
     AuthenticationError,
@@ -86,7 +87,7 @@ from .errors import (
     StreamRefusedError,
     TunnelClosedError,
 )
-from .host import TunnelHost, bind_udp
+from .host import TunnelHost
 from .observe import ActivityFeed
 from .relay import read_on_demand, relay
 from .stream import TunnelStream

@@ -10,7 +10,6 @@ datagram, which QUIC recovers like any other.
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import socket
@@ -21,6 +20,7 @@ import anyio.abc
 
 from snocat_proto.address import RouteAddress
 from snocat_proto.client_endpoint import Endpoint
+from snocat_proto.engine import NetworkAddress
 from snocat_proto.events import (
     STREAM_EVENTS,
     DataReceived,
@@ -29,30 +29,14 @@ from snocat_proto.events import (
     TunnelEvent,
 )
 from snocat_proto.tunnel import TunnelConnection
+from snocat_sync.udp import receive_batch, send_datagrams
 
 from .stream import TunnelStream
 
 logger = logging.getLogger("snocat.host")
 
-#: Datagrams read per wake-up before the core's output is flushed.
-RECEIVE_BATCH = 64
-MAX_DATAGRAM = 65535
-
 #: Called with every tunnel-level event; for StreamRequested the new stream comes along.
 EventHandler = Callable[[TunnelConnection, TunnelEvent, TunnelStream | None], None]
-
-
-def bind_udp(host: str, port: int) -> socket.socket:
-    """A non-blocking UDP socket bound to ``host:port`` (IPv4 or IPv6)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        sock.setblocking(False)
-        sock.bind((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 class TunnelHost:
@@ -152,17 +136,7 @@ class TunnelHost:
         sock = self.sock
         while True:
             await anyio.wait_readable(sock)
-            now = anyio.current_time()
-            for _ in range(RECEIVE_BATCH):
-                try:
-                    data, addr = sock.recvfrom(MAX_DATAGRAM)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as exc:
-                    # ICMP errors (port unreachable) surface here on some systems.
-                    logger.debug("UDP receive error: %s", exc)
-                    continue
-                self.endpoint.receive_datagram(data, addr, now)
+            receive_batch(sock, self.endpoint.receive_datagram, anyio.current_time())
             self.flush()
 
     async def _timer_loop(self) -> None:
@@ -181,17 +155,8 @@ class TunnelHost:
             self._timer_at = None  # force re-arming even at the same deadline
             self.flush()
 
-    def _send(self, datagrams: list[tuple[bytes, tuple[str, int]]]) -> None:
-        sock = self.sock
-        for data, addr in datagrams:
-            try:
-                sock.sendto(data, addr)
-            except (BlockingIOError, InterruptedError):
-                self.datagrams_dropped += 1
-            except OSError as exc:
-                if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                    logger.warning("UDP send to %s failed: %s", addr, exc)
-                self.datagrams_dropped += 1
+    def _send(self, datagrams: list[tuple[bytes, NetworkAddress]]) -> None:
+        self.datagrams_dropped += send_datagrams(self.sock, datagrams)
 
     def _dispatch(self, tunnel: TunnelConnection, event: TunnelEvent) -> None:
         if isinstance(event, STREAM_EVENTS):

@@ -66,9 +66,10 @@ from snocat_proto.proxyme import (
 from snocat_proto.server_events import ServerEvents
 from snocat_proto.settings import ServerConfig
 from snocat_proto.tunnel import TunnelConnection, format_address
+from snocat_sync.udp import bind_udp
 
 from .errors import SnocatError, StreamRefusedError, TunnelClosedError
-from .host import TunnelHost, bind_udp
+from .host import TunnelHost
 from .observe import ActivityFeed
 from .relay import read_on_demand, relay
 from .stream import TunnelStream

@@ -64,11 +64,12 @@ from .errors import (
     StreamRefusedError,
     TunnelClosedError,
 )
-from .host import SyncHost, bind_udp
+from .host import SyncHost
 from .observe import ActivityFeed
 from .relay import relay
 from .stream import TunnelStream
 from .threads import ThreadGroup
+from .udp import bind_udp
 
 __all__ = ["ClientConfig", "TunnelClient", "connect_target"]
 

@@ -17,7 +17,6 @@ Other sockets (a server's public TCP listeners) can be watched by the same pump
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import logging
 import selectors
@@ -40,30 +39,15 @@ from snocat_proto.events import (
 from snocat_proto.tunnel import TunnelConnection
 
 from .stream import TunnelStream
+from .udp import receive_batch, send_datagrams
 
 logger = logging.getLogger("snocat.sync.host")
 
-#: Datagrams read per wake-up before the core's output is flushed.
-RECEIVE_BATCH = 64
-MAX_DATAGRAM = 65535
 #: How long :meth:`SyncHost.stop` waits for the pump thread.
 STOP_TIMEOUT = 5.0
 
 #: Called with every tunnel-level event; for StreamRequested the new stream comes along.
 EventHandler = Callable[[TunnelConnection, TunnelEvent, TunnelStream | None], None]
-
-
-def bind_udp(host: str, port: int) -> socket.socket:
-    """A non-blocking UDP socket bound to ``host:port`` (IPv4 or IPv6)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        sock.setblocking(False)
-        sock.bind((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 class SyncHost:
@@ -297,17 +281,7 @@ class SyncHost:
     def _receive(self) -> None:
         sock = self.sock
         with self.lock:
-            now = time.monotonic()
-            for _ in range(RECEIVE_BATCH):
-                try:
-                    data, addr = sock.recvfrom(MAX_DATAGRAM)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as exc:
-                    # ICMP errors (port unreachable) surface here on some systems.
-                    logger.debug("UDP receive error: %s", exc)
-                    continue
-                self.endpoint.receive_datagram(data, addr, now)
+            receive_batch(sock, self.endpoint.receive_datagram, time.monotonic())
             self.flush()
 
     def _drain_wake(self) -> None:
@@ -331,16 +305,7 @@ class SyncHost:
         self._wake_w.close()
 
     def _send(self, datagrams: list[tuple[bytes, NetworkAddress]]) -> None:
-        sock = self.sock
-        for data, addr in datagrams:
-            try:
-                sock.sendto(data, addr)
-            except (BlockingIOError, InterruptedError):
-                self.datagrams_dropped += 1
-            except OSError as exc:
-                if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                    logger.warning("UDP send to %s failed: %s", addr, exc)
-                self.datagrams_dropped += 1
+        self.datagrams_dropped += send_datagrams(self.sock, datagrams)
 
     def _dispatch(self, tunnel: TunnelConnection, event: TunnelEvent) -> None:
         if isinstance(event, STREAM_EVENTS):

@@ -56,11 +56,12 @@ from snocat_proto.settings import ServerConfig
 from snocat_proto.tunnel import TunnelConnection, format_address
 
 from .errors import StreamRefusedError, TunnelClosedError, TunnelNotFoundError
-from .host import SyncHost, bind_udp
+from .host import SyncHost
 from .observe import ActivityFeed
 from .relay import relay
 from .stream import TunnelStream
 from .threads import ThreadGroup
+from .udp import bind_udp
 
 __all__ = [
     "RouteHandler",

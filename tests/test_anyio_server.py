@@ -24,7 +24,7 @@ import anyio.abc
 import pytest
 
 from snocat_anyio.errors import StreamRefusedError
-from snocat_anyio.host import TunnelHost, bind_udp
+from snocat_anyio.host import TunnelHost
 from snocat_anyio.server import (
     ServerConfig,
     TunnelNotFoundError,
@@ -57,6 +57,7 @@ from snocat_proto.proxyme import (
     Released,
 )
 from snocat_proto.tunnel import TunnelConnection, format_address
+from snocat_sync.udp import bind_udp
 
 pytestmark = pytest.mark.anyio
 

@@ -37,7 +37,7 @@ from netsim import RawStreams
 
 from fuzz.quic_harness import seal_initial
 from snocat_anyio.client import ClientConfig, TunnelClient, _port_of
-from snocat_anyio.host import TunnelHost, bind_udp
+from snocat_anyio.host import TunnelHost
 from snocat_anyio.server import ServerConfig, TunnelServer
 from snocat_anyio.stream import TunnelStream
 from snocat_proto import activity
@@ -51,6 +51,7 @@ from snocat_proto.events import TunnelAuthenticated, TunnelClosed, TunnelEvent
 from snocat_proto.ports import PortRange
 from snocat_proto.targets import ProxyTcpTarget
 from snocat_proto.tunnel import TunnelConnection
+from snocat_sync.udp import bind_udp
 
 pytestmark = pytest.mark.anyio
 

@@ -20,7 +20,7 @@ from netsim import CLIENT_ADDR, Simulation
 
 from fuzz.harnesses import HARNESSES
 from fuzz.quic_harness import seal_one_rtt
-from snocat_anyio.host import TunnelHost, bind_udp
+from snocat_anyio.host import TunnelHost
 from snocat_anyio.server import ServerConfig, TunnelServer
 from snocat_proto.address import RouteAddress
 from snocat_proto.auth import (
@@ -45,6 +45,7 @@ from snocat_proto.events import (
 from snocat_proto.framing import encode_frame
 from snocat_proto.negotiation import HEADER
 from snocat_proto.tunnel import TunnelConnection
+from snocat_sync.udp import bind_udp
 
 CORPUS = Path(__file__).resolve().parent.parent / "fuzz" / "corpus"
 STOP_SENDING = 0x05
