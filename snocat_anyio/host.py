@@ -22,12 +22,10 @@ from snocat_proto.address import RouteAddress
 from snocat_proto.client_endpoint import Endpoint
 from snocat_proto.engine import NetworkAddress
 from snocat_proto.events import (
-    STREAM_EVENTS,
-    DataReceived,
     StreamRequested,
-    TunnelClosed,
     TunnelEvent,
 )
+from snocat_proto.stream_table import StreamTable
 from snocat_proto.tunnel import TunnelConnection
 from snocat_sync.udp import receive_batch, send_datagrams
 
@@ -46,7 +44,7 @@ class TunnelHost:
         self.endpoint = endpoint
         self.sock = sock
         self._on_event = on_event
-        self._streams: dict[tuple[TunnelConnection, int], TunnelStream] = {}
+        self._streams: StreamTable[TunnelStream] = StreamTable()
         self._timer_at: float | None = None
         self._timer_changed = anyio.Event()
         self._flushing = False
@@ -92,12 +90,12 @@ class TunnelHost:
         self.flush(stream.tunnel)
 
     def streams_of(self, tunnel: TunnelConnection) -> list[TunnelStream]:
-        return [s for (t, _), s in self._streams.items() if t is tunnel]
+        return self._streams.of(tunnel)
 
     def is_active(self, stream: TunnelStream) -> bool:
         """Whether ``stream`` still gets events (not closed, reset, refused or orphaned):
         once it does not, its byte counts are final."""
-        return self._streams.get((stream.tunnel, stream.stream_id)) is stream
+        return self._streams.holds(stream)
 
     # The pump ----------------------------------------------------------------
 
@@ -159,21 +157,11 @@ class TunnelHost:
         self.datagrams_dropped += send_datagrams(self.sock, datagrams)
 
     def _dispatch(self, tunnel: TunnelConnection, event: TunnelEvent) -> None:
-        if isinstance(event, STREAM_EVENTS):
-            stream = self._streams.get((tunnel, event.stream_id))
-            if stream is not None:
-                stream.on_event(event)
-            elif isinstance(event, DataReceived):
-                # Nobody will read it (the stream was closed locally): return the credit.
-                tunnel.acknowledge_received_data(event.stream_id, len(event.data))
+        if self._streams.deliver(tunnel, event):
             return
         new_stream = None
         if isinstance(event, StreamRequested):
             new_stream = self._new_stream(tunnel, event.stream_id, event.address, accepted=True)
-        elif isinstance(event, TunnelClosed):
-            for stream in self.streams_of(tunnel):
-                stream.on_tunnel_closed(event.code, event.reason)
-                self._forget(stream)
         self._on_event(tunnel, event, new_stream)
 
     def _new_stream(
@@ -187,8 +175,8 @@ class TunnelHost:
             forget=self._forget,
             accepted=accepted,
         )
-        self._streams[tunnel, stream_id] = stream
+        self._streams.add(stream)
         return stream
 
     def _forget(self, stream: TunnelStream) -> None:
-        self._streams.pop((stream.tunnel, stream.stream_id), None)
+        self._streams.forget(stream)

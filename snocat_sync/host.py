@@ -30,12 +30,10 @@ from snocat_proto.address import RouteAddress
 from snocat_proto.client_endpoint import Endpoint
 from snocat_proto.engine import NetworkAddress
 from snocat_proto.events import (
-    STREAM_EVENTS,
-    DataReceived,
     StreamRequested,
-    TunnelClosed,
     TunnelEvent,
 )
+from snocat_proto.stream_table import StreamTable
 from snocat_proto.tunnel import TunnelConnection
 
 from .stream import TunnelStream
@@ -68,7 +66,7 @@ class SyncHost:
         self.lock = lock if lock is not None else threading.RLock()
         self._on_event = on_event
         self._name = name
-        self._streams: dict[tuple[TunnelConnection, int], TunnelStream] = {}
+        self._streams: StreamTable[TunnelStream] = StreamTable()
         self._timer_at: float | None = None
         self._flushing = False
         self._flush_again = False
@@ -197,7 +195,7 @@ class SyncHost:
 
     def streams_of(self, tunnel: TunnelConnection) -> list[TunnelStream]:
         with self.lock:
-            return [s for (t, _), s in self._streams.items() if t is tunnel]
+            return self._streams.of(tunnel)
 
     # The pump ----------------------------------------------------------------
 
@@ -308,21 +306,11 @@ class SyncHost:
         self.datagrams_dropped += send_datagrams(self.sock, datagrams)
 
     def _dispatch(self, tunnel: TunnelConnection, event: TunnelEvent) -> None:
-        if isinstance(event, STREAM_EVENTS):
-            stream = self._streams.get((tunnel, event.stream_id))
-            if stream is not None:
-                stream.on_event(event)
-            elif isinstance(event, DataReceived):
-                # Nobody will read it (the stream was closed locally): return the credit.
-                tunnel.acknowledge_received_data(event.stream_id, len(event.data))
+        if self._streams.deliver(tunnel, event):
             return
         new_stream = None
         if isinstance(event, StreamRequested):
             new_stream = self._new_stream(tunnel, event.stream_id, event.address, accepted=True)
-        elif isinstance(event, TunnelClosed):
-            for stream in self.streams_of(tunnel):
-                stream.on_tunnel_closed(event.code, event.reason)
-                self._forget(stream)
         try:
             self._on_event(tunnel, event, new_stream)
         except Exception:
@@ -340,8 +328,8 @@ class SyncHost:
             forget=self._forget,
             accepted=accepted,
         )
-        self._streams[tunnel, stream_id] = stream
+        self._streams.add(stream)
         return stream
 
     def _forget(self, stream: TunnelStream) -> None:
-        self._streams.pop((stream.tunnel, stream.stream_id), None)
+        self._streams.forget(stream)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import random
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -22,7 +23,10 @@ from snocat_proto.certificates import (
 from snocat_proto.config import Limits
 from snocat_proto.engine import quic_configuration
 from snocat_proto.errors import LocalProtocolError
+from snocat_proto.events import DataReceived
+from snocat_proto.events import TunnelClosed as EventTunnelClosed
 from snocat_proto.proxyme import ProxymeRequest
+from snocat_proto.stream_table import StreamTable
 from snocat_proto.targets import ProxyTcpTarget
 from snocat_proto.tokens import format_tokens, parse_single_token, parse_tokens
 
@@ -147,3 +151,49 @@ def test_activity_records_serialise_to_json_lines() -> None:
         at=2, tunnel_id="t1", name=None, peer="p", code=0, reason="", by_peer=True
     )
     assert closed.to_dict()["event"] == "tunnel_closed"
+
+
+# StreamTable ---------------------------------------------------------------------
+
+
+class _Tunnel:
+    def __init__(self) -> None:
+        self.acknowledged: list[tuple[int, int]] = []
+
+    def acknowledge_received_data(self, stream_id: int, amount: int) -> None:
+        self.acknowledged.append((stream_id, amount))
+
+
+class _Stream:
+    def __init__(self, tunnel: _Tunnel, stream_id: int) -> None:
+        self.tunnel = tunnel
+        self.stream_id = stream_id
+        self.events: list[object] = []
+        self.closed: tuple[int, str] | None = None
+
+    def on_event(self, event: object) -> None:
+        self.events.append(event)
+
+    def on_tunnel_closed(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+
+def test_stream_table_routes_events_and_returns_credit_nobody_will_read() -> None:
+    tunnel, other = _Tunnel(), _Tunnel()
+    table: StreamTable[Any] = StreamTable()
+    mine, theirs = _Stream(tunnel, 0), _Stream(other, 0)
+    table.add(mine)
+    table.add(theirs)
+    assert table.deliver(tunnel, DataReceived(stream_id=0, data=b"abc"))  # type: ignore[arg-type]
+    assert mine.events == [DataReceived(stream_id=0, data=b"abc")] and theirs.events == []
+    table.forget(mine)
+    assert not table.holds(mine) and table.holds(theirs)
+    # Data for a stream the application let go of: its credit goes back at once.
+    assert table.deliver(tunnel, DataReceived(stream_id=0, data=b"late"))  # type: ignore[arg-type]
+    assert tunnel.acknowledged == [(0, 4)] and mine.events == [
+        DataReceived(stream_id=0, data=b"abc")
+    ]
+    # A tunnel event is the application's; a close also ends that tunnel's streams.
+    closed = EventTunnelClosed(code=1, reason="bye", by_peer=True, application=True)
+    assert not table.deliver(other, closed)  # type: ignore[arg-type]
+    assert theirs.closed == (1, "bye") and table.of(other) == []  # type: ignore[arg-type]
