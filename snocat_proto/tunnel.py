@@ -371,12 +371,10 @@ class TunnelConnection:
         """Accept a :class:`StreamRequested`; bytes that came early are delivered now.
 
         A no-op when the peer aborted the stream before the decision (it may not know)."""
-        stream = self._pending_decision(stream_id)
-        if stream is None:
+        pending = self._pending_decision(stream_id)
+        if pending is None:
             return
-        negotiation = stream.negotiation
-        if not isinstance(negotiation, AcceptorNegotiation):
-            raise LocalProtocolError(f"stream {stream_id} is not awaiting a decision")
+        stream, negotiation = pending
         self._transition(stream, StreamInput.APP_ACCEPTED)
         self._quic.send_stream_data(stream_id, negotiation.accept())
         self._buffers_changed()
@@ -391,12 +389,10 @@ class TunnelConnection:
         """Refuse a :class:`StreamRequested` (status 01, then the stream is dropped).
 
         A no-op when the peer aborted the stream before the decision."""
-        stream = self._pending_decision(stream_id)
-        if stream is None:
+        pending = self._pending_decision(stream_id)
+        if pending is None:
             return
-        negotiation = stream.negotiation
-        if not isinstance(negotiation, AcceptorNegotiation):
-            raise LocalProtocolError(f"stream {stream_id} is not awaiting a decision")
+        stream, negotiation = pending
         self._transition(stream, StreamInput.APP_REFUSED)
         self._quic.send_stream_data(stream_id, negotiation.refuse(), end_stream=True)
         stream.local_ended = True
@@ -844,14 +840,18 @@ class TunnelConnection:
         self._by_state[state][stream] = None
         stream.state = state
 
-    def _pending_decision(self, stream_id: int) -> _Stream | None:
-        """The stream a decision is for, or None if the peer aborted it meanwhile."""
+    def _pending_decision(self, stream_id: int) -> tuple[_Stream, AcceptorNegotiation] | None:
+        """The stream a decision is for and its negotiation, or None if the peer
+        aborted it meanwhile.  Raises for a stream that awaits no decision."""
         stream = self._streams.get(stream_id)
         if stream is None and self._quic.stream_was_discarded(stream_id):
             return None
         if stream is not None and stream.state is StreamState.DONE and not stream.we_opened:
             return None
-        return self._stream(stream_id)
+        stream = self._stream(stream_id)
+        if not isinstance(stream.negotiation, AcceptorNegotiation):
+            raise LocalProtocolError(f"stream {stream_id} is not awaiting a decision")
+        return stream, stream.negotiation
 
     def _stream(self, stream_id: int) -> _Stream:
         try:
