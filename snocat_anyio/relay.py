@@ -8,22 +8,16 @@ aborts the other.  Returns the byte counts, for the observability events.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 
 import anyio
 import anyio.abc
+
+from snocat_proto.notices import RelayResult
 
 from .stream import TunnelStream
 
 #: Read size of the copy loops: large reads keep per-call overhead down.
 COPY_CHUNK = 256 * 1024
-
-
-@dataclass(slots=True)
-class RelayResult:
-    sent_to_tunnel: int = 0
-    received_from_tunnel: int = 0
-    error: BaseException | None = None
 
 
 _BROKEN = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)

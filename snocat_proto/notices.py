@@ -24,7 +24,7 @@ __all__ = [
     "WARNING",
     "Counted",
     "Notice",
-    "Relayed",
+    "RelayResult",
     "Tunnel",
     "client_port_denied",
     "client_port_granted",
@@ -64,15 +64,14 @@ class Tunnel(Protocol):
     def name(self) -> str | None: ...
 
 
-class Relayed(Protocol):
-    """A relay's result, as both bindings' ``RelayResult`` have it."""
+@dataclass(slots=True)
+class RelayResult:
+    """What a binding's relay (tunnel stream <-> TCP socket) did: its byte counts,
+    and the error that ended it, if one did."""
 
-    @property
-    def sent_to_tunnel(self) -> int: ...
-    @property
-    def received_from_tunnel(self) -> int: ...
-    @property
-    def error(self) -> BaseException | None: ...
+    sent_to_tunnel: int = 0
+    received_from_tunnel: int = 0
+    error: BaseException | None = None
 
 
 class Counted(Protocol):
@@ -248,7 +247,7 @@ def relayed(
     tunnel_id: str,
     stream_id: int,
     address: object,
-    result: Relayed,
+    result: RelayResult,
     describe: Callable[[BaseException], str] = repr,
 ) -> Notice:
     """A relayed stream ended (:func:`stream_closed` with the relay's counts)."""
@@ -285,7 +284,7 @@ def listening(at: float, address: str) -> Notice:
 
 
 def client_relayed(
-    at: float, tunnel_id: str, stream_id: int, address: object, result: Relayed
+    at: float, tunnel_id: str, stream_id: int, address: object, result: RelayResult
 ) -> Notice:
     """The client's :func:`relayed`: errors are reported by :func:`error_message`."""
     return relayed(at, tunnel_id, stream_id, address, result, error_message)

@@ -12,19 +12,13 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from dataclasses import dataclass
+
+from snocat_proto.notices import RelayResult
 
 from .stream import TunnelStream
 
 #: Read size of the copy loops: large reads keep per-call overhead down.
 COPY_CHUNK = 256 * 1024
-
-
-@dataclass(slots=True)
-class RelayResult:
-    sent_to_tunnel: int = 0
-    received_from_tunnel: int = 0
-    error: BaseException | None = None
 
 
 def relay(stream: TunnelStream, sock: socket.socket) -> RelayResult:
