@@ -308,10 +308,14 @@ class LossyRelay:
             sock.close()
 
     def rebind(self) -> None:
-        """Move every client to a new upstream source port."""
-        for client, (old, scope) in list(self._upstream.items()):
+        """Move every client to a new upstream source port.
+
+        The old socket is closed by its own loop once the cancellation reaches it:
+        closing it here could hand that loop a closed socket to wait on (trio raises
+        ValueError for fd -1 when the loop was already scheduled to run).
+        """
+        for client, (_, scope) in list(self._upstream.items()):
             scope.cancel()
-            old.close()
             self._open_upstream(client)
 
     def _open_upstream(self, client: NetworkAddress) -> socket.socket:
@@ -351,7 +355,7 @@ class LossyRelay:
         self, client: NetworkAddress, sock: socket.socket, scope: anyio.CancelScope
     ) -> None:
         port = sock.getsockname()[1]
-        with scope:
+        with scope, sock:
             while True:
                 await anyio.wait_readable(sock)
                 while True:
