@@ -50,6 +50,13 @@ CONNECT_KEEPALIVE_INTERVAL = 15.0
 #: loss-detection timer per PING).  Capped at 2/3 of the idle timeout, this is 20 s
 #: with the default 30 s, and stays behind a client that pings every 25 s of 60.
 LISTEN_KEEPALIVE_INTERVAL = 40.0
+#: While streams are open the Connect side also pings after this much silence, doubling
+#: it up to the keep-alive interval while the silence lasts and starting over when
+#: stream data arrives.  After a NAT rebinding the aggregator's packets go to the lapsed
+#: mapping, and only a packet from the client's new address lets it follow (RFC 9000,
+#: 9.3); a client that is only receiving has nothing else to send, so without this a
+#: download would stall until the keep-alive.  An idle session costs four more PINGs.
+SILENCE_PROBE_INTERVAL = 1.0
 
 
 class Role(Enum):
@@ -165,6 +172,7 @@ class TunnelConnection:
         self._auth_eof = False
         self._rejection_code = int(CloseCode.AUTHENTICATION_FAILED)
         self._keepalive_at: float | None = None
+        self._probe_interval = SILENCE_PROBE_INTERVAL
         self._ping_uid = 0
         self._streams: dict[int, _Stream] = {}
         # Indexes of the streams, so that per-datagram work never scans them all:
@@ -250,9 +258,8 @@ class TunnelConnection:
         self._now = now
         self._quic.receive_datagram(data, addr, now)
         self._buffers_changed()
-        if self._keepalive_interval is not None:
-            self._keepalive_at = now + self._keepalive_interval
         self._process()
+        self._arm_keepalive(now)
         if not self._streams and self._state is TunnelState.AUTHENTICATED:
             # Nothing to batch acknowledgements with (typically a keep-alive PING):
             # answer in this flush rather than after a timer of its own.
@@ -306,7 +313,18 @@ class TunnelConnection:
                 self._ping_uid += 1
                 self._quic.send_ping(self._ping_uid)
                 self._keepalive_at = None
+                assert self._keepalive_interval is not None  # armed only when it is set
+                self._probe_interval = min(2 * self._probe_interval, self._keepalive_interval)
         self._process()
+
+    def _arm_keepalive(self, now: float) -> None:
+        """Count the silence from ``now``, when a datagram arrived."""
+        interval = self._keepalive_interval
+        if interval is None:
+            return
+        if self._streams and self._role is Role.CONNECT:
+            interval = min(interval, self._probe_interval)
+        self._keepalive_at = now + interval
 
     def next_event(self) -> events.TunnelEvent | None:
         try:
@@ -517,6 +535,7 @@ class TunnelConnection:
                 self._quic.acknowledge_received(stream_id, len(data))
                 return
         stream.received += len(data)
+        self._probe_interval = SILENCE_PROBE_INTERVAL
         self._feed(stream, data, end)
 
     def _on_stream_reset(self, event: quic_events.QuicEvent) -> None:
@@ -625,7 +644,7 @@ class TunnelConnection:
         if self._keepalive_setting is not None:
             share = _KEEPALIVE_SHARE[self._role]
             self._keepalive_interval = min(self._keepalive_setting, share * self._quic.idle_timeout)
-            self._keepalive_at = self._now + self._keepalive_interval
+            self._arm_keepalive(self._now)
         # The channel is done: FIN our side, stop the peer's if it is still open.
         if self._quic.can_send(AUTH_STREAM_ID):
             self._quic.send_stream_data(AUTH_STREAM_ID, b"", end_stream=True)

@@ -947,6 +947,41 @@ def test_the_keepalive_follows_the_shorter_idle_timeout_of_the_peer() -> None:
     assert sim.client_app.closed is None and sim.server_app.closed is None
 
 
+def test_a_downloading_client_whose_address_changes_is_found_again_at_once() -> None:
+    # A NAT rebinding during a pause in a download: what the aggregator sends next goes
+    # to the lapsed mapping, and the client, which only receives, has nothing to send.
+    # Its probe of the silence (1 s while streams are open, not the 15 s keep-alive)
+    # carries its new address, which the aggregator follows.
+    sim = connected(link=Link(delay=0.005))
+    stream_id = open_stream(sim, sim.client)
+    first, rest = payload(500_000, seed=1), payload(1_500_000, seed=2)
+    send_all(sim, sim.server_tunnel, stream_id, first, end=False)
+    sim.run_for(0.5)  # all of it received and acknowledged: nothing left to say
+    received = sim.client_app.received[stream_id]
+    assert received == first
+    (client,) = sim.clients
+    client.address = ("10.0.0.2", 50001)
+    moved_at = sim.now
+    send_all(sim, sim.server_tunnel, stream_id, rest)
+    sim.run_until(lambda: stream_id in sim.client_app.ended, timeout=30)
+    assert digest(received) == digest(first + rest)
+    assert sim.now - moved_at < 3.0
+    assert sim.client_app.closed is None and sim.server_app.closed is None
+
+
+def test_an_open_but_quiet_stream_costs_a_few_probes_then_the_keepalive() -> None:
+    # An idle interactive session: the silence probe backs off (1, 2, 4, 8 s) to the
+    # keep-alive interval instead of pinging every second for hours.
+    sim = connected(link=Link(delay=0.005))
+    open_stream(sim, sim.client)
+    sim.run_for(1.0)
+    sim.sent_log = []
+    sim.run_for(150.0)
+    from_client = [t for t, source, _ in sim.sent_log if source == CLIENT_ADDR]
+    assert len(from_client) <= 4 + 150 / 15 + 1
+    assert sim.client_app.closed is None and sim.server_app.closed is None
+
+
 def test_without_keepalive_an_idle_tunnel_times_out() -> None:
     sim = connected(keepalive_interval=None, server_keepalive_interval=None)
     idle_since = sim.now
