@@ -57,6 +57,7 @@ AT_TUNNEL_LIMIT = "aggregator is at its tunnel limit"
 CloseVerdict = tuple[CloseCode, str]
 #: How a binding closes a tunnel whose event handling failed (a bug).
 INTERNAL_ERROR: CloseVerdict = (CloseCode.INTERNAL_ERROR, "aggregator internal error")
+CREDENTIAL_LOOKUP_FAILED = "the aggregator could not check the credential; try again later"
 
 
 def endpoint_capacity(max_tunnels: int | None) -> int | None:
@@ -209,7 +210,10 @@ class Aggregator(Generic[S]):
         if not self.accepting:
             return CloseCode.SHUTTING_DOWN, SHUTTING_DOWN
         if lookup_failed:
-            return CloseCode.AUTHENTICATION_FAILED, "the aggregator could not check the credential"
+            # Not AUTHENTICATION_FAILED, which tells the client its token is wrong and
+            # stops it: the credential store failing is the aggregator's fault, and
+            # passing, so the client should try again.
+            return CloseCode.INTERNAL_ERROR, CREDENTIAL_LOOKUP_FAILED
         if self._at_tunnel_limit():
             return CloseCode.LIMIT_EXCEEDED, AT_TUNNEL_LIMIT
         session.admitted = True

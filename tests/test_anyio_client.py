@@ -27,7 +27,7 @@ from snocat_anyio.errors import (
     StreamRefusedError,
     TunnelClosedError,
 )
-from snocat_anyio.server import Router, ServerConfig, TunnelServer, TunnelStatus
+from snocat_anyio.server import Authenticate, Router, ServerConfig, TunnelServer, TunnelStatus
 from snocat_anyio.stream import TunnelStream
 from snocat_proto import activity
 from snocat_proto.address import RouteAddress
@@ -160,10 +160,15 @@ def server_config(identity: Any, **options: Any) -> ServerConfig:
 
 @asynccontextmanager
 async def aggregator(
-    identity: Any, *, route: Router | None = None, **options: Any
+    identity: Any,
+    *,
+    route: Router | None = None,
+    authenticate: Authenticate | None = None,
+    **options: Any,
 ) -> AsyncIterator[TunnelServer]:
     async with anyio.create_task_group() as tg:
-        instance = TunnelServer(server_config(identity, **options), route=route)
+        config = server_config(identity, **options)
+        instance = TunnelServer(config, route=route, authenticate=authenticate)
         server: TunnelServer = await tg.start(instance.serve)
         try:
             yield server
@@ -377,6 +382,31 @@ async def test_an_unreachable_aggregator_is_retried_with_backoff(server_identity
     assert all("no answer" in a.reason for a in attempts)
     assert 0.025 <= attempts[0].delay <= 0.05
     assert all(a.delay <= 0.1 for a in attempts)
+
+
+async def test_a_credential_store_outage_is_retried_not_fatal(server_identity: Any) -> None:
+    """The aggregator's credential lookup fails (its store is down): the client is told
+    so and tries again, instead of stopping as it does for a wrong token."""
+    lookups: list[str] = []
+
+    async def authenticate(name: str) -> bytes | None:
+        lookups.append(name)
+        if len(lookups) == 1:
+            raise RuntimeError("credential store is down")
+        return TOKENS.get(name)
+
+    async with aggregator(server_identity, authenticate=authenticate) as server:
+        config = client_config(server, server_identity, (ProxyTcpTarget.parse_host_port("a:1"),))
+        client = TunnelClient(config)
+        feed = client.activity.subscribe()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client.run)
+            retry = await next_of(feed, activity.Reconnecting)
+            await next_of(feed, activity.TunnelAuthenticated)
+            with anyio.fail_after(STEP):
+                await client.aclose()
+    assert "could not check the credential" in retry.reason
+    assert lookups == ["alpha", "alpha"]
 
 
 # Fatal errors -------------------------------------------------------------------

@@ -411,7 +411,7 @@ async def test_a_failing_authenticate_hook_costs_only_that_client(
         beta = ClientCredentials.token("beta", TOKENS["beta"])
         async with connect(server, server_identity, beta) as peer:
             closed = await peer.wait_closed()
-            assert closed.code == CloseCode.AUTHENTICATION_FAILED
+            assert closed.code == CloseCode.INTERNAL_ERROR  # not the token's fault: retry
             assert "could not check" in closed.reason
         async with connect(server, server_identity) as peer:
             assert peer.authenticated.is_set()

@@ -254,6 +254,7 @@ class TestAttempts:
         quiet = diagnose(closed(0, application=False), handshake_done=False)
         assert (quiet.fatal, quiet.no_answer) == (False, True)
         assert not diagnose(closed(CloseCode.LIMIT_EXCEEDED)).fatal
+        assert not diagnose(closed(CloseCode.INTERNAL_ERROR)).fatal  # e.g. its store failed
         assert no_answer("agg:9090", "within 2 s").no_answer
         assert not unresolvable("nowhere", "no addresses").fatal
         lost = lost_tunnel(closed(CloseCode.SHUTTING_DOWN))
@@ -354,8 +355,8 @@ class TestAggregator:
             "aggregator is at its tunnel limit",
         )
         assert agg.decide_credential(second, lookup_failed=True) == (
-            CloseCode.AUTHENTICATION_FAILED,
-            "the aggregator could not check the credential",
+            CloseCode.INTERNAL_ERROR,
+            "the aggregator could not check the credential; try again later",
         )
         agg.accepting = False
         assert agg.on_handshake() == (CloseCode.SHUTTING_DOWN, "the aggregator is shutting down")
