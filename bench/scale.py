@@ -206,6 +206,7 @@ def run(
         "--quic", f"{HOST}:{quic_port}",
         "--ports", f"{first}:{last}",
         "--max-tunnels", str(max(steps) + 10),
+        "--handshake-rate", "0",  # every driver tunnel comes from one address
         "--idle-timeout", str(idle_timeout),
         "--log-level", "warning",
         "--json",

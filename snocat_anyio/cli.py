@@ -54,6 +54,7 @@ from snocat_proto.certificates import (
 )
 from snocat_proto.config import Limits
 from snocat_proto.errors import LocalProtocolError
+from snocat_proto.handshake_rate import DEFAULT_HANDSHAKE_RATE, HandshakeRate
 from snocat_proto.ports import PortRange
 from snocat_proto.settings import DEFAULT_MAX_DATAGRAM_SIZE, MAX_DATAGRAM_SIZE_LIMIT
 from snocat_proto.targets import ProxyTcpTarget
@@ -608,6 +609,14 @@ def _limits(max_streams: int) -> Limits:
     type=click.IntRange(min=1),
     help="Most concurrent streams per tunnel.",
 )
+@click.option(
+    "--handshake-rate",
+    default=DEFAULT_HANDSHAKE_RATE.per_second,
+    show_default=True,
+    type=click.FloatRange(min=0, max=1e6),
+    help="New tunnels per second one client address (IPv6: /64) may start, in bursts "
+    "of 5 s worth; over it, attempts are refused until it slows down (0: no limit).",
+)
 @_liveness_options(
     keepalive=LISTEN_KEEPALIVE_INTERVAL, who="client (a fallback: clients ping first)"
 )
@@ -630,6 +639,7 @@ def server(
     tokens_path: Path | None,
     max_tunnels: int,
     max_streams: int,
+    handshake_rate: float,
     idle_timeout: float,
     keepalive: float,
     state_dir: Path | None,
@@ -700,6 +710,7 @@ def server(
             tcp_bind=tcp_bind,
             limits=_limits(max_streams),
             max_tunnels=max_tunnels,
+            handshake_rate=HandshakeRate.of(handshake_rate) if handshake_rate else None,
             idle_timeout=idle_timeout,
             keepalive_interval=keepalive or None,
             max_datagram_size=max_datagram_size,

@@ -17,6 +17,7 @@ from enum import Enum, auto
 
 from .certificates import fingerprint, parse_fingerprint
 from .codes import CloseCode
+from .engine import QuicErrorCode
 from .events import TunnelClosed
 from .tunnel import TunnelConnection
 
@@ -147,6 +148,17 @@ def diagnose_early_close(
             "certificate or CA that signed it with --authority, pin it with "
             f"--fingerprint, or check that it is issued for {server_name!r} (--san)",
         )
+    if (
+        closed.by_peer
+        and not closed.application
+        and closed.code == QuicErrorCode.CONNECTION_REFUSED
+    ):
+        # E.g. over the aggregator's handshake rate: worth another attempt, later.
+        reason = (
+            f"the aggregator at {server_label} refused the connection: "
+            f"{closed.reason or 'no reason given'}"
+        )
+        return AttemptEnd(fatal=False, kind=ErrorKind.CONNECT, message=reason, reason=reason)
     detail = f"(code {closed.code:#x}): {closed.reason or 'no reason given'}"
     if not handshake_done:
         return no_answer(server_label, detail)

@@ -3,9 +3,10 @@
 :class:`ServerEndpoint` does what aioquic leaves to its asyncio ``QuicServer``, but
 without I/O, so every adapter shares it: it routes each datagram to its tunnel by
 destination connection ID, creates tunnels for new Initial packets (after a Retry
-round trip that proves the client's address, on by default), answers unknown QUIC
-versions with Version Negotiation, drops stray packets, and forgets tunnels once
-they have terminated.  Its events are ``(tunnel, event)`` pairs.
+round trip that proves the client's address, on by default), holds each proven
+address to a rate of full handshakes, answers unknown QUIC versions with Version
+Negotiation, drops stray packets, and forgets tunnels once they have terminated.
+Its events are ``(tunnel, event)`` pairs.
 """
 
 from __future__ import annotations
@@ -25,17 +26,21 @@ from .engine import (
     PacketHeader,
     QuicConfiguration,
     QuicEngine,
+    QuicErrorCode,
     RetryTokens,
-    encode_invalid_token_close,
+    encode_initial_close,
     encode_version_negotiation,
     parse_packet_header,
 )
 from .errors import LocalProtocolError
 from .events import TunnelClosed, TunnelEvent
+from .handshake_rate import DEFAULT_HANDSHAKE_RATE, HandshakeBuckets, HandshakeRate
 from .tunnel import LISTEN_KEEPALIVE_INTERVAL, Role, TunnelConnection, format_address
 
 #: Builds the Listen-side authenticator of a new tunnel from the peer's address text.
 AuthenticatorFactory = Callable[[str], Authenticator]
+#: The reason phrase of the CONNECTION_REFUSED close sent to a source over its rate.
+TOO_MANY_HANDSHAKES = "too many new connections from this address; try again later"
 
 
 class ServerEndpoint:
@@ -50,14 +55,21 @@ class ServerEndpoint:
         retry: bool = True,
         max_tunnels: int | None = None,
         keepalive_interval: float | None = LISTEN_KEEPALIVE_INTERVAL,
+        handshake_rate: HandshakeRate | None = DEFAULT_HANDSHAKE_RATE,
         random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
+        """``handshake_rate`` holds each client address (IPv6: each /64) to a rate of
+        new tunnels, None: no limit.  It needs ``retry``: without Retry a source
+        address may be forged, and a limit would let anyone lock a victim out."""
         if configuration.is_client:
             raise LocalProtocolError("the server endpoint needs a server configuration")
         self._configuration = configuration
         self._authenticator_factory = authenticator_factory
         self._limits = limits
         self._retry = RetryTokens() if retry else None
+        self._handshakes = (
+            HandshakeBuckets(handshake_rate) if retry and handshake_rate is not None else None
+        )
         self._max_tunnels = max_tunnels
         self._keepalive_interval = keepalive_interval
         self._random_bytes = random_bytes
@@ -78,6 +90,8 @@ class ServerEndpoint:
         self._closing = False
         #: Datagrams dropped because they belonged to no tunnel and could start none.
         self.dropped_datagrams = 0
+        #: Connection attempts refused because their address was over its handshake rate.
+        self.refused_handshakes = 0
         #: The latest failures inside a tunnel (a bug, not the peer's fault: peers only
         #: cause ProtocolErrors, handled inside). That tunnel was closed; others go on.
         self.internal_errors: deque[BaseException] = deque(maxlen=16)
@@ -214,7 +228,15 @@ class ServerEndpoint:
                 return None
             original_cid = self._retry.validate(header, addr, now)
             if original_cid is None:
-                self._stateless.append((encode_invalid_token_close(header), addr))
+                close = encode_initial_close(header, QuicErrorCode.INVALID_TOKEN)
+                self._stateless.append((close, addr))
+                return None
+            if self._handshakes is not None and not self._handshakes.allow(addr, now):
+                self.refused_handshakes += 1
+                close = encode_initial_close(
+                    header, QuicErrorCode.CONNECTION_REFUSED, TOO_MANY_HANDSHAKES
+                )
+                self._stateless.append((close, addr))
                 return None
             retry_source_cid = header.destination_cid
         engine = QuicEngine(

@@ -48,8 +48,9 @@ __all__ = [
     "PacketHeader",
     "QuicConfiguration",
     "QuicEngine",
+    "QuicErrorCode",
     "RetryTokens",
-    "encode_invalid_token_close",
+    "encode_initial_close",
     "encode_version_negotiation",
     "parse_packet_header",
     "quic_configuration",
@@ -366,9 +367,11 @@ class RetryTokens:
             return None
 
 
-def encode_invalid_token_close(header: PacketHeader) -> bytes:
-    """A server Initial closing with INVALID_TOKEN (RFC 9000 section 8.1.3)."""
+def encode_initial_close(header: PacketHeader, error_code: int, reason: str = "") -> bytes:
+    """A server Initial that closes a connection attempt, with no state kept: with
+    INVALID_TOKEN (RFC 9000 section 8.1.3), or CONNECTION_REFUSED and a reason."""
     assert header.version is not None
+    phrase = reason.encode()
     crypto = CryptoPair()
     crypto.setup_initial(cid=header.destination_cid, is_client=False, version=header.version)
     builder = QuicPacketBuilder(
@@ -380,10 +383,11 @@ def encode_invalid_token_close(header: PacketHeader) -> bytes:
     )
     builder.start_packet(QuicPacketType.INITIAL, crypto)
     buf = builder.start_frame(
-        QuicFrameType.TRANSPORT_CLOSE, capacity=TRANSPORT_CLOSE_FRAME_CAPACITY
+        QuicFrameType.TRANSPORT_CLOSE, capacity=TRANSPORT_CLOSE_FRAME_CAPACITY + len(phrase)
     )
-    buf.push_uint_var(QuicErrorCode.INVALID_TOKEN)
+    buf.push_uint_var(error_code)
     buf.push_uint_var(QuicFrameType.PADDING)
-    buf.push_uint_var(0)
+    buf.push_uint_var(len(phrase))
+    buf.push_bytes(phrase)
     datagrams, _ = builder.flush()
     return bytes(datagrams[0])

@@ -17,6 +17,7 @@ from .backoff import Backoff
 from .certificates import load_certificate_chain, parse_fingerprint
 from .config import Limits
 from .engine import SMALLEST_MAX_DATAGRAM_SIZE
+from .handshake_rate import DEFAULT_HANDSHAKE_RATE, HandshakeRate
 from .ports import PortRange
 from .targets import ProxyTcpTarget
 from .tunnel import CONNECT_KEEPALIVE_INTERVAL, LISTEN_KEEPALIVE_INTERVAL
@@ -62,6 +63,10 @@ class ServerConfig:
     #: path known to carry more (see docs/performance.md).
     max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE
     retry: bool = True
+    #: New tunnels one client address (IPv6: /64) may start, beyond which its attempts
+    #: are refused with a reason until it slows down (None: no limit).  Applies with
+    #: ``retry`` only, which proves the address.
+    handshake_rate: HandshakeRate | None = DEFAULT_HANDSHAKE_RATE
     #: Seconds of silence from a client before the aggregator pings it: a fallback for
     #: clients that do not ping (snocat clients ping first; see the tunnel module).
     keepalive_interval: float | None = LISTEN_KEEPALIVE_INTERVAL

@@ -185,6 +185,7 @@ class TunnelServer(ServerEvents[_Session, TunnelStream]):
                 retry=config.retry,
                 max_tunnels=endpoint_capacity(config.max_tunnels),
                 keepalive_interval=config.keepalive_interval,
+                handshake_rate=config.handshake_rate,
             )
             sock = bind_udp(config.quic_host, config.quic_port)
             host = SyncHost(

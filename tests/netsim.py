@@ -38,6 +38,7 @@ from snocat_proto.events import (
     TunnelClosed,
     TunnelEvent,
 )
+from snocat_proto.handshake_rate import DEFAULT_HANDSHAKE_RATE, HandshakeRate
 from snocat_proto.tunnel import (
     CONNECT_KEEPALIVE_INTERVAL,
     LISTEN_KEEPALIVE_INTERVAL,
@@ -255,6 +256,7 @@ class Simulation:
         server_keepalive_interval: float | None = LISTEN_KEEPALIVE_INTERVAL,
         server_idle_timeout: float = 30.0,
         max_tunnels: int | None = None,
+        handshake_rate: HandshakeRate | None = DEFAULT_HANDSHAKE_RATE,
         client_token: bytes = b"",
     ) -> None:
         self.limits = limits or Limits()
@@ -270,6 +272,7 @@ class Simulation:
             retry=retry,
             max_tunnels=max_tunnels,
             keepalive_interval=server_keepalive_interval,
+            handshake_rate=handshake_rate,
             random_bytes=self.rng.randbytes,
         )
         self.server_app = App()

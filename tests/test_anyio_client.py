@@ -34,6 +34,7 @@ from snocat_proto.address import RouteAddress
 from snocat_proto.auth import ClientCredentials
 from snocat_proto.certificates import fingerprint
 from snocat_proto.errors import LocalProtocolError
+from snocat_proto.handshake_rate import HandshakeRate
 from snocat_proto.ports import PortRange
 from snocat_proto.targets import ProxyTcpTarget, TargetKind
 
@@ -407,6 +408,27 @@ async def test_a_credential_store_outage_is_retried_not_fatal(server_identity: A
                 await client.aclose()
     assert "could not check the credential" in retry.reason
     assert lookups == ["alpha", "alpha"]
+
+
+async def test_a_client_over_the_handshake_rate_is_refused_then_retries(
+    server_identity: Any,
+) -> None:
+    """Both clients come from 127.0.0.1, which may start one tunnel, then one every
+    half second: the second is refused with a reason and connects on a later attempt."""
+    rate = HandshakeRate(per_second=2.0, burst=1)
+    async with aggregator(server_identity, handshake_rate=rate) as server:
+        targets = (ProxyTcpTarget.parse_host_port("a:1"),)
+        async with running_client(client_config(server, server_identity, targets)) as first:
+            await wait_until(lambda: first.granted is not None)
+            second = TunnelClient(client_config(server, server_identity, targets, credentials=BETA))
+            feed = second.activity.subscribe()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(second.run)
+                refused = await next_of(feed, activity.Reconnecting)
+                await next_of(feed, activity.TunnelAuthenticated)
+                with anyio.fail_after(STEP):
+                    await second.aclose()
+    assert "refused the connection: too many new connections" in refused.reason
 
 
 # Fatal errors -------------------------------------------------------------------

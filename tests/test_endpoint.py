@@ -28,12 +28,14 @@ from netsim import (
 from snocat_proto.address import RouteAddress
 from snocat_proto.auth import SimpleAckConnector, SimpleAckListener
 from snocat_proto.codes import CloseCode
+from snocat_proto.endpoint import TOO_MANY_HANDSHAKES
 from snocat_proto.events import (
     StreamAccepted,
     StreamRequested,
     TunnelAuthenticated,
     TunnelClosed,
 )
+from snocat_proto.handshake_rate import HandshakeRate
 from snocat_proto.tunnel import TunnelConnection, TunnelState
 
 OTHER_ADDR = ("10.0.0.3", 40000)
@@ -258,6 +260,43 @@ def test_max_tunnels_refuses_the_extra_ones() -> None:
     sim.add_client(("10.0.0.4", 30000), SimpleAckConnector())
     sim.run_until(lambda: len(sim.server) == 1 and sim.server_tunnel.name is not None)
     assert sim.server_tunnel.name == "10.0.0.4:30000"
+
+
+def test_an_address_over_its_handshake_rate_is_refused_until_it_slows_down() -> None:
+    sim = Simulation(
+        server_auth=SimpleAckListener,
+        client_auth=SimpleAckConnector(),
+        handshake_rate=HandshakeRate(per_second=0.5, burst=2),
+    )
+    same_host = [sim.add_client(("10.0.0.2", port), SimpleAckConnector()) for port in (2, 3)]
+    other_host = sim.add_client(OTHER_ADDR, SimpleAckConnector())
+    first, second, third = sim.clients[0], *same_host
+    sim.run_until(lambda: third.app.closed is not None, timeout=5)
+    closed = third.app.closed
+    assert closed is not None and closed.by_peer and not closed.application
+    assert (closed.code, closed.reason) == (QuicErrorCode.CONNECTION_REFUSED, TOO_MANY_HANDSHAKES)
+    sim.run_until(lambda: all(authenticated(c.app) for c in (first, second, other_host)))
+    assert sim.server.refused_handshakes == 1
+    assert len(sim.server) == 3
+    # Two seconds later the address has earned another handshake.
+    sim.run_for(2.0)
+    again = sim.add_client(("10.0.0.2", 4), SimpleAckConnector())
+    sim.run_until(lambda: authenticated(again.app), timeout=5)
+    assert sim.server.refused_handshakes == 1
+
+
+def test_without_retry_there_is_no_handshake_rate() -> None:
+    # An unproven source address may be forged: a limit would let anyone lock it out.
+    sim = Simulation(
+        server_auth=SimpleAckListener,
+        client_auth=SimpleAckConnector(),
+        retry=False,
+        handshake_rate=HandshakeRate(per_second=0.5, burst=1),
+    )
+    for port in (2, 3, 4):
+        sim.add_client(("10.0.0.2", port), SimpleAckConnector())
+    sim.run_until(lambda: all(authenticated(c.app) for c in sim.clients), timeout=5)
+    assert sim.server.refused_handshakes == 0
 
 
 @pytest.mark.parametrize("seed", [1, 2])

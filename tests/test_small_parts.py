@@ -1,4 +1,4 @@
-"""Tokens files, backoff, allow-lists, certificates and activity records."""
+"""Tokens files, backoff, allow-lists, certificates, activity records, handshake rates."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from snocat_proto.engine import quic_configuration
 from snocat_proto.errors import LocalProtocolError
 from snocat_proto.events import DataReceived
 from snocat_proto.events import TunnelClosed as EventTunnelClosed
+from snocat_proto.handshake_rate import HandshakeBuckets, HandshakeRate, source_of
 from snocat_proto.proxyme import ProxymeRequest
 from snocat_proto.stream_table import StreamTable
 from snocat_proto.targets import ProxyTcpTarget
@@ -139,6 +140,43 @@ class TestCertificates:
     def test_no_names_is_an_error(self) -> None:
         with pytest.raises(LocalProtocolError):
             generate_self_signed([], now=NOW)
+
+
+class TestHandshakeRate:
+    def test_a_source_is_an_ipv4_address_or_an_ipv6_64(self) -> None:
+        assert source_of(("192.0.2.7", 1)) == source_of(("192.0.2.7", 2)) == "192.0.2.7"
+        assert source_of(("::ffff:192.0.2.7", 3)) == "192.0.2.7"  # dual-stack socket
+        assert source_of(("2001:db8:1:2:aaaa::1", 4)) == "2001:db8:1:2::/64"
+        assert source_of(("2001:db8:1:2:ffff::9", 4)) == "2001:db8:1:2::/64"
+        assert source_of(("2001:db8:1:3::1", 4)) != source_of(("2001:db8:1:2::1", 4))
+        assert source_of(("fe80::1%eth0", 5)) == "fe80::/64"
+        assert source_of(("not-an-ip", 6)) == "not-an-ip"
+
+    def test_a_burst_then_the_rate(self) -> None:
+        buckets = HandshakeBuckets(HandshakeRate(per_second=2.0, burst=3))
+        host = ("198.51.100.1", 1000)
+        assert [buckets.allow(host, 10.0) for _ in range(4)] == [True, True, True, False]
+        assert buckets.allow(("198.51.100.2", 1), 10.0)  # another source has its own
+        assert not buckets.allow(host, 10.4)  # 0.8 of a token earned
+        assert buckets.allow(host, 10.5)
+        # A long pause refills to the burst, not beyond.
+        assert [buckets.allow(host, 100.0) for _ in range(4)] == [True, True, True, False]
+        assert not buckets.allow(host, 99.0)  # a clock going back earns nothing
+
+    def test_memory_is_bounded_by_forgetting_the_least_recent_source(self) -> None:
+        buckets = HandshakeBuckets(HandshakeRate(per_second=1.0, burst=1), max_sources=100)
+        for n in range(1000):
+            assert buckets.allow((f"10.0.{n // 256}.{n % 256}", 1), 0.0)
+        assert len(buckets) == 100
+        assert not buckets.allow(("10.0.3.231", 1), 0.0)  # the latest is remembered
+        assert buckets.allow(("10.0.0.0", 1), 0.0)  # the first was forgotten
+
+    def test_settings_are_checked(self) -> None:
+        assert HandshakeRate.of(20) == HandshakeRate(20, burst=100)
+        assert HandshakeRate.of(0.01).burst == 1
+        for bad in ({"per_second": 0.0}, {"per_second": float("nan")}, {"burst": 0}):
+            with pytest.raises(ValueError):
+                HandshakeRate(**bad)  # type: ignore[arg-type]
 
 
 def test_activity_records_serialise_to_json_lines() -> None:
