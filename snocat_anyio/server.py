@@ -616,7 +616,7 @@ class TunnelServer(ServerEvents[_Session, TunnelStream]):
         self, build: Callable[Concatenate[float, P], Notice], *args: P.args, **kwargs: P.kwargs
     ) -> None:
         """Log and publish what the core reports (``build(now, *args, **kwargs)``)."""
-        notice = build(anyio.current_time(), *args, **kwargs)
+        notice = build(time.time(), *args, **kwargs)
         notices.deliver(notice, logger.log, self.activity.publish)
 
 

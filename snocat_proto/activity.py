@@ -19,7 +19,8 @@ def _snake(name: str) -> str:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Activity:
-    """Base class; ``at`` is the binding's clock when it happened."""
+    """Base class; ``at`` is when it happened, in seconds since the epoch (wall clock,
+    as in a log line, on servers and clients alike)."""
 
     at: float
 

@@ -582,7 +582,7 @@ class TunnelServer(ServerEvents[_Session, TunnelStream]):
         self, build: Callable[Concatenate[float, P], Notice], *args: P.args, **kwargs: P.kwargs
     ) -> None:
         """Log and publish what the core reports (``build(now, *args, **kwargs)``)."""
-        notice = build(time.monotonic(), *args, **kwargs)
+        notice = build(time.time(), *args, **kwargs)
         notices.deliver(notice, logger.log, self.activity.publish)
 
 

@@ -15,6 +15,7 @@ import os
 import random
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -371,8 +372,10 @@ async def test_token_auth_registers_the_tunnel(server_identity: Any) -> None:
             [status] = server.tunnels()
             assert isinstance(status, TunnelStatus)
             assert (status.name, status.tunnel_id, status.ports) == ("alpha", record.tunnel_id, ())
-            kinds = [type(a) for a in drain(feed)]
+            records = drain(feed)
+            kinds = [type(a) for a in records]
             assert kinds[:2] == [activity.TunnelConnected, activity.TunnelAuthenticated]
+            assert all(abs(a.at - time.time()) < 60 for a in records)  # wall-clock times
         await wait_until(lambda: len(server.registry) == 0)
         closed = [a for a in drain(feed) if isinstance(a, activity.TunnelClosed)]
         assert len(closed) == 1 and closed[0].name == "alpha" and closed[0].by_peer

@@ -711,6 +711,23 @@ def test_a_full_range_denies_the_port_but_keeps_the_tunnel(server_identity: Any)
             wait_until(lambda: [s.name for s in server.tunnels()] == ["beta"])
 
 
+def test_server_activity_is_stamped_with_wall_clock_time(server_identity: Any) -> None:
+    with (
+        sync_server(server_identity, route=route_digest) as server,
+        tcp_target() as target,
+    ):
+        feed = server.activity.subscribe()
+        before = time.time()
+        with TunnelClient(client_config(server.quic_address, server_identity, (target,))):
+            pass
+        records = [feed.get(timeout=STEP) for _ in range(3)]
+        assert [type(r) for r in records][:2] == [
+            activity.TunnelConnected,
+            activity.TunnelAuthenticated,
+        ]
+        assert all(before <= r.at <= time.time() for r in records)
+
+
 def test_snocat_sync_imports_no_event_loop() -> None:
     code = (
         "import sys, snocat_sync, snocat_sync.client, snocat_sync.server\n"
