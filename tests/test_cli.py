@@ -387,7 +387,7 @@ class Background:
         self._waiter.join(max(0.0, self.started + timeout - time.monotonic()))
         if self.result is None:
             self.kill()
-            raise AssertionError(f"{self.popen.args} still running after {timeout} s")
+            raise AssertionError(f"{self.popen.args!r} still running after {timeout} s")
         return self.result
 
     def kill(self) -> None:

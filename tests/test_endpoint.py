@@ -378,13 +378,14 @@ def test_a_failure_inside_one_tunnel_closes_that_tunnel_only() -> None:
     def broken(*args: object) -> None:
         raise RuntimeError("bug")
 
-    tunnel.receive_datagram = broken  # type: ignore[method-assign]
-    tunnel.handle_timer = broken  # type: ignore[method-assign]
+    tunnel.receive_datagram = broken  # type: ignore[method-assign, assignment]
+    tunnel.handle_timer = broken  # type: ignore[method-assign, assignment]
     sim.client.open_stream(RouteAddress.of("svc"))
     sim.touch(sim.client)
     sim.run_until(lambda: sim.client_app.closed is not None, timeout=10)
-    assert sim.client_app.closed.code == CloseCode.INTERNAL_ERROR
-    assert sim.client_app.closed.application
+    closed = sim.client_app.closed
+    assert closed is not None and closed.code == CloseCode.INTERNAL_ERROR
+    assert closed.application
     assert any(isinstance(e, RuntimeError) for e in sim.server.internal_errors)
     # The broken tunnel is dropped after its close went out: its timer, which raises
     # every time, must not keep the endpoint busy (a livelock on the fake clock).

@@ -176,7 +176,7 @@ class TestHandshakeRate:
         assert HandshakeRate.of(0.01).burst == 1
         for bad in ({"per_second": 0.0}, {"per_second": float("nan")}, {"burst": 0}):
             with pytest.raises(ValueError):
-                HandshakeRate(**bad)  # type: ignore[arg-type]
+                HandshakeRate(**bad)
 
 
 def test_activity_records_serialise_to_json_lines() -> None:

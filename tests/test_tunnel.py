@@ -1175,7 +1175,11 @@ class TunnelPair(RuleBasedStateMachine):
                 for sid in self.streams
             )
 
-        sim.run_until(lambda: self.note_peer_resets() or decided(), timeout=30)
+        def progressed() -> bool:
+            self.note_peer_resets()
+            return decided()
+
+        sim.run_until(progressed, timeout=30)
         # Every stream still standing is ended from both sides, then everything must arrive.
         for sid in self.streams:
             for side in ("client", "server"):
