@@ -7,9 +7,10 @@ into reads, and the harness's own invariants (round trips, who may authenticate,
 an unauthenticated peer may hold, the anti-amplification bound).  Anything else that
 escapes is a crash.
 
-Harnesses live in :mod:`fuzz.harnesses` (parsers and state machines) and
+Harnesses live in :mod:`fuzz.harnesses` (parsers and state machines),
 :mod:`fuzz.quic_harness` (datagrams into a :class:`~snocat_proto.endpoint.ServerEndpoint`,
-raw and after a real in-memory handshake); seeds in ``fuzz/corpus/<harness>/``.
+raw and after a real in-memory handshake) and :mod:`fuzz.client_harness` (a client
+after a real handshake with a hostile aggregator); seeds in ``fuzz/corpus/<harness>/``.
 
     python -m fuzz --minutes 10          # every harness under atheris, 10 minutes in all
     python -m fuzz run framing [ARGS]    # one harness; ARGS go to libFuzzer

@@ -10,8 +10,9 @@ python -m fuzz run NAME [LIBFUZZER ARGS...]
     (``-max_total_time=60``, ``-runs=1000``, corpus directories, a crash file...).
 python -m fuzz replay [NAME ...]
     Every committed corpus file through its harness, without atheris.
-python -m fuzz seeds
-    Rewrite the committed seed corpus (fuzz/corpus/) from fuzz/seeds.py.
+python -m fuzz seeds [NAME ...]
+    Rewrite the committed seed corpus (fuzz/corpus/) of every harness (or the named
+    ones) from fuzz/seeds.py.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ NAMES = (
     "proxyme_client",
     "endpoint_datagrams",
     "endpoint_handshaken",
+    "client_handshaken",
 )
 #: Largest input libFuzzer generates for each harness (bytes).
-MAX_LEN = {"endpoint_datagrams": 8192, "endpoint_handshaken": 8192}
+MAX_LEN = {"endpoint_datagrams": 8192, "endpoint_handshaken": 8192, "client_handshaken": 8192}
 DEFAULT_MAX_LEN = 4096
 
 
@@ -141,7 +143,7 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "seeds":
         from fuzz.seeds import write_corpus
 
-        write_corpus(CORPUS_DIR)
+        write_corpus(CORPUS_DIR, sys.argv[2:])
         return 0
     parser = argparse.ArgumentParser(prog="python -m fuzz", description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="wall time in all")

@@ -667,9 +667,9 @@ def fuzz_proxyme_client(data: bytes) -> None:
 
 
 def _quic_harnesses() -> dict[str, Harness]:
-    from . import quic_harness
+    from . import client_harness, quic_harness
 
-    return quic_harness.HARNESSES
+    return {**quic_harness.HARNESSES, **client_harness.HARNESSES}
 
 
 #: Every harness by name; the corpus of ``name`` lives in ``fuzz/corpus/<name>/``.

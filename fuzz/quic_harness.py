@@ -34,8 +34,9 @@ import logging
 import random
 import ssl
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from aioquic import tls
 from aioquic._buffer import Buffer
@@ -50,6 +51,7 @@ from snocat_proto.auth import (
     TokenListener,
 )
 from snocat_proto.certificates import generate_self_signed, install_identity
+from snocat_proto.client_endpoint import ClientEndpoint
 from snocat_proto.config import Limits
 from snocat_proto.endpoint import ServerEndpoint
 from snocat_proto.engine import (
@@ -70,7 +72,26 @@ from snocat_proto.events import (
 )
 from snocat_proto.tunnel import StreamState, TunnelConnection, TunnelState
 
-__all__ = ["HARNESSES", "seal_initial", "server_configuration"]
+__all__ = [
+    "HARNESSES",
+    "SERVER_CONFIGURATION",
+    "TIME_STEPS",
+    "RawPeer",
+    "SilentAuthenticator",
+    "aggregator_authenticator",
+    "answer_as_aggregator",
+    "client_configuration",
+    "op_open",
+    "op_reset",
+    "op_send",
+    "op_stop",
+    "op_wait",
+    "run_out",
+    "script",
+    "seal_initial",
+    "seal_one_rtt",
+    "server_configuration",
+]
 
 SERVER_ADDR: NetworkAddress = ("10.0.0.1", 4433)
 ADDRESSES: tuple[NetworkAddress, ...] = (
@@ -97,7 +118,7 @@ LIMITS = Limits(
     auth_timeout=5.0,
     negotiation_timeout=2.0,
 )
-_TIME_STEPS = (0.0, 0.001, 0.02, 0.1, 0.5, 1.0, 3.0, 10.0)
+TIME_STEPS = (0.0, 0.001, 0.02, 0.1, 0.5, 1.0, 3.0, 10.0)
 
 # aioquic logs every connection error it sees; here they are the point.
 logging.getLogger("quic").setLevel(logging.CRITICAL)
@@ -109,13 +130,21 @@ def server_configuration(limits: Limits = LIMITS) -> QuicConfiguration:
     return configuration
 
 
+def client_configuration() -> QuicConfiguration:
+    """A client's configuration that trusts the harness's self-signed server."""
+    configuration = quic_configuration(is_client=True, limits=LIMITS, server_name="localhost")
+    configuration.verify_mode = ssl.CERT_NONE
+    return configuration
+
+
 _IDENTITY = generate_self_signed(
     ["localhost"], now=datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
 )
-_SERVER_CONFIGURATION = server_configuration()
+SERVER_CONFIGURATION = server_configuration()
 
 
-def _listen_authenticator(token: bool) -> Callable[[str], Authenticator]:
+def aggregator_authenticator(token: bool) -> Callable[[str], Authenticator]:
+    """The server endpoint's authenticator factory: token (for :data:`NAME`) or SimpleAck."""
     if token:
         return lambda peer_name: TokenListener(NONCE, limits=LIMITS)
     return SimpleAckListener
@@ -160,7 +189,9 @@ class _Traffic:
             )
 
 
-def _answer(endpoint: ServerEndpoint, route: Callable[[], bool | None]) -> list[TunnelEvent]:
+def answer_as_aggregator(
+    endpoint: ServerEndpoint, route: Callable[[], bool | None]
+) -> list[TunnelEvent]:
     """A plain application: credentials for ``alice``, routes as told, reads everything."""
     seen: list[TunnelEvent] = []
     while (item := endpoint.next_event()) is not None:
@@ -205,7 +236,7 @@ def seal_initial(dcid: bytes, scid: bytes, token: bytes, plaintext: bytes, pn: i
 
 
 def seal_one_rtt(engine: QuicEngine, frames: bytes) -> bytes:
-    """A 1-RTT packet holding ``frames``, sealed with the client engine's own keys."""
+    """A 1-RTT packet holding ``frames``, sealed with ``engine``'s own keys (either side's)."""
     crypto = engine._cryptos[tls.Epoch.ONE_RTT]
     pn = engine._packet_number
     engine._packet_number += 1  # the engine's own packets follow ours
@@ -239,7 +270,7 @@ def _records(data: bytes) -> list[_Record]:
         records.append(
             _Record(
                 address=ADDRESSES[control & 0x03],
-                advance=_TIME_STEPS[(control >> 2) & 0x07],
+                advance=TIME_STEPS[(control >> 2) & 0x07],
                 seal=bool(control & 0x20),
                 valid_token=bool(control & 0x40),
                 payload=payload,
@@ -257,8 +288,8 @@ def fuzz_endpoint_datagrams(data: bytes) -> None:
     options = data[0]
     retry = not options & 0x01
     endpoint = ServerEndpoint(
-        _SERVER_CONFIGURATION,
-        authenticator_factory=_listen_authenticator(bool(options & 0x02)),
+        SERVER_CONFIGURATION,
+        authenticator_factory=aggregator_authenticator(bool(options & 0x02)),
         limits=LIMITS,
         retry=retry,
         max_tunnels=(None, 1, 2, 4)[(options >> 2) & 0x03],
@@ -284,34 +315,43 @@ def fuzz_endpoint_datagrams(data: bytes) -> None:
         endpoint.receive_datagram(datagram, record.address, now)
         _pump_endpoint(endpoint, traffic, now)
         traffic.check(set())
-    _run_out(endpoint, traffic, now)
+    run_out(endpoint, lambda at: _pump_endpoint(endpoint, traffic, at), now)
     traffic.check(set())
 
 
 def _pump_endpoint(endpoint: ServerEndpoint, traffic: _Traffic, now: float) -> None:
-    _answer(endpoint, lambda: True)
+    answer_as_aggregator(endpoint, lambda: True)
     traffic.record(endpoint, now)
 
 
-def _run_out(endpoint: ServerEndpoint, traffic: _Traffic, now: float) -> None:
-    """Let time pass with no more input: every tunnel must end, no timer stay armed."""
-    deadline = now + 200.0
+def run_out(
+    endpoint: ServerEndpoint | ClientEndpoint,
+    pump: Callable[[float], None],
+    now: float,
+    within: float = 200.0,
+) -> None:
+    """Let time pass with no more input (``pump(now)`` drains the endpoint after each
+    timer): within ``within`` seconds every tunnel must end, and no timer stay armed."""
+    start, deadline = now, now + within
     steps = 0
     while (timer := endpoint.get_timer()) is not None:
         steps += 1
-        assert timer <= deadline and steps < 10_000, f"a timer is still armed at {timer - now} s"
+        assert timer <= deadline and steps < 10_000, (
+            f"a timer is still armed {timer - start:.3f} s after the input ended"
+        )
         now = max(now, timer)
         endpoint.handle_timer(now)
-        _pump_endpoint(endpoint, traffic, now)
-    assert len(endpoint) == 0, "a tunnel outlived every deadline"
+        pump(now)
+    assert not list(endpoint.tunnels), "a tunnel outlived every deadline"
     assert endpoint.next_event() is None
 
 
 # --- after a real handshake -------------------------------------------------------------
 
 
-class _SilentConnector(Authenticator):
-    """A client that completes QUIC but never answers the hello."""
+class SilentAuthenticator(Authenticator):
+    """A side that completes QUIC but never says a word on the auth channel (a client
+    that never answers the hello, an aggregator that never sends one)."""
 
     scheme = "silent"
 
@@ -372,7 +412,7 @@ class _Pair:
     def deliver(self, datagram: bytes, address: NetworkAddress) -> None:
         self.traffic.received[address] += len(datagram)
         self.endpoint.receive_datagram(datagram, address, self.now)
-        self.events.extend(_answer(self.endpoint, self.route))
+        self.events.extend(answer_as_aggregator(self.endpoint, self.route))
         self.check()
 
     def drain_client(self) -> None:
@@ -382,7 +422,7 @@ class _Pair:
         else:
             while self.client.next_event() is not None:
                 pass
-        self.events.extend(_answer(self.endpoint, self.route))
+        self.events.extend(answer_as_aggregator(self.endpoint, self.route))
 
     def advance(self, seconds: float) -> None:
         deadline = self.now + seconds
@@ -433,17 +473,16 @@ def _connect(options: int) -> _Pair:
     token, authenticate = bool(options & 0x01), bool(options & 0x02)
     decisions = (True, False, None, True)[(options >> 2) & 0x03]
     endpoint = ServerEndpoint(
-        _SERVER_CONFIGURATION,
-        authenticator_factory=_listen_authenticator(token),
+        SERVER_CONFIGURATION,
+        authenticator_factory=aggregator_authenticator(token),
         limits=LIMITS,
         retry=False,  # the raw harness covers Retry; here it would only cost a round trip
         random_bytes=random.Random(options).randbytes,
     )
-    configuration = quic_configuration(is_client=True, limits=LIMITS, server_name="localhost")
-    configuration.verify_mode = ssl.CERT_NONE
+    configuration = client_configuration()
     connector: Authenticator
     if not authenticate:
-        connector = _SilentConnector()
+        connector = SilentAuthenticator()
     elif token:
         connector = TokenConnector(NAME, SECRET, limits=LIMITS)
     else:
@@ -474,35 +513,60 @@ def _connect(options: int) -> _Pair:
     return pair
 
 
-def _op_open(pair: _Pair, argument: int, payload: bytes) -> None:
-    stream_id = pair.engine.get_next_available_stream_id()
-    pair.raw_streams.append(stream_id)
-    pair.engine.send_stream_data(stream_id, payload, end_stream=bool(argument & 0x01))
+# --- script ops, shared with fuzz.client_harness ----------------------------------------
 
 
-def _pick_stream(pair: _Pair, argument: int) -> int:
-    if argument & 0x80 or not pair.raw_streams:
+class RawPeer(Protocol):
+    """A harness whose hostile side's engine the script drives directly."""
+
+    #: Streams the script may pick: those it opened, and (client harness) the peer's.
+    raw_streams: list[int]
+
+    @property
+    def engine(self) -> QuicEngine: ...
+
+    def advance(self, seconds: float) -> None: ...
+
+
+def script(data: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """The ops of an input after its options byte: ``op(1) argument(1) length(2) payload``."""
+    offset = 1
+    while offset + 4 <= len(data):
+        op, argument = data[offset], data[offset + 1]
+        size = int.from_bytes(data[offset + 2 : offset + 4], "big")
+        yield op, argument, data[offset + 4 : offset + 4 + size]
+        offset += 4 + size
+
+
+def op_open(peer: RawPeer, argument: int, payload: bytes) -> None:
+    stream_id = peer.engine.get_next_available_stream_id()
+    peer.raw_streams.append(stream_id)
+    peer.engine.send_stream_data(stream_id, payload, end_stream=bool(argument & 0x01))
+
+
+def pick_stream(peer: RawPeer, argument: int) -> int:
+    if argument & 0x80 or not peer.raw_streams:
         return 1  # the authentication channel (the server's first stream)
-    return pair.raw_streams[(argument >> 1) % len(pair.raw_streams)]
+    return peer.raw_streams[(argument >> 1) % len(peer.raw_streams)]
 
 
-def _op_send(pair: _Pair, argument: int, payload: bytes) -> None:
-    stream_id = _pick_stream(pair, argument)
-    if pair.engine.can_send(stream_id):
-        pair.engine.send_stream_data(stream_id, payload, end_stream=bool(argument & 0x01))
+def op_send(peer: RawPeer, argument: int, payload: bytes) -> None:
+    stream_id = pick_stream(peer, argument)
+    if peer.engine.can_send(stream_id):
+        peer.engine.send_stream_data(stream_id, payload, end_stream=bool(argument & 0x01))
 
 
-def _op_reset(pair: _Pair, argument: int, payload: bytes) -> None:
-    stream_id = _pick_stream(pair, argument)
-    if pair.engine.can_send(stream_id) and pair.engine.stream_is_open(stream_id):
-        pair.engine.reset_stream(stream_id, payload[0] if payload else 0)
+def op_reset(peer: RawPeer, argument: int, payload: bytes) -> None:
+    stream_id = pick_stream(peer, argument)
+    if peer.engine.can_send(stream_id) and peer.engine.stream_is_open(stream_id):
+        peer.engine.reset_stream(stream_id, payload[0] if payload else 0)
 
 
-def _op_stop(pair: _Pair, argument: int, payload: bytes) -> None:
-    stream_id = _pick_stream(pair, argument)
-    if pair.engine.stream_is_open(stream_id):
+def op_stop(peer: RawPeer, argument: int, payload: bytes) -> None:
+    stream_id = pick_stream(peer, argument)
+    if peer.engine.stream_is_open(stream_id):
         with contextlib.suppress(ValueError):  # aioquic: the receive side already ended
-            pair.engine.stop_stream(stream_id, payload[0] if payload else 0)
+            peer.engine.stop_stream(stream_id, payload[0] if payload else 0)
 
 
 def _op_frames(pair: _Pair, argument: int, payload: bytes) -> None:
@@ -511,8 +575,8 @@ def _op_frames(pair: _Pair, argument: int, payload: bytes) -> None:
     pair.deliver(seal_one_rtt(pair.engine, payload), ADDRESSES[argument & 0x03])
 
 
-def _op_wait(pair: _Pair, argument: int, payload: bytes) -> None:
-    pair.advance(_TIME_STEPS[argument & 0x07])
+def op_wait(peer: RawPeer, argument: int, payload: bytes) -> None:
+    peer.advance(TIME_STEPS[argument & 0x07])
 
 
 def _op_server_opens(pair: _Pair, argument: int, payload: bytes) -> None:
@@ -539,12 +603,12 @@ def _op_server_closes_stream(pair: _Pair, argument: int, payload: bytes) -> None
 
 
 _OPS = (
-    _op_open,
-    _op_send,
-    _op_reset,
-    _op_stop,
+    op_open,
+    op_send,
+    op_reset,
+    op_stop,
     _op_frames,
-    _op_wait,
+    op_wait,
     _op_server_opens,
     _op_server_closes_stream,
 )
@@ -559,17 +623,13 @@ def fuzz_endpoint_handshaken(data: bytes) -> None:
 
 
 def _play(pair: _Pair, data: bytes) -> None:
-    offset = 1
-    while offset + 4 <= len(data):
-        op, argument = data[offset], data[offset + 1]
-        size = int.from_bytes(data[offset + 2 : offset + 4], "big")
-        payload = data[offset + 4 : offset + 4 + size]
-        offset += 4 + size
+    for op, argument, payload in script(data):
         _OPS[op % len(_OPS)](pair, argument, payload)
         pair.exchange()
         pair.check()
     # The client goes quiet: the server must wind everything down on its own.
-    _run_out(pair.endpoint, pair.traffic, pair.now)
+    endpoint, traffic = pair.endpoint, pair.traffic
+    run_out(endpoint, lambda at: _pump_endpoint(endpoint, traffic, at), pair.now)
 
 
 HARNESSES: dict[str, Callable[[bytes], None]] = {

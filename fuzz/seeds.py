@@ -51,6 +51,112 @@ def _stream_frame(stream_id: int, data: bytes, *, offset: int = 0, fin: bool = F
     return _varint(frame_type) + _varint(stream_id) + _varint(offset) + _varint(len(data)) + data
 
 
+def _nyan(route: int, *, fin: bool = False) -> int:
+    """The argument of a ``client_handshaken`` open: NYAN to ``ROUTES[route]`` (7: the
+    payload is the address)."""
+    return 0x02 | route << 2 | (0x01 if fin else 0)
+
+
+def _client_handshaken() -> dict[str, bytes]:
+    # Options byte: bit0 token, bit1 authenticate, bits2-3 policy (0 at once, 1 deferred,
+    # 2 refuse all, 3 connecting), bit4 the application reads, bit5 the aggregator reads.
+    # Ops: 0 open, 1 send, 2 reset, 3 stop, 4 frames, 5 wait, 6 app opens, 7 app decides,
+    # 8 app reads, 9 app closes, 10 app sends (1 and 10: bits 4-6 repeat the payload 4**k).
+    ok = encode_frame(b'{"ok":true}')
+    stop_then_open = (
+        _varint(0x05) + _varint(5) + _varint(0) + _stream_frame(5, HEADER + encode_frame(PROXY_TCP))
+    )
+    return {
+        "token-accept-and-relay": b"\x33"
+        + _op(0, _nyan(0), b"GET / HTTP/1.0\r\n\r\n")
+        + _op(5, 3)
+        + _op(10, 0, b"HTTP/1.0 200 OK\r\n\r\n")
+        + _op(1, 1, b"bye")
+        + _op(9, 0),
+        "simple-routes": b"\x32"
+        + _op(0, _nyan(1), b"x")
+        + _op(0, _nyan(2))
+        + _op(0, _nyan(3))
+        + _op(0, _nyan(4), b"x")
+        + _op(0, _nyan(5))
+        + _op(0, _nyan(6))
+        + _op(0, _nyan(7), b"/proxy-tcp/dns/Example.Com/tcp/443")
+        + _op(5, 4),
+        "deferred-then-decided": b"\x27"
+        + _op(0, _nyan(1), b"early bytes")
+        + _op(0, _nyan(2), b"x")
+        + _op(5, 4)
+        + _op(7, 0)
+        + _op(7, 0x80)
+        + _op(8, 0)
+        + _op(5, 7),
+        "deferred-over-pending-limit": b"\x27"
+        + b"".join(_op(0, _nyan(n % 4), b"x") for n in range(5))
+        + _op(5, 7),
+        "connecting-undecided": b"\x2f" + _op(0, _nyan(3)) + _op(0, _nyan(5)) + _op(5, 7),
+        "refuse-all": b"\x3b" + _op(0, _nyan(0), b"x") + _op(1, 1, b"late") + _op(5, 5),
+        "unread-window-fill": b"\x23"
+        + _op(0, _nyan(0), b"a" * 1000)
+        + _op(1, 4 << 4, b"b" * 100)  # 256 times: past the stream window
+        + _op(0, _nyan(1), b"a" * 1000)
+        + _op(1, 1 << 1 | 4 << 4, b"c" * 100)
+        + _op(5, 3)
+        + _op(8, 0x80)
+        + _op(5, 3)
+        + _op(8, 0),
+        "app-sends-until-full": b"\x13"
+        + _op(0, _nyan(0))
+        + _op(10, 4 << 4, b"z" * 100)  # 256 times, cut to what the buffer takes
+        + _op(10, 4 << 4, b"z" * 100)
+        + _op(5, 5),
+        "client-opens-proxyme": b"\x33"
+        + _op(6, 0)
+        + _op(5, 1)
+        + _op(1, 0, HEADER + b"\x00" + encode_frame(GRANT))
+        + _op(10, 0, encode_frame(b'""'))
+        + _op(5, 3)
+        + _op(1, 1, bytes(8)),
+        "client-opens-refused": b"\x33" + _op(6, 1) + _op(5, 1) + _op(1, 1, HEADER + b"\x01"),
+        "client-opens-no-answer": b"\x33" + _op(6, 0) + _op(5, 6) + _op(5, 6),
+        "silent-token-no-result": b"\x21"
+        + _op(1, 0x80, TOKEN_HELLO)
+        + _op(0, _nyan(0), b"x")
+        + _op(5, 7),
+        "silent-token-result-ok": b"\x31"
+        + _op(1, 0x80, TOKEN_HELLO + ok)
+        + _op(0, _nyan(0), b"hello")
+        + _op(5, 3),
+        "silent-token-result-refused": b"\x21"
+        + _op(1, 0x80, TOKEN_HELLO + encode_frame(b'{"ok":false,"reason":"no"}')),
+        "silent-held-then-ok": b"\x31"
+        + _op(1, 0x80, TOKEN_HELLO)
+        + b"".join(_op(0, _nyan(n), b"held" * 100) for n in range(5))
+        + _op(5, 2)
+        + _op(1, 0x80, ok)
+        + _op(5, 3),
+        "silent-simple-hello": b"\x30"
+        + _op(1, 0x80, SIMPLE_ACK_HELLO)
+        + _op(0, _nyan(3), b"x")
+        + _op(6, 0)
+        + _op(5, 3),
+        "auth-channel-reset-and-stop": b"\x33" + _op(2, 0x80, b"\x01") + _op(3, 0x80, b"\x02"),
+        "negotiation-timeout": b"\x33" + _op(0, 0, b"NY") + _op(5, 6),
+        "reset-during-decision": b"\x27"
+        + _op(0, _nyan(0))
+        + _op(5, 1)
+        + _op(2, 0, b"\x07")
+        + _op(7, 0),
+        "app-resets-open-stream": b"\x33" + _op(0, _nyan(0), b"x") + _op(9, 0x80, b"\x09"),
+        "frames-stop-before-first-byte": b"\x33" + _op(4, 0, stop_then_open) + _op(5, 3),
+        "frames-over-window": b"\x33"
+        + _op(4, 0, _stream_frame(5, b"", offset=10_000_000, fin=True)),
+        "frames-max-streams": b"\x33" + _op(4, 0, _stream_frame(4 * 40 + 1, b"NYAN")),
+        "frames-uni-stream": b"\x33" + _op(4, 0, _stream_frame(3, b"uni")),
+        "frames-other-address": b"\x33" + _op(4, 1, b"\x01") + _op(4, 2, b"\x01"),
+        "frames-close": b"\x33" + _op(4, 0, b"\x1d\x10\x03bye"),
+    }
+
+
 def _client_initial_plaintexts() -> list[tuple[bytes, bytes]]:
     """``(dcid + scid, plaintext payload)`` of a real client's first Initial packets."""
     configuration = quic_configuration(is_client=True, limits=Limits(), server_name="localhost")
@@ -229,11 +335,15 @@ def seeds() -> dict[str, dict[str, bytes]]:
             "wait-timeouts": b"\x01" + _op(0, 0, b"NY") + _op(5, 6) + _op(5, 7),
             "server-opens": b"\x03" + _op(6, 0, b"host") + _op(5, 3) + _op(7, 0),
         },
+        "client_handshaken": _client_handshaken(),
     }
 
 
-def write_corpus(directory: Path) -> None:
+def write_corpus(directory: Path, names: list[str] | None = None) -> None:
+    """Write the seeds of ``names`` (default: every harness) under ``directory``."""
     for harness, files in seeds().items():
+        if names and harness not in names:
+            continue
         target = directory / harness
         target.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():

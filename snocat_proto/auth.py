@@ -289,9 +289,16 @@ class Authenticator(ABC):
     def _next_frame(self, decoder: FrameDecoder) -> bytes | None:
         """Move the received bytes into ``decoder``; return its head frame if complete.
 
-        Bytes after that frame go back to ``self._received``. Raises FrameTooLarge."""
-        decoder.feed(bytes(self._received))
+        Bytes after that frame go back to ``self._received``. Raises FrameTooLarge, and
+        then keeps none of the bytes: the decoder would hold them until the tunnel is
+        dropped, however many the peer sent."""
+        data = bytes(self._received)
         self._received.clear()
+        try:
+            decoder.feed(data)
+        except FrameTooLarge:
+            decoder.take_remainder()
+            raise
         payload = decoder.next_frame()
         if payload is not None:
             self._received += decoder.take_remainder()

@@ -128,6 +128,8 @@ class _Stream:
     released: int = 0
     local_ended: bool = False
     remote_ended: bool = False
+    #: (A stream we opened) the peer's STOP_SENDING code, if it came during negotiation.
+    stopped_code: int | None = None
     want_writable: bool = False
 
     @property
@@ -326,6 +328,13 @@ class TunnelConnection:
             interval = min(interval, self._probe_interval)
         self._keepalive_at = now + interval
 
+    def _emit(self, event: events.TunnelEvent) -> None:
+        """Queue ``event`` for the application, unless :class:`TunnelClosed` was queued:
+        it is always the last event (a close in the middle of a datagram's events, such
+        as an unsupported NYAN version, must not be followed by that datagram's rest)."""
+        if not self._close_reported:
+            self._events.append(event)
+
     def next_event(self) -> events.TunnelEvent | None:
         try:
             return self._events.popleft()
@@ -399,7 +408,7 @@ class TunnelConnection:
         stream.negotiation = None
         held, stream.held = bytes(stream.held), bytearray()
         if held:
-            self._events.append(events.DataReceived(stream_id=stream_id, data=held))
+            self._emit(events.DataReceived(stream_id=stream_id, data=held))
         if stream.held_end:
             self._remote_end(stream)
 
@@ -512,7 +521,7 @@ class TunnelConnection:
         self._state = TunnelState.AUTHENTICATING
         # Limits.auth_timeout counts from here; the handshake had its own auth_timeout.
         self._auth_deadline = self._now + self._limits.auth_timeout
-        self._events.append(events.HandshakeCompleted(alpn=event.alpn_protocol))
+        self._emit(events.HandshakeCompleted(alpn=event.alpn_protocol))
         if event.alpn_protocol != ALPN:
             self.close(CloseCode.PROTOCOL_VIOLATION, f"expected ALPN {ALPN}")
             return
@@ -552,6 +561,7 @@ class TunnelConnection:
             # reference drops the stream), and STOP_SENDING may be read first: our
             # direction is over (the engine reset it), but the verdict is still to come.
             stream.local_ended = True
+            stream.stopped_code = event.error_code
             return
         self._on_peer_abort(event.stream_id, event.error_code, "peer stopped reading")
 
@@ -569,11 +579,11 @@ class TunnelConnection:
         self._reset_both(stream, StreamCode.CANCELLED)
         self._finish(stream)
         if opener_waiting and stream.we_opened:
-            self._events.append(
+            self._emit(
                 events.StreamRefused(stream_id=stream_id, reason=f"{reason} during negotiation")
             )
         elif app_knew:
-            self._events.append(
+            self._emit(
                 events.StreamReset(stream_id=stream_id, code=code, by_peer=True, reason=reason)
             )
 
@@ -596,11 +606,11 @@ class TunnelConnection:
         if close is None:
             return
         code, reason, by_peer, application = close
-        self._close_reported = True
         self._state = TunnelState.CLOSED
-        self._events.append(
+        self._emit(
             events.TunnelClosed(code=code, reason=reason, by_peer=by_peer, application=application)
         )
+        self._close_reported = True
 
     # Internals: authentication -----------------------------------------------
 
@@ -629,7 +639,7 @@ class TunnelConnection:
             self._quic.send_stream_data(AUTH_STREAM_ID, outgoing)
         while (event := self._authenticator.next_event()) is not None:
             if isinstance(event, CredentialRequired):
-                self._events.append(events.CredentialRequired(name=event.name))
+                self._emit(events.CredentialRequired(name=event.name))
             elif isinstance(event, Authenticated):
                 self._on_authenticated(event.name)
             elif isinstance(event, Rejected):
@@ -655,9 +665,7 @@ class TunnelConnection:
             connection_window=self._limits.tunnel_receive_window,
             max_streams=self._limits.max_streams_per_tunnel,
         )
-        self._events.append(
-            events.TunnelAuthenticated(name=name, scheme=self._authenticator.scheme)
-        )
+        self._emit(events.TunnelAuthenticated(name=name, scheme=self._authenticator.scheme))
         for stream in list(self._streams.values()):
             if stream.state is StreamState.HELD:
                 self._release_held(stream)
@@ -737,7 +745,7 @@ class TunnelConnection:
             self._negotiate(stream, data, end)
         elif state is StreamState.OPEN:
             if data:
-                self._events.append(events.DataReceived(stream_id=stream.stream_id, data=data))
+                self._emit(events.DataReceived(stream_id=stream.stream_id, data=data))
             if end:
                 self._remote_end(stream)
         elif stream.received > stream.released:
@@ -767,7 +775,12 @@ class TunnelConnection:
         if isinstance(result, Accepted):
             self._transition(stream, StreamInput.PEER_ACCEPTED)
             stream.negotiation = None
-            self._events.append(events.StreamAccepted(stream_id=stream_id))
+            self._emit(events.StreamAccepted(stream_id=stream_id))
+            if stream.stopped_code is not None:
+                # Accepted after it stopped our direction: as on any open stream, the
+                # stream is over (else the application could never write, nor be told).
+                self._on_peer_abort(stream_id, stream.stopped_code, "peer stopped reading")
+                return
             self._feed(stream, remainder, end)
         elif isinstance(result, Refused):
             self._transition(stream, StreamInput.PEER_REFUSED)
@@ -776,7 +789,7 @@ class TunnelConnection:
             stream.local_ended = True
             self._stop_receiving(stream, StreamCode.NO_ERROR)
             self._finish(stream)
-            self._events.append(
+            self._emit(
                 events.StreamRefused(
                     stream_id=stream_id, reason=f"peer refused the route (status {result.status})"
                 )
@@ -784,7 +797,7 @@ class TunnelConnection:
         elif isinstance(result, AddressReceived):
             self._transition(stream, StreamInput.ADDRESS_RECEIVED)
             stream.deadline = None
-            self._events.append(events.StreamRequested(stream_id=stream_id, address=result.address))
+            self._emit(events.StreamRequested(stream_id=stream_id, address=result.address))
             self._feed(stream, remainder, end)
 
     def _fail_negotiation(self, stream: _Stream, reason: str) -> None:
@@ -801,9 +814,9 @@ class TunnelConnection:
         if not (notify and app_knew):
             return
         if was_negotiating and stream.we_opened:
-            self._events.append(events.StreamRefused(stream_id=stream.stream_id, reason=reason))
+            self._emit(events.StreamRefused(stream_id=stream.stream_id, reason=reason))
         else:
-            self._events.append(
+            self._emit(
                 events.StreamReset(
                     stream_id=stream.stream_id, code=code, by_peer=False, reason=reason
                 )
@@ -811,7 +824,7 @@ class TunnelConnection:
 
     def _remote_end(self, stream: _Stream) -> None:
         stream.remote_ended = True
-        self._events.append(events.StreamEnded(stream_id=stream.stream_id))
+        self._emit(events.StreamEnded(stream_id=stream.stream_id))
         if stream.local_ended:
             self._transition(stream, StreamInput.BOTH_ENDED)
             self._finish(stream)
@@ -911,4 +924,4 @@ class TunnelConnection:
             if self._capacity(stream) >= self._writable_threshold:
                 stream.want_writable = False
                 del self._want_writable[stream]
-                self._events.append(events.StreamWritable(stream_id=stream.stream_id))
+                self._emit(events.StreamWritable(stream_id=stream.stream_id))

@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 import pytest
-from netsim import CLIENT_ADDR, Simulation
+from netsim import CLIENT_ADDR, SERVER_ADDR, Simulation
 
 from fuzz.harnesses import HARNESSES
 from fuzz.quic_harness import seal_one_rtt
@@ -25,6 +25,7 @@ from snocat_anyio.server import ServerConfig, TunnelServer
 from snocat_proto.address import RouteAddress
 from snocat_proto.auth import (
     ClientCredentials,
+    Rejected,
     SimpleAckConnector,
     SimpleAckListener,
     TokenConnector,
@@ -33,11 +34,14 @@ from snocat_proto.auth import (
 )
 from snocat_proto.certificates import install_trust
 from snocat_proto.client_endpoint import ClientEndpoint
+from snocat_proto.codes import CloseCode
 from snocat_proto.config import Limits
 from snocat_proto.engine import quic_configuration
 from snocat_proto.events import (
     CredentialRequired,
+    StreamAccepted,
     StreamRequested,
+    StreamReset,
     TunnelAuthenticated,
     TunnelClosed,
     TunnelEvent,
@@ -181,3 +185,100 @@ async def test_stop_sending_before_the_first_byte_leaves_the_aggregator_serving(
             tg.cancel_scope.cancel()
     for sock in sockets:
         sock.close()
+
+
+# STOP_SENDING on a stream we opened, then the peer accepts it ------------------------
+
+
+def test_an_opened_stream_stopped_then_accepted_is_reset() -> None:
+    """Found by ``client_handshaken``: an aggregator stopped the client's direction of a
+    stream the client opened, then accepted it.  The client reported it accepted with
+    its direction silently over: a write raised LocalProtocolError, and a StreamHandle
+    waited for room forever.  As on any open stream, STOP_SENDING now ends the stream:
+    StreamAccepted, then StreamReset by the peer with the peer's code."""
+    sim = Simulation(server_auth=SimpleAckListener, client_auth=SimpleAckConnector())
+    sim.server_app.route = lambda address: None  # decided below
+    sim.run_until(lambda: sim.client_app.of_type(TunnelAuthenticated), timeout=5)
+    opened = sim.client.open_stream(RouteAddress.of("svc"))
+    sim.run_until(lambda: sim.server_app.of_type(StreamRequested), timeout=5)
+    server = sim.server_tunnel
+    # One packet: aioquic writes a stream's STOP_SENDING before its data (the status).
+    server.engine.stop_stream(opened, 9)
+    server.accept_stream(opened)
+    sim.touch(server)
+    sim.run_until(
+        lambda: any(e.stream_id == opened for e in sim.client_app.of_type(StreamReset)),  # type: ignore[attr-defined]
+        timeout=5,
+    )
+    seen = [e for e in sim.client_app.events if getattr(e, "stream_id", None) == opened]
+    assert seen == [
+        StreamAccepted(stream_id=opened),
+        StreamReset(stream_id=opened, code=9, by_peer=True, reason="peer stopped reading"),
+    ]
+    assert sim.client_app.closed is None
+    HARNESSES["client_handshaken"](
+        (CORPUS / "client_handshaken" / "found-stop-sending-then-accepted").read_bytes()
+    )
+
+
+# A close in the middle of a datagram's events: nothing may follow TunnelClosed ------
+
+
+def _stream_frame(stream_id: int, offset: int, data: bytes) -> bytes:
+    """A STREAM frame with offset and length (all three below 64: one-byte varints)."""
+    return bytes([0x0E, stream_id, offset, len(data)]) + data
+
+
+def test_nothing_follows_tunnel_closed_when_a_datagram_closes_the_tunnel_midway() -> None:
+    """Found by ``client_handshaken``: one packet held two frames of a stream the client
+    opened, an unsupported NYAN version and one byte more.  The first closed the tunnel
+    (TunnelClosed queued); the second still reached the failed negotiation, and a
+    StreamRefused followed TunnelClosed, which the API promises is the last event."""
+    sim = Simulation(server_auth=SimpleAckListener, client_auth=SimpleAckConnector())
+    sim.run_until(lambda: sim.client_app.of_type(TunnelAuthenticated), timeout=5)
+    opened = sim.client.open_stream(RouteAddress.of("svc"))
+    frames = _stream_frame(opened, 0, b"NYAN\x01") + _stream_frame(opened, 5, b"x")
+    sim.client.receive_datagram(
+        seal_one_rtt(sim.server_tunnel.engine, frames), SERVER_ADDR, sim.now
+    )
+    sim.run_for(0.5)
+    closed = sim.client_app.closed
+    assert closed is not None and closed.code == CloseCode.UNSUPPORTED_VERSION
+    assert sim.client_app.events[-1] == closed
+    HARNESSES["client_handshaken"](
+        (CORPUS / "client_handshaken" / "found-close-midway-then-more").read_bytes()
+    )
+
+
+# A token frame over the limit: the refused bytes stayed in the frame decoder ----------
+
+
+def _oversized_frame() -> bytes:
+    """A length prefix past ``max_auth_message_size``, then bytes the peer pushes after it."""
+    return (5000).to_bytes(4, "big") + b"x" * 1000
+
+
+@pytest.mark.parametrize("side", ["connector", "listener"])
+def test_a_token_frame_over_the_limit_leaves_no_bytes_behind(side: str) -> None:
+    """Found by ``client_handshaken``: a hostile aggregator's token result announcing
+    more than the limit was refused, but the authenticator's frame decoder kept every
+    byte of the read (up to a receive window) until the tunnel was dropped.  The
+    listener (a hostile client's response) had the same flaw."""
+    limits = Limits(max_auth_message_size=256)
+    authenticator: TokenConnector | TokenListener
+    if side == "connector":
+        authenticator = TokenConnector("alpha", b"alpha-secret", limits=limits)
+        authenticator.receive_data(b"snocat-token-v1".ljust(32, b"\0") + bytes(32))
+    else:
+        authenticator = TokenListener(bytes(32), limits=limits)
+    authenticator.receive_data(_oversized_frame())
+    assert authenticator.is_finished
+    assert isinstance(list(iter(authenticator.next_event, None))[-1], Rejected)
+    assert authenticator._frames.buffered == 0
+    assert not authenticator._received
+
+
+def test_a_token_result_over_the_limit_replays_in_the_client_harness() -> None:
+    HARNESSES["client_handshaken"](
+        (CORPUS / "client_handshaken" / "found-token-result-over-the-limit").read_bytes()
+    )
