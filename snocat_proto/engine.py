@@ -20,6 +20,7 @@ from aioquic._buffer import Buffer
 from aioquic.quic import events as quic_events
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
 from aioquic.quic.connection import (
+    END_STATES,
     TRANSPORT_CLOSE_FRAME_CAPACITY,
     NetworkAddress,
     QuicConnection,
@@ -72,6 +73,10 @@ ACTIVE_CONNECTION_ID_LIMIT = 2
 
 #: How far in the past :meth:`QuicEngine.acknowledge_now` puts an ACK's due time.
 ACK_OVERDUE = 0.001
+
+#: How far past a due time-threshold loss check looks again, when rounding kept the
+#: packet that armed it from being declared lost (see QuicEngine.handle_timer).
+LOSS_TIME_SLACK = 1e-6
 
 #: Room for TLS output after the handshake, where QUIC has none (no KeyUpdate, no
 #: post-handshake authentication); aioquic keeps 16 KiB for each of three epochs.
@@ -187,6 +192,18 @@ class QuicEngine(QuicConnection):
         if stream is None:
             return 0
         return len(stream.sender._buffer)
+
+    def handle_timer(self, now: float) -> None:
+        super().handle_timer(now)
+        if self._state in END_STATES:
+            return
+        space = self._loss._get_loss_space()
+        if space is not None and space.loss_time is not None and space.loss_time <= now:
+            # aioquic declares a packet lost if ``sent_time <= now - delay`` but times
+            # it for ``sent_time + delay``: the two can disagree by a rounding error,
+            # and the timer stays due with nothing lost.  A clock that does not move
+            # between the calls (a simulation, a fuzz harness) would spin forever.
+            self._loss.on_loss_detection_timeout(now=now + LOSS_TIME_SLACK)
 
     def acknowledge_now(self, now: float) -> None:
         """Send the pending ACK with the next datagrams, not after the ACK delay."""

@@ -11,11 +11,17 @@ the corpus replay in tests/test_fuzz.py covers them too.
 
 from __future__ import annotations
 
+import math
+import random
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from aioquic import tls
+from aioquic.quic.packet import QuicPacketType
+from aioquic.quic.packet_builder import QuicSentPacket
+from aioquic.quic.recovery import K_TIME_THRESHOLD
 from netsim import CLIENT_ADDR, SERVER_ADDR, Simulation
 
 from fuzz.harnesses import HARNESSES
@@ -282,3 +288,56 @@ def test_a_token_result_over_the_limit_replays_in_the_client_harness() -> None:
     HARNESSES["client_handshaken"](
         (CORPUS / "client_handshaken" / "found-token-result-over-the-limit").read_bytes()
     )
+
+
+# A loss timer kept due by a rounding error ------------------------------------------
+
+
+def _rounding_case() -> tuple[float, float, float]:
+    """``(rtt, now, sent_time)`` where aioquic's two loss tests disagree: the packet is
+    not lost (``sent_time > now - delay``) yet its loss time has come (``sent_time +
+    delay <= now``)."""
+    rng = random.Random(0)
+    for _ in range(1_000_000):
+        rtt, now = rng.uniform(0.001, 0.1), 1000.0 + rng.random()
+        delay = K_TIME_THRESHOLD * rtt
+        sent = math.nextafter(now - delay, math.inf)
+        if not sent <= now - delay and sent + delay <= now:
+            return rtt, now, sent
+    raise AssertionError("no rounding case found")
+
+
+def test_a_loss_timer_due_by_a_rounding_error_does_not_stay_due() -> None:
+    """Found by the tunnel pair model's livelock check (the simulated clock stuck at
+    1000.174320706481): aioquic armed the loss timer for ``sent_time + delay`` but
+    tested ``sent_time <= now - delay``; one rounding error apart, the timer stayed due
+    with nothing lost, and a clock that does not move spun forever."""
+    sim = Simulation(server_auth=SimpleAckListener, client_auth=SimpleAckConnector())
+    sim.run_until(lambda: sim.client_app.of_type(TunnelAuthenticated), timeout=5)
+    sim.run_for(1.0)
+    engine = sim.client.engine
+    recovery = engine._loss
+    rtt, now, sent = _rounding_case()
+    recovery._rtt_initialized = True
+    recovery._rtt_latest = recovery._rtt_smoothed = rtt
+    space = engine._spaces[tls.Epoch.ONE_RTT]
+    space.sent_packets.clear()
+    space.ack_eliciting_in_flight = 0
+    number = space.largest_acked_packet + 1
+    space.sent_packets[number] = QuicSentPacket(
+        epoch=tls.Epoch.ONE_RTT,
+        in_flight=False,
+        is_ack_eliciting=False,
+        is_crypto_packet=False,
+        packet_number=number,
+        packet_type=QuicPacketType.ONE_RTT,
+        sent_time=sent,
+    )
+    space.largest_acked_packet = number + 1
+    space.loss_time = sent + K_TIME_THRESHOLD * rtt
+    timer = engine.get_timer()
+    assert timer is not None and timer <= now
+    engine.handle_timer(now)
+    assert number not in space.sent_packets  # declared lost
+    timer = engine.get_timer()
+    assert timer is None or timer > now
