@@ -103,6 +103,7 @@ from .quic_harness import (
     aggregator_authenticator,
     answer_as_aggregator,
     client_configuration,
+    complete_handshake,
     op_open,
     op_reset,
     op_send,
@@ -579,12 +580,7 @@ def _connect(options: int) -> _Session:
             )
         return client.state is TunnelState.AUTHENTICATING
 
-    for _ in range(40):
-        session.exchange()
-        if ready():
-            break
-        session.advance(0.01)
-    assert ready(), "the in-memory handshake did not complete"
+    complete_handshake(session, ready)
     session.go_raw()
     return session
 

@@ -503,12 +503,7 @@ def _connect(options: int) -> _Pair:
             )
         return tunnel.state is TunnelState.AUTHENTICATING
 
-    for _ in range(40):
-        pair.exchange()
-        if ready():
-            break
-        pair.advance(0.01)
-    assert ready(), "the in-memory handshake did not complete"
+    complete_handshake(pair, ready)
     pair.raw = True  # from here on the script drives the client's engine
     return pair
 
@@ -525,7 +520,19 @@ class RawPeer(Protocol):
     @property
     def engine(self) -> QuicEngine: ...
 
+    def exchange(self) -> None: ...
+
     def advance(self, seconds: float) -> None: ...
+
+
+def complete_handshake(peer: RawPeer, ready: Callable[[], bool]) -> None:
+    """Exchange datagrams, 10 ms apart, until ``ready()`` (or fail: it should take a few)."""
+    for _ in range(40):
+        peer.exchange()
+        if ready():
+            break
+        peer.advance(0.01)
+    assert ready(), "the in-memory handshake did not complete"
 
 
 def script(data: bytes) -> Iterator[tuple[int, int, bytes]]:
