@@ -24,7 +24,10 @@ from enum import Enum, auto
 from typing import Generic, TypeVar
 
 from .address import RouteAddress
+from .certificates import install_identity
 from .codes import CloseCode
+from .endpoint import AuthenticatorFactory, ServerEndpoint
+from .engine import quic_configuration
 from .errors import LocalProtocolError, ProtocolError
 from .ports import PortAllocator, PortsExhausted, StickyPorts
 from .proxyme import ProxymeRequest
@@ -45,6 +48,7 @@ __all__ = [
     "TunnelSession",
     "TunnelStatus",
     "endpoint_capacity",
+    "server_endpoint",
 ]
 
 #: Bind errors that concern one port only: the next port of the range is tried.
@@ -66,6 +70,29 @@ def endpoint_capacity(max_tunnels: int | None) -> int | None:
     if max_tunnels is None:
         return None
     return max_tunnels + max(16, max_tunnels // 4)
+
+
+def server_endpoint(
+    config: ServerConfig, authenticator_factory: AuthenticatorFactory
+) -> ServerEndpoint:
+    """The QUIC endpoint a server binding pumps, as ``config`` describes it."""
+    quic = quic_configuration(
+        is_client=False,
+        limits=config.limits,
+        idle_timeout=config.idle_timeout,
+        max_datagram_size=config.max_datagram_size,
+    )
+    install_identity(quic, config.certificate_pem, config.private_key_pem)
+    quic.secrets_log_file = config.secrets_log_file
+    return ServerEndpoint(
+        quic,
+        authenticator_factory=authenticator_factory,
+        limits=config.limits,
+        retry=config.retry,
+        max_tunnels=endpoint_capacity(config.max_tunnels),
+        keepalive_interval=config.keepalive_interval,
+        handshake_rate=config.handshake_rate,
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -35,13 +35,11 @@ from snocat_proto.aggregator import (
     Aggregator,
     TunnelSession,
     TunnelStatus,
-    endpoint_capacity,
+    server_endpoint,
 )
 from snocat_proto.auth import NONCE_SIZE, SCHEME_SIMPLE_ACK, Authenticator, listen_authenticator
-from snocat_proto.certificates import install_identity
 from snocat_proto.codes import CloseCode, StreamCode
 from snocat_proto.endpoint import ServerEndpoint
-from snocat_proto.engine import quic_configuration
 from snocat_proto.errors import LocalProtocolError, ProtocolError
 from snocat_proto.notices import Notice
 from snocat_proto.proxyme import (
@@ -169,24 +167,7 @@ class TunnelServer(ServerEvents[_Session, TunnelStream]):
         config = self.config
         sock: socket.socket | None = None
         try:
-            limits = config.limits
-            quic = quic_configuration(
-                is_client=False,
-                limits=limits,
-                idle_timeout=config.idle_timeout,
-                max_datagram_size=config.max_datagram_size,
-            )
-            install_identity(quic, config.certificate_pem, config.private_key_pem)
-            quic.secrets_log_file = config.secrets_log_file
-            self._endpoint = ServerEndpoint(
-                quic,
-                authenticator_factory=self._new_authenticator,
-                limits=limits,
-                retry=config.retry,
-                max_tunnels=endpoint_capacity(config.max_tunnels),
-                keepalive_interval=config.keepalive_interval,
-                handshake_rate=config.handshake_rate,
-            )
+            self._endpoint = server_endpoint(config, self._new_authenticator)
             sock = bind_udp(config.quic_host, config.quic_port)
             host = SyncHost(
                 self._endpoint, sock, self._on_event, lock=self._lock, name="snocat-server-pump"
