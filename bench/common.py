@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snocat_proto.certificates import generate_self_signed
+from snocat_proto._wire.certificates import generate_self_signed
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent

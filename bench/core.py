@@ -22,11 +22,11 @@ from pathlib import Path
 
 from bench.common import UPLOAD, Target, scratch_directory, snocat_pair, table, transfer
 from bench.memory_pair import raw_transfer, tunnel_transfer
-from snocat_proto.address import RouteAddress
-from snocat_proto.config import Limits
-from snocat_proto.framing import FrameDecoder, encode_frame
-from snocat_proto.negotiation import AcceptorNegotiation, OpenerNegotiation
-from snocat_proto.targets import ProxyTcpTarget
+from snocat_proto._wire.address import RouteAddress
+from snocat_proto._wire.framing import FrameDecoder, encode_frame
+from snocat_proto._wire.limits import Limits
+from snocat_proto._wire.negotiation import AcceptorNegotiation, OpenerNegotiation
+from snocat_proto._wire.targets import ProxyTcpTarget
 
 LIMITS = Limits()
 ADDRESS = ProxyTcpTarget.parse_host_port("127.0.0.1:8080").to_address()

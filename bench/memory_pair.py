@@ -19,25 +19,25 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import StreamDataReceived
 
 from bench.common import PATTERN
-from snocat_proto.address import RouteAddress
-from snocat_proto.auth import (
+from snocat_proto._wire.address import RouteAddress
+from snocat_proto._wire.auth import (
     SCHEME_SIMPLE_ACK,
     ClientCredentials,
     connect_authenticator,
     listen_authenticator,
 )
-from snocat_proto.certificates import generate_self_signed, install_identity
-from snocat_proto.config import Limits
-from snocat_proto.endpoint import ServerEndpoint
-from snocat_proto.engine import quic_configuration
-from snocat_proto.events import (
+from snocat_proto._wire.certificates import generate_self_signed, install_identity
+from snocat_proto._wire.endpoint import ServerEndpoint
+from snocat_proto._wire.engine import quic_configuration
+from snocat_proto._wire.events import (
+    AuthenticationCompleted,
     DataReceived,
     StreamAccepted,
     StreamRequested,
     StreamWritable,
-    TunnelAuthenticated,
 )
-from snocat_proto.tunnel import TunnelConnection
+from snocat_proto._wire.limits import Limits
+from snocat_proto._wire.tunnel import TunnelConnection
 
 SERVER = ("10.0.0.1", 4433)
 CLIENT = ("10.0.0.2", 50000)
@@ -92,7 +92,7 @@ def tunnel_transfer(size: int, *, datagram: int = 1200, limits: Limits | None = 
 
     def client_events() -> None:
         while (event := client.next_event()) is not None:
-            if isinstance(event, TunnelAuthenticated):
+            if isinstance(event, AuthenticationCompleted):
                 state["authenticated"] = True
             elif isinstance(event, StreamAccepted):
                 state["accepted"] = True

@@ -38,13 +38,13 @@ from bench.common import (
     table,
     wait_for_json_line,
 )
-from snocat_proto.auth import ClientCredentials, connect_authenticator
-from snocat_proto.certificates import install_trust
-from snocat_proto.config import Limits
-from snocat_proto.engine import parse_packet_header, quic_configuration
-from snocat_proto.events import TunnelAuthenticated, TunnelClosed
-from snocat_proto.tokens import parse_tokens
-from snocat_proto.tunnel import CONNECT_KEEPALIVE_INTERVAL, TunnelConnection
+from snocat_proto._service.tokens import parse_tokens
+from snocat_proto._wire.auth import ClientCredentials, connect_authenticator
+from snocat_proto._wire.certificates import install_trust
+from snocat_proto._wire.engine import parse_packet_header, quic_configuration
+from snocat_proto._wire.events import AuthenticationCompleted, ConnectionTerminated
+from snocat_proto._wire.limits import Limits
+from snocat_proto._wire.tunnel import CONNECT_KEEPALIVE_INTERVAL, TunnelConnection
 
 
 class Driver:
@@ -111,10 +111,10 @@ class Driver:
             else:
                 self.by_cid.pop(cid, None)
         while (event := tunnel.next_event()) is not None:
-            if isinstance(event, TunnelAuthenticated):
+            if isinstance(event, AuthenticationCompleted):
                 self.pending.pop(tunnel, None)
                 self.authenticated.append(tunnel)
-            elif isinstance(event, TunnelClosed):
+            elif isinstance(event, ConnectionTerminated):
                 index = self.pending.pop(tunnel, None)
                 if index is not None:
                     self.failed += 1

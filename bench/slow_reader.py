@@ -54,7 +54,7 @@ from bench.common import (
     table,
 )
 from snocat_anyio.relay import COPY_CHUNK
-from snocat_proto.config import Limits
+from snocat_proto._wire.limits import Limits
 
 #: Read and write size of both bench sides.
 CHUNK = 64 * 1024

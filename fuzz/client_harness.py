@@ -17,7 +17,7 @@
 
 Invariants (beyond "no exception escapes the client core"):
 
-* the application hears of streams only after ``TunnelAuthenticated``, which comes
+* the application hears of streams only after ``AuthenticationCompleted``, which comes
   only once the aggregator sent a valid hello (and, token scheme, a ``{"ok": true}``
   result) on the auth channel: a token aggregator that never sends one reaches nothing;
 * what the client holds is bounded: before authentication at most 4 peer streams and
@@ -32,7 +32,7 @@ Invariants (beyond "no exception escapes the client core"):
   application accepts only targets of its allow-list (checked against an independent
   reading of the list); the refusal status only on a stream it refused;
 * events name only streams the application knows; none follows a stream's reset or
-  refusal, and nothing follows ``TunnelClosed``;
+  refusal, and nothing follows ``ConnectionTerminated``;
 * once the aggregator goes quiet, the tunnel ends within the keep-alive interval plus
   its idle timeout and closing period, and no timer stays armed.
 """
@@ -47,44 +47,41 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from snocat_proto.address import RouteAddress
-from snocat_proto.allowlist import AllowList
-from snocat_proto.auth import (
+from snocat_proto._service.allowlist import AllowList
+from snocat_proto._wire.address import RouteAddress
+from snocat_proto._wire.auth import (
     HELLO_SIZE,
     Authenticator,
     ClientCredentials,
     TokenConnector,
     connect_authenticator,
 )
-from snocat_proto.client_endpoint import ClientEndpoint
-from snocat_proto.codes import StreamCode
-from snocat_proto.endpoint import ServerEndpoint
-from snocat_proto.engine import (
-    UNAUTHENTICATED_CONNECTION_WINDOW,
-    UNAUTHENTICATED_MAX_STREAMS,
+from snocat_proto._wire.codes import StreamCode
+from snocat_proto._wire.endpoint import ClientEndpoint, ServerEndpoint
+from snocat_proto._wire.engine import (
     NetworkAddress,
     QuicEngine,
     quic_events,
 )
-from snocat_proto.events import (
+from snocat_proto._wire.events import (
+    AuthenticationCompleted,
+    ConnectionTerminated,
     CredentialRequired,
     DataReceived,
     HandshakeCompleted,
     StreamAccepted,
     StreamEnded,
-    StreamRefused,
+    StreamRejected,
     StreamRequested,
     StreamReset,
     StreamWritable,
-    TunnelAuthenticated,
-    TunnelClosed,
     TunnelEvent,
 )
-from snocat_proto.framing import LENGTH_PREFIX_SIZE, encode_frame
-from snocat_proto.negotiation import HEADER
-from snocat_proto.proxyme import ProxymeRequest
-from snocat_proto.targets import ProxyTcpTarget
-from snocat_proto.tunnel import (
+from snocat_proto._wire.framing import LENGTH_PREFIX_SIZE, encode_frame
+from snocat_proto._wire.negotiation import HEADER
+from snocat_proto._wire.proxyme import ProxymeRequest
+from snocat_proto._wire.targets import ProxyTcpTarget
+from snocat_proto._wire.tunnel import (
     AUTH_STREAM_ID,
     CONNECT_KEEPALIVE_INTERVAL,
     StreamState,
@@ -145,7 +142,7 @@ CLIENT_ROUTES = (
     ProxymeRequest(host="127.0.0.1", port=5000).to_address(),
     RouteAddress.of("proxy-tcp", "dns", "example.com", "tcp", "443"),
 )
-_PRE_AUTH_WINDOW = min(UNAUTHENTICATED_CONNECTION_WINDOW, LIMITS.tunnel_receive_window)
+_PRE_AUTH_WINDOW = min(LIMITS.pre_auth_receive_window, LIMITS.tunnel_receive_window)
 #: Negotiation bytes a stream's send buffer may hold beyond ``stream_send_buffer``:
 #: the NYAN header, an address frame and a status byte.
 _NEGOTIATION_BYTES = len(HEADER) + LENGTH_PREFIX_SIZE + LIMITS.max_address_size + 1
@@ -375,17 +372,17 @@ class _Session:
 
     def on_event(self, event: TunnelEvent) -> None:
         app = self.app
-        assert not app.closed, f"{event!r} after TunnelClosed"
+        assert not app.closed, f"{event!r} after ConnectionTerminated"
         if isinstance(event, HandshakeCompleted):
             return
-        if isinstance(event, TunnelAuthenticated):
+        if isinstance(event, AuthenticationCompleted):
             assert not app.authenticated, "authenticated twice"
             assert _valid_auth_input(self.token, bytes(self.auth_input)), (
                 f"authenticated on the aggregator's bytes {bytes(self.auth_input[:200])!r}"
             )
             app.authenticated = True
             return
-        if isinstance(event, TunnelClosed):
+        if isinstance(event, ConnectionTerminated):
             app.closed = True
             return
         assert not isinstance(event, CredentialRequired), "the Connect side asked for a secret"
@@ -409,7 +406,7 @@ class _Session:
             app.unread[stream_id] += len(event.data)
             if self.auto_read:
                 self.read(stream_id)
-        elif isinstance(event, StreamAccepted | StreamRefused):
+        elif isinstance(event, StreamAccepted | StreamRejected):
             assert stream_id in app.opened and stream_id not in app.open, event
             if isinstance(event, StreamAccepted):
                 app.open.add(stream_id)
@@ -476,7 +473,7 @@ class _Session:
         records = list(client._streams.values())
         peer = [s for s in records if not s.we_opened]
         if not app.authenticated and client.state is not TunnelState.AUTHENTICATED:
-            assert len(peer) <= UNAUTHENTICATED_MAX_STREAMS, "too many streams before auth"
+            assert len(peer) <= LIMITS.pre_auth_max_streams, "too many streams before auth"
             assert sum(len(s.held) for s in peer) <= _PRE_AUTH_WINDOW, "held before auth"
         pending = [s for s in peer if s.state in (StreamState.NEGOTIATING, StreamState.DECIDING)]
         assert len(pending) <= LIMITS.max_pending_requests, "too many pending requests"
@@ -535,7 +532,7 @@ class _Session:
             self.check()
 
         run_out(self.endpoint, pump, self.now, within)
-        assert self.app.closed, "the tunnel ended without TunnelClosed"
+        assert self.app.closed, "the tunnel ended without ConnectionTerminated"
 
 
 def _connect(options: int) -> _Session:

@@ -27,31 +27,31 @@ from collections.abc import Callable, Iterator, Sequence
 from itertools import pairwise
 from typing import Any
 
-from snocat_proto.address import RouteAddress
-from snocat_proto.auth import (
+from snocat_proto._wire.address import RouteAddress
+from snocat_proto._wire.auth import (
     HELLO_SIZE,
     SIMPLE_ACK_ANSWER,
     Authenticated,
     Authenticator,
     AuthEvent,
-    CredentialRequired,
     Rejected,
+    SecretRequired,
     SimpleAckConnector,
     SimpleAckListener,
     TokenConnector,
     TokenListener,
     token_mac,
 )
-from snocat_proto.config import Limits
-from snocat_proto.errors import (
+from snocat_proto._wire.errors import (
     FrameTooLarge,
     LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
     UnsupportedVersion,
 )
-from snocat_proto.framing import FrameDecoder, encode_frame
-from snocat_proto.negotiation import (
+from snocat_proto._wire.framing import FrameDecoder, encode_frame
+from snocat_proto._wire.limits import Limits
+from snocat_proto._wire.negotiation import (
     HEADER,
     Accepted,
     AcceptorNegotiation,
@@ -59,7 +59,7 @@ from snocat_proto.negotiation import (
     OpenerNegotiation,
     Refused,
 )
-from snocat_proto.proxyme import (
+from snocat_proto._wire.proxyme import (
     Denied,
     Granted,
     ProxymeClient,
@@ -70,7 +70,7 @@ from snocat_proto.proxyme import (
     ReleaseRequested,
     SubjectReceived,
 )
-from snocat_proto.targets import ProxyTcpTarget, parse_port
+from snocat_proto._wire.targets import ProxyTcpTarget, parse_port
 
 __all__ = ["HARNESSES", "Harness", "chunkings", "rng_for"]
 
@@ -368,7 +368,7 @@ _NAME_IN_RESPONSE = re.compile(rb'"name"\s*:\s*"([^"\\]{1,128})"')
 
 
 def _summary(event: AuthEvent) -> tuple[str, str]:
-    if isinstance(event, Authenticated | CredentialRequired):
+    if isinstance(event, Authenticated | SecretRequired):
         return type(event).__name__, event.name
     assert isinstance(event, Rejected)
     assert event.reason and event.reason.isprintable(), event.reason
@@ -383,7 +383,7 @@ def _drive(
 ) -> tuple[tuple[tuple[str, str], ...], bytes]:
     """Feed the peer's bytes; the events and every byte the authenticator wrote.
 
-    A :class:`CredentialRequired` is answered (by ``decide``) at the next decision
+    A :class:`SecretRequired` is answered (by ``decide``) at the next decision
     point of the plan."""
     events: list[tuple[str, str]] = []
     output = bytearray(authenticator.data_to_send())
@@ -393,7 +393,7 @@ def _drive(
         while (event := authenticator.next_event()) is not None:
             assert _terminal(tuple(events)) is None, "an event after the terminal one"
             events.append(_summary(event))
-            if isinstance(event, CredentialRequired):
+            if isinstance(event, SecretRequired):
                 pending.append(event.name)
         output.extend(authenticator.data_to_send())
 

@@ -42,35 +42,32 @@ from aioquic import tls
 from aioquic._buffer import Buffer
 from aioquic.quic.crypto import CryptoPair
 
-from snocat_proto.address import RouteAddress
-from snocat_proto.auth import (
+from snocat_proto._wire.address import RouteAddress
+from snocat_proto._wire.auth import (
     Authenticator,
     SimpleAckConnector,
     SimpleAckListener,
     TokenConnector,
     TokenListener,
 )
-from snocat_proto.certificates import generate_self_signed, install_identity
-from snocat_proto.client_endpoint import ClientEndpoint
-from snocat_proto.config import Limits
-from snocat_proto.endpoint import ServerEndpoint
-from snocat_proto.engine import (
+from snocat_proto._wire.certificates import generate_self_signed, install_identity
+from snocat_proto._wire.endpoint import ClientEndpoint, ServerEndpoint
+from snocat_proto._wire.engine import (
     SMALLEST_MAX_DATAGRAM_SIZE,
-    UNAUTHENTICATED_CONNECTION_WINDOW,
-    UNAUTHENTICATED_MAX_STREAMS,
     NetworkAddress,
     QuicConfiguration,
     QuicEngine,
     quic_configuration,
 )
-from snocat_proto.events import (
+from snocat_proto._wire.events import (
+    AuthenticationCompleted,
     CredentialRequired,
     DataReceived,
     StreamRequested,
-    TunnelAuthenticated,
     TunnelEvent,
 )
-from snocat_proto.tunnel import StreamState, TunnelConnection, TunnelState
+from snocat_proto._wire.limits import Limits
+from snocat_proto._wire.tunnel import StreamState, TunnelConnection, TunnelState
 
 __all__ = [
     "HARNESSES",
@@ -452,8 +449,8 @@ class _Pair:
         streams = tunnel._streams.values()
         if tunnel.state is not TunnelState.AUTHENTICATED:
             peer = [s for s in streams if not s.we_opened]
-            assert len(peer) <= UNAUTHENTICATED_MAX_STREAMS
-            window = min(UNAUTHENTICATED_CONNECTION_WINDOW, LIMITS.tunnel_receive_window)
+            assert len(peer) <= LIMITS.pre_auth_max_streams
+            window = min(LIMITS.pre_auth_receive_window, LIMITS.tunnel_receive_window)
             assert sum(len(s.held) for s in peer) <= window
         pending = [
             s
@@ -464,7 +461,7 @@ class _Pair:
         if self.token and not self.authenticate:
             assert tunnel.state is not TunnelState.AUTHENTICATED
             assert not any(
-                isinstance(e, StreamRequested | DataReceived | TunnelAuthenticated)
+                isinstance(e, StreamRequested | DataReceived | AuthenticationCompleted)
                 for e in self.events
             ), "an unauthenticated peer reached the application"
 

@@ -17,12 +17,12 @@ from aioquic._buffer import Buffer
 from aioquic.quic.crypto import CryptoPair
 from aioquic.quic.packet import pull_quic_header
 
-from snocat_proto.address import RouteAddress
-from snocat_proto.auth import SIMPLE_ACK_ANSWER, SIMPLE_ACK_HELLO, token_mac
-from snocat_proto.config import Limits
-from snocat_proto.engine import QuicEngine, quic_configuration
-from snocat_proto.framing import encode_frame
-from snocat_proto.negotiation import HEADER
+from snocat_proto._wire.address import RouteAddress
+from snocat_proto._wire.auth import SIMPLE_ACK_ANSWER, SIMPLE_ACK_HELLO, token_mac
+from snocat_proto._wire.engine import QuicEngine, quic_configuration
+from snocat_proto._wire.framing import encode_frame
+from snocat_proto._wire.limits import Limits
+from snocat_proto._wire.negotiation import HEADER
 
 from .harnesses import MAC_PLACEHOLDER, NAME, NONCE, SECRET
 
@@ -161,7 +161,7 @@ def _client_initial_plaintexts() -> list[tuple[bytes, bytes]]:
     """``(dcid + scid, plaintext payload)`` of a real client's first Initial packets."""
     configuration = quic_configuration(is_client=True, limits=Limits(), server_name="localhost")
     configuration.verify_mode = ssl.CERT_NONE
-    engine = QuicEngine(configuration=configuration)
+    engine = QuicEngine(configuration=configuration, limits=Limits())
     engine.connect(("10.0.0.1", 4433), now=0.0)
     found = []
     for datagram, _ in engine.datagrams_to_send(0.0):

@@ -44,22 +44,23 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from snocat_proto import activity
-from snocat_proto.auth import SCHEME_SIMPLE_ACK, SCHEME_TOKEN, ClientCredentials
-from snocat_proto.certificates import (
+from snocat_proto._service import activity
+from snocat_proto._service.config import DEFAULT_MAX_DATAGRAM_SIZE, MAX_DATAGRAM_SIZE_LIMIT
+from snocat_proto._service.ports import PortRange
+from snocat_proto._service.tokens import format_tokens, parse_single_token, parse_tokens
+from snocat_proto._wire.auth import SCHEME_SIMPLE_ACK, SCHEME_TOKEN, ClientCredentials
+from snocat_proto._wire.certificates import (
     fingerprint,
     generate_self_signed,
     load_certificate_chain,
     parse_fingerprint,
 )
-from snocat_proto.config import Limits
-from snocat_proto.errors import LocalProtocolError
-from snocat_proto.handshake_rate import DEFAULT_HANDSHAKE_RATE, HandshakeRate
-from snocat_proto.ports import PortRange
-from snocat_proto.settings import DEFAULT_MAX_DATAGRAM_SIZE, MAX_DATAGRAM_SIZE_LIMIT
-from snocat_proto.targets import ProxyTcpTarget
-from snocat_proto.tokens import format_tokens, parse_single_token, parse_tokens
-from snocat_proto.tunnel import CONNECT_KEEPALIVE_INTERVAL, LISTEN_KEEPALIVE_INTERVAL
+from snocat_proto._wire.errors import LocalProtocolError
+from snocat_proto._wire.handshake_rate import DEFAULT_HANDSHAKE_RATE, HandshakeRate
+from snocat_proto._wire.limits import Limits
+from snocat_proto._wire.network import format_host_port, parse_host_port
+from snocat_proto._wire.targets import ProxyTcpTarget
+from snocat_proto._wire.tunnel import CONNECT_KEEPALIVE_INTERVAL, LISTEN_KEEPALIVE_INTERVAL
 
 from .client import ClientConfig, TunnelClient
 from .errors import AuthenticationError, ConnectError, SnocatError
@@ -115,21 +116,10 @@ def _err_console() -> Console:
 
 def parse_socket_address(text: str, *, what: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[V6]:PORT``."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise UsageProblem(f"{what} must be HOST:PORT (e.g. 127.0.0.1:9090), not {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise UsageProblem(f"{what}: write IPv6 addresses in brackets, e.g. [::1]:9090")
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise UsageProblem(f"{what}: port {port} is outside 0..65535")
-    return host, port
-
-
-def format_socket_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        return parse_host_port(text)
+    except ValueError as exc:
+        raise UsageProblem(f"{what} {exc}") from None
 
 
 def _read_file(path: Path, what: str) -> bytes:
@@ -737,7 +727,7 @@ def server(
                     raise UsageProblem(f"{message}; choose another --quic address") from None
                 raise OSError(message) from None
             host, port = server.quic_address
-            address = format_socket_address(host, port)
+            address = format_host_port(host, port)
             _announce_server(address, digest, tokens_path, created_state, json_mode=json_mode)
             if not json_mode and sys.stderr.isatty():
                 tg.start_soon(_live_status, server)
@@ -937,7 +927,7 @@ def client(
             )
             with anyio.CancelScope() as running:
                 await tg.start(_until_signalled, running)
-                console.print(f"connecting to {format_socket_address(host, port)} ...")
+                console.print(f"connecting to {format_host_port(host, port)} ...")
                 await tunnel_client.run()
             await tunnel_client.aclose()
             tg.cancel_scope.cancel()
@@ -1028,7 +1018,7 @@ def demo(
                 addresses = await tunnel_client.wait_granted()
                 console.print(
                     f"[bold green]demo tunnel up:[/] connect to [bold]{', '.join(addresses)}[/] "
-                    f"-> {parsed_target} (through QUIC on {format_socket_address(host, port)}). "
+                    f"-> {parsed_target} (through QUIC on {format_host_port(host, port)}). "
                     "Ctrl-C stops."
                 )
                 await anyio.sleep_forever()

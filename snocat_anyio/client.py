@@ -48,10 +48,9 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
-from snocat_proto import activity, notices
-from snocat_proto.address import RouteAddress
-from snocat_proto.allowlist import AllowList
-from snocat_proto.attempts import (
+from snocat_proto._service import activity, notices
+from snocat_proto._service.allowlist import AllowList
+from snocat_proto._service.attempts import (
     AttemptEnd,
     ErrorKind,
     check_pinned_certificate,
@@ -59,25 +58,26 @@ from snocat_proto.attempts import (
     local_socket_failure,
     lost_tunnel,
     no_answer,
-    port_of,
     unresolvable,
 )
-from snocat_proto.auth import connect_authenticator
-from snocat_proto.backoff import Backoff
-from snocat_proto.certificates import install_trust
-from snocat_proto.client_endpoint import ClientEndpoint
-from snocat_proto.client_events import ClientEvents
-from snocat_proto.codes import CloseCode, StreamCode
-from snocat_proto.engine import NetworkAddress, quic_configuration
-from snocat_proto.errors import LocalProtocolError, ProtocolError
-from snocat_proto.events import (
-    TunnelClosed,
+from snocat_proto._service.backoff import Backoff
+from snocat_proto._service.client_events import ClientEvents
+from snocat_proto._service.config import ClientConfig
+from snocat_proto._service.notices import Notice
+from snocat_proto._wire.address import RouteAddress
+from snocat_proto._wire.auth import connect_authenticator
+from snocat_proto._wire.certificates import install_trust
+from snocat_proto._wire.codes import CloseCode, StreamCode
+from snocat_proto._wire.endpoint import ClientEndpoint
+from snocat_proto._wire.engine import quic_configuration
+from snocat_proto._wire.errors import LocalProtocolError, ProtocolError
+from snocat_proto._wire.events import (
+    ConnectionTerminated,
 )
-from snocat_proto.notices import Notice
-from snocat_proto.proxyme import ProxymeClient, ProxymeRequest
-from snocat_proto.settings import ClientConfig
-from snocat_proto.targets import ProxyTcpTarget, TargetKind
-from snocat_proto.tunnel import TunnelConnection, TunnelState, format_address
+from snocat_proto._wire.network import NetworkAddress, format_address
+from snocat_proto._wire.proxyme import ProxymeClient, ProxymeRequest
+from snocat_proto._wire.targets import ProxyTcpTarget, TargetKind
+from snocat_proto._wire.tunnel import TunnelConnection, TunnelState
 from snocat_sync.udp import bind_udp
 
 from .errors import (
@@ -132,7 +132,7 @@ class _Session:
     handshake_done: bool = False
     authenticated: bool = False
     name: str | None = None
-    closed: TunnelClosed | None = None
+    closed: ConnectionTerminated | None = None
     pin_problem: str | None = None
     first_answer: bool = False
     proxyme: tuple[ProxymeClient, TunnelStream] | None = None
@@ -616,7 +616,3 @@ def _full_sockaddr(family: int, sockaddr: tuple[str, int]) -> NetworkAddress:
         host, port, socket.AF_INET6, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST
     )
     return info[0][4]
-
-
-#: Kept for existing callers; the function lives in :mod:`snocat_proto.attempts`.
-_port_of = port_of

@@ -1,4 +1,4 @@
-"""Delivering :mod:`snocat_proto.activity` records to subscribers.
+"""Delivering :mod:`snocat_proto._service.activity` records to subscribers.
 
 Publishing is synchronous and never waits, so the pump cannot be stalled by a
 slow observer; every subscriber has its own queue, so none can miss an event.
@@ -13,7 +13,7 @@ from types import TracebackType
 
 import anyio
 
-from snocat_proto.activity import Activity
+from snocat_proto._service.activity import Activity
 
 
 class Subscription:

@@ -12,7 +12,7 @@ import asyncio
 import anyio
 import anyio.abc
 
-from snocat_proto.notices import RelayResult
+from snocat_proto._service.notices import RelayResult
 
 from .stream import TunnelStream
 

@@ -35,35 +35,36 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
-from snocat_proto import notices
-from snocat_proto.address import RouteAddress
-from snocat_proto.aggregator import (
+from snocat_proto._service import notices
+from snocat_proto._service.aggregator import (
     PORT_TAKEN_ERRNOS,
     Aggregator,
     TunnelSession,
     TunnelStatus,
     server_endpoint,
 )
-from snocat_proto.auth import (
+from snocat_proto._service.config import ServerConfig
+from snocat_proto._service.notices import Notice
+from snocat_proto._service.server_events import ServerEvents
+from snocat_proto._wire.address import RouteAddress
+from snocat_proto._wire.auth import (
     NONCE_SIZE,
     SCHEME_SIMPLE_ACK,
     Authenticator,
     listen_authenticator,
 )
-from snocat_proto.codes import CloseCode, StreamCode
-from snocat_proto.endpoint import ServerEndpoint
-from snocat_proto.errors import LocalProtocolError, ProtocolError
-from snocat_proto.notices import Notice
-from snocat_proto.proxyme import (
+from snocat_proto._wire.codes import CloseCode, StreamCode
+from snocat_proto._wire.endpoint import ServerEndpoint
+from snocat_proto._wire.errors import LocalProtocolError, ProtocolError
+from snocat_proto._wire.network import format_address
+from snocat_proto._wire.proxyme import (
     ProxymeEvent,
     ProxymeRequest,
     ProxymeServer,
     ReleaseRequested,
     SubjectReceived,
 )
-from snocat_proto.server_events import ServerEvents
-from snocat_proto.settings import ServerConfig
-from snocat_proto.tunnel import TunnelConnection, format_address
+from snocat_proto._wire.tunnel import TunnelConnection
 from snocat_sync.udp import bind_udp
 
 from .errors import SnocatError, StreamRefusedError, TunnelClosedError

@@ -8,10 +8,10 @@ sockets (:class:`TunnelStream`) and may be shared between threads.
 
 from __future__ import annotations
 
-from snocat_proto.aggregator import TunnelStatus
-from snocat_proto.auth import ClientCredentials
-from snocat_proto.settings import ClientConfig, ServerConfig
-from snocat_proto.targets import ProxyTcpTarget
+from snocat_proto._service.aggregator import TunnelStatus
+from snocat_proto._service.config import ClientConfig, ServerConfig
+from snocat_proto._wire.auth import ClientCredentials
+from snocat_proto._wire.targets import ProxyTcpTarget
 
 from .client import TunnelClient
 from .errors import (

@@ -2,7 +2,7 @@
 
 :class:`TunnelClient` is :class:`snocat_anyio.client.TunnelClient` 's twin, configured
 with the same :class:`~snocat_proto.settings.ClientConfig` and judging failures with
-the same core verdicts (:mod:`snocat_proto.attempts`).  A background *run thread*
+the same core verdicts (:mod:`snocat_proto._service.attempts`).  A background *run thread*
 strings sessions together with capped, jittered backoff; each session has its own
 UDP socket and :class:`~snocat_sync.host.SyncHost` pump thread, a ``proxyme`` thread
 that requests the public port for ``targets[0]`` (again, with backoff, after a denial
@@ -28,10 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Concatenate, ParamSpec
 
-from snocat_proto import activity, notices
-from snocat_proto.address import RouteAddress
-from snocat_proto.allowlist import AllowList
-from snocat_proto.attempts import (
+from snocat_proto._service import activity, notices
+from snocat_proto._service.allowlist import AllowList
+from snocat_proto._service.attempts import (
     AttemptEnd,
     ErrorKind,
     diagnose_early_close,
@@ -40,22 +39,24 @@ from snocat_proto.attempts import (
     no_answer,
     unresolvable,
 )
-from snocat_proto.auth import connect_authenticator
-from snocat_proto.backoff import Backoff
-from snocat_proto.certificates import install_trust
-from snocat_proto.client_endpoint import ClientEndpoint
-from snocat_proto.client_events import ClientEvents
-from snocat_proto.codes import CloseCode, StreamCode
-from snocat_proto.engine import NetworkAddress, quic_configuration
-from snocat_proto.errors import LocalProtocolError, ProtocolError
-from snocat_proto.events import (
-    TunnelClosed,
+from snocat_proto._service.backoff import Backoff
+from snocat_proto._service.client_events import ClientEvents
+from snocat_proto._service.config import ClientConfig
+from snocat_proto._service.notices import Notice
+from snocat_proto._wire.address import RouteAddress
+from snocat_proto._wire.auth import connect_authenticator
+from snocat_proto._wire.certificates import install_trust
+from snocat_proto._wire.codes import CloseCode, StreamCode
+from snocat_proto._wire.endpoint import ClientEndpoint
+from snocat_proto._wire.engine import quic_configuration
+from snocat_proto._wire.errors import LocalProtocolError, ProtocolError
+from snocat_proto._wire.events import (
+    ConnectionTerminated,
 )
-from snocat_proto.notices import Notice
-from snocat_proto.proxyme import ProxymeClient, ProxymeRequest
-from snocat_proto.settings import ClientConfig
-from snocat_proto.targets import ProxyTcpTarget, TargetKind
-from snocat_proto.tunnel import TunnelConnection, TunnelState, format_address
+from snocat_proto._wire.network import NetworkAddress, format_address
+from snocat_proto._wire.proxyme import ProxymeClient, ProxymeRequest
+from snocat_proto._wire.targets import ProxyTcpTarget, TargetKind
+from snocat_proto._wire.tunnel import TunnelConnection, TunnelState
 
 from .errors import (
     AuthenticationError,
@@ -102,7 +103,7 @@ class _Session:
     handshake_done: bool = False
     authenticated: bool = False
     name: str | None = None
-    closed: TunnelClosed | None = None
+    closed: ConnectionTerminated | None = None
     pin_problem: str | None = None
     first_answer: bool = False
     #: The session is ending: no new services, no new port requests.

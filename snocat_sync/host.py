@@ -26,15 +26,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from snocat_proto.address import RouteAddress
-from snocat_proto.client_endpoint import Endpoint
-from snocat_proto.engine import NetworkAddress
-from snocat_proto.events import (
+from snocat_proto._service.stream_table import StreamTable
+from snocat_proto._wire.address import RouteAddress
+from snocat_proto._wire.endpoint import Endpoint
+from snocat_proto._wire.events import (
     StreamRequested,
     TunnelEvent,
 )
-from snocat_proto.stream_table import StreamTable
-from snocat_proto.tunnel import TunnelConnection
+from snocat_proto._wire.network import NetworkAddress
+from snocat_proto._wire.tunnel import TunnelConnection
 
 from .stream import TunnelStream
 from .udp import receive_batch, send_datagrams

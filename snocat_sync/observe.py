@@ -1,4 +1,4 @@
-"""Delivering :mod:`snocat_proto.activity` records to subscribers, across threads.
+"""Delivering :mod:`snocat_proto._service.activity` records to subscribers, across threads.
 
 Publishing never waits, so the pump cannot be stalled by a slow observer; every
 subscriber has its own queue, so none can miss an event.  A subscriber that stops
@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Iterator
 from types import TracebackType
 
-from snocat_proto.activity import Activity
+from snocat_proto._service.activity import Activity
 
 
 class Subscription:

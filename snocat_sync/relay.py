@@ -13,7 +13,7 @@ import contextlib
 import socket
 import threading
 
-from snocat_proto.notices import RelayResult
+from snocat_proto._service.notices import RelayResult
 
 from .stream import TunnelStream
 

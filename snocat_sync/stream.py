@@ -25,17 +25,17 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import NoReturn
 
-from snocat_proto.address import RouteAddress
-from snocat_proto.codes import StreamCode
-from snocat_proto.events import TunnelEvent
-from snocat_proto.stream_handle import (
+from snocat_proto._service.stream_handle import (
     Blocked,
     FailureKind,
     Opening,
     StreamFailure,
     StreamHandle,
 )
-from snocat_proto.tunnel import TunnelConnection
+from snocat_proto._wire.address import RouteAddress
+from snocat_proto._wire.codes import StreamCode
+from snocat_proto._wire.events import TunnelEvent
+from snocat_proto._wire.tunnel import TunnelConnection
 
 from .errors import StreamRefusedError, StreamResetError, TunnelClosedError
 

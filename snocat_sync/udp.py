@@ -11,7 +11,7 @@ import logging
 import socket
 from collections.abc import Callable, Iterable
 
-from snocat_proto.engine import NetworkAddress
+from snocat_proto._wire.network import NetworkAddress
 
 __all__ = ["MAX_DATAGRAM", "RECEIVE_BATCH", "bind_udp", "receive_batch", "send_datagrams"]
 

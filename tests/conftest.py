@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from snocat_proto.certificates import generate_self_signed
+from snocat_proto._wire.certificates import generate_self_signed
 
 
 @pytest.fixture(params=["asyncio", "trio"])

@@ -21,25 +21,30 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
-from snocat_proto.address import RouteAddress
-from snocat_proto.auth import Authenticator
-from snocat_proto.config import Limits
-from snocat_proto.endpoint import ServerEndpoint
-from snocat_proto.engine import NetworkAddress, QuicConfiguration, quic_configuration, quic_events
-from snocat_proto.events import (
+from snocat_proto._wire.address import RouteAddress
+from snocat_proto._wire.auth import Authenticator
+from snocat_proto._wire.endpoint import ServerEndpoint
+from snocat_proto._wire.engine import (
+    NetworkAddress,
+    QuicConfiguration,
+    quic_configuration,
+    quic_events,
+)
+from snocat_proto._wire.events import (
+    ConnectionTerminated,
     CredentialRequired,
     DataReceived,
     StreamAccepted,
     StreamEnded,
-    StreamRefused,
+    StreamRejected,
     StreamRequested,
     StreamReset,
     StreamWritable,
-    TunnelClosed,
     TunnelEvent,
 )
-from snocat_proto.handshake_rate import DEFAULT_HANDSHAKE_RATE, HandshakeRate
-from snocat_proto.tunnel import (
+from snocat_proto._wire.handshake_rate import DEFAULT_HANDSHAKE_RATE, HandshakeRate
+from snocat_proto._wire.limits import Limits
+from snocat_proto._wire.tunnel import (
     CONNECT_KEEPALIVE_INTERVAL,
     LISTEN_KEEPALIVE_INTERVAL,
     TunnelConnection,
@@ -153,9 +158,9 @@ class App:
         return None
 
     @property
-    def closed(self) -> TunnelClosed | None:
-        closes = [e for e in self.events if isinstance(e, TunnelClosed)]
-        assert len(closes) <= 1, f"TunnelClosed reported {len(closes)} times"
+    def closed(self) -> ConnectionTerminated | None:
+        closes = [e for e in self.events if isinstance(e, ConnectionTerminated)]
+        assert len(closes) <= 1, f"ConnectionTerminated reported {len(closes)} times"
         return closes[0] if closes else None
 
     def acknowledge_all(self, tunnel: TunnelConnection) -> None:
@@ -504,7 +509,7 @@ __all__ = [
     "RawStreams",
     "Simulation",
     "StreamAccepted",
-    "StreamRefused",
+    "StreamRejected",
     "StreamReset",
     "StreamWritable",
     "Writer",

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snocat_proto.address import RouteAddress
-from snocat_proto.errors import LocalProtocolError, RemoteProtocolError
+from snocat_proto._wire.address import RouteAddress
+from snocat_proto._wire.errors import LocalProtocolError, RemoteProtocolError
 
 # The "valid result or ProtocolError" properties get more examples than the rest.
 ARBITRARY_EXAMPLES = 500

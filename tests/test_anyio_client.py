@@ -20,7 +20,7 @@ import anyio.abc
 import pytest
 from cryptography import x509
 
-from snocat_anyio.client import ClientConfig, TunnelClient, _port_of, connect_target
+from snocat_anyio.client import ClientConfig, TunnelClient, connect_target
 from snocat_anyio.errors import (
     AuthenticationError,
     ConnectError,
@@ -29,14 +29,15 @@ from snocat_anyio.errors import (
 )
 from snocat_anyio.server import Authenticate, Router, ServerConfig, TunnelServer, TunnelStatus
 from snocat_anyio.stream import TunnelStream
-from snocat_proto import activity
-from snocat_proto.address import RouteAddress
-from snocat_proto.auth import ClientCredentials
-from snocat_proto.certificates import fingerprint
-from snocat_proto.errors import LocalProtocolError
-from snocat_proto.handshake_rate import HandshakeRate
-from snocat_proto.ports import PortRange
-from snocat_proto.targets import ProxyTcpTarget, TargetKind
+from snocat_proto._service import activity
+from snocat_proto._service.ports import PortRange
+from snocat_proto._wire.address import RouteAddress
+from snocat_proto._wire.auth import ClientCredentials
+from snocat_proto._wire.certificates import fingerprint
+from snocat_proto._wire.errors import LocalProtocolError
+from snocat_proto._wire.handshake_rate import HandshakeRate
+from snocat_proto._wire.network import port_of as _port_of
+from snocat_proto._wire.targets import ProxyTcpTarget, TargetKind
 
 pytestmark = pytest.mark.anyio
 

@@ -33,23 +33,24 @@ from snocat_anyio.server import (
     TunnelStatus,
 )
 from snocat_anyio.stream import TunnelStream
-from snocat_proto import activity
-from snocat_proto.address import RouteAddress
-from snocat_proto.auth import ClientCredentials, connect_authenticator
-from snocat_proto.certificates import install_trust
-from snocat_proto.client_endpoint import ClientEndpoint
-from snocat_proto.codes import CloseCode
-from snocat_proto.config import Limits
-from snocat_proto.engine import quic_configuration
-from snocat_proto.errors import LocalProtocolError
-from snocat_proto.events import (
+from snocat_proto._service import activity
+from snocat_proto._service.ports import PortRange
+from snocat_proto._wire.address import RouteAddress
+from snocat_proto._wire.auth import ClientCredentials, connect_authenticator
+from snocat_proto._wire.certificates import install_trust
+from snocat_proto._wire.codes import CloseCode
+from snocat_proto._wire.endpoint import ClientEndpoint
+from snocat_proto._wire.engine import quic_configuration
+from snocat_proto._wire.errors import LocalProtocolError
+from snocat_proto._wire.events import (
+    AuthenticationCompleted,
+    ConnectionTerminated,
     StreamRequested,
-    TunnelAuthenticated,
-    TunnelClosed,
     TunnelEvent,
 )
-from snocat_proto.ports import PortRange
-from snocat_proto.proxyme import (
+from snocat_proto._wire.limits import Limits
+from snocat_proto._wire.network import format_address
+from snocat_proto._wire.proxyme import (
     Denied,
     Granted,
     ProxymeClient,
@@ -57,7 +58,7 @@ from snocat_proto.proxyme import (
     ProxymeRequest,
     Released,
 )
-from snocat_proto.tunnel import TunnelConnection, format_address
+from snocat_proto._wire.tunnel import TunnelConnection
 from snocat_sync.udp import bind_udp
 
 pytestmark = pytest.mark.anyio
@@ -167,7 +168,7 @@ class Peer:
         self.tg: anyio.abc.TaskGroup
         self.authenticated = anyio.Event()
         self.closed_event = anyio.Event()
-        self.closed: TunnelClosed | None = None
+        self.closed: ConnectionTerminated | None = None
         self.incoming: list[RouteAddress] = []
         self.abandoned = False
 
@@ -178,9 +179,9 @@ class Peer:
     def on_event(
         self, tunnel: TunnelConnection, event: TunnelEvent, stream: TunnelStream | None
     ) -> None:
-        if isinstance(event, TunnelAuthenticated):
+        if isinstance(event, AuthenticationCompleted):
             self.authenticated.set()
-        elif isinstance(event, TunnelClosed):
+        elif isinstance(event, ConnectionTerminated):
             self.closed = event
             self.closed_event.set()
         elif isinstance(event, StreamRequested):
@@ -212,7 +213,7 @@ class Peer:
                 tg.start_soon(wait, self.authenticated)
                 tg.start_soon(wait, self.closed_event)
 
-    async def wait_closed(self, timeout: float = 10.0) -> TunnelClosed:
+    async def wait_closed(self, timeout: float = 10.0) -> ConnectionTerminated:
         with anyio.fail_after(timeout):
             await self.closed_event.wait()
         assert self.closed is not None

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from snocat_proto import auth
-from snocat_proto.auth import (
+from snocat_proto._wire import auth
+from snocat_proto._wire.auth import (
     HELLO_SIZE,
     SCHEME_SIMPLE_ACK,
     SCHEME_TOKEN,
@@ -29,8 +29,8 @@ from snocat_proto.auth import (
     Authenticator,
     AuthEvent,
     ClientCredentials,
-    CredentialRequired,
     Rejected,
+    SecretRequired,
     SimpleAckConnector,
     SimpleAckListener,
     TokenConnector,
@@ -39,8 +39,8 @@ from snocat_proto.auth import (
     listen_authenticator,
     validate_tunnel_name,
 )
-from snocat_proto.config import Limits
-from snocat_proto.errors import LocalProtocolError
+from snocat_proto._wire.errors import LocalProtocolError
+from snocat_proto._wire.limits import Limits
 
 LIMITS = Limits()
 NONCE = bytes(range(100, 132))
@@ -178,7 +178,7 @@ def pump(
         for event in drain(listener):
             outcome.listener_events.append(event)
             progressed = True
-            if isinstance(event, CredentialRequired):
+            if isinstance(event, SecretRequired):
                 assert isinstance(listener, TokenListener)
                 decide(listener, event.name)
         for event in drain(connector):
@@ -346,7 +346,7 @@ def test_token_wire_bytes_are_exact() -> None:
     assert drain(connector) == []
 
     listener.receive_data(response)
-    assert drain(listener) == [CredentialRequired(name=NAME)]
+    assert drain(listener) == [SecretRequired(name=NAME)]
     assert listener.claimed_name == NAME
     assert listener.data_to_send() == b""
     listener.supply_credential(SECRET)
@@ -360,7 +360,7 @@ def test_token_wire_bytes_are_exact() -> None:
 
 def test_token_pair_authenticates() -> None:
     outcome = pump(*token_pair())
-    assert outcome.listener_events == [CredentialRequired(name=NAME), Authenticated(name=NAME)]
+    assert outcome.listener_events == [SecretRequired(name=NAME), Authenticated(name=NAME)]
     assert outcome.connector_events == [Authenticated(name=NAME)]
     assert outcome.listener_sent == TOKEN_HELLO + OK_RESULT
     assert outcome.connector_sent == token_response()
@@ -378,7 +378,7 @@ def test_token_listener_accepts_json_escapes_and_extra_keys() -> None:
     body = {"mac": expected_mac(SECRET, NONCE, name), "name": name, "future": [1, 2]}
     listener = TokenListener(NONCE, limits=LIMITS)
     listener.receive_data(frame(json.dumps(body, indent=2).encode()))  # \u00e9, spaces
-    assert drain(listener) == [CredentialRequired(name=name)]
+    assert drain(listener) == [SecretRequired(name=name)]
     listener.supply_credential(SECRET)
     assert drain(listener) == [Authenticated(name=name)]
 
@@ -392,7 +392,7 @@ def test_longest_name_of_four_byte_characters_fits_the_default_limit() -> None:
 
 def test_wrong_secret_is_rejected_on_both_sides() -> None:
     outcome = pump(*token_pair(secret=OTHER_SECRET))
-    assert outcome.listener_events[0] == CredentialRequired(name=NAME)
+    assert outcome.listener_events[0] == SecretRequired(name=NAME)
     listener_reason = rejected_reason(outcome.listener_events)
     assert listener_reason.startswith("tunnel 'edge-01': ")
     assert "unknown tunnel name or a wrong token" in listener_reason
@@ -659,7 +659,7 @@ def test_token_listener_rejects_bytes_after_the_response() -> None:
     listener.data_to_send()
     listener.receive_data(token_response() + b"!")
     events = drain(listener)
-    assert events[0] == CredentialRequired(name=NAME)
+    assert events[0] == SecretRequired(name=NAME)
     assert "unexpected bytes after its token response" in rejected_reason(events)
     listener.supply_credential(SECRET)  # the app answers late: harmless
     assert drain(listener) == []
@@ -671,7 +671,7 @@ def test_token_listener_accepts_eof_after_a_complete_response() -> None:
     listener = TokenListener(NONCE, limits=LIMITS)
     listener.receive_data(token_response())
     listener.receive_eof()
-    assert drain(listener) == [CredentialRequired(name=NAME)]
+    assert drain(listener) == [SecretRequired(name=NAME)]
     listener.supply_credential(SECRET)
     assert drain(listener) == [Authenticated(name=NAME)]
 
@@ -754,7 +754,7 @@ def test_receive_data_after_eof_is_dropped_while_waiting_for_the_decision() -> N
     listener.receive_data(token_response())
     listener.receive_eof()
     listener.receive_data(b"x")  # cannot happen on a sane transport; must not matter
-    assert drain(listener) == [CredentialRequired(name=NAME)]
+    assert drain(listener) == [SecretRequired(name=NAME)]
     listener.supply_credential(SECRET)
     assert drain(listener) == [Authenticated(name=NAME)]
 
@@ -973,7 +973,7 @@ def run_arbitrary(
     if eof:
         authenticator.receive_eof()
         events += drain(authenticator)
-    if any(isinstance(event, CredentialRequired) for event in events):
+    if any(isinstance(event, SecretRequired) for event in events):
         assert isinstance(authenticator, TokenListener)
         if decision == 0:
             authenticator.supply_credential(SECRET)
@@ -991,12 +991,12 @@ def check_invariants(kind: str, events: list[AuthEvent], sent: bytes) -> None:
     assert len(terminal) <= 1
     if terminal:
         assert events[-1] is terminal[0]
-    requests = [e for e in events if isinstance(e, CredentialRequired)]
+    requests = [e for e in events if isinstance(e, SecretRequired)]
     assert len(requests) <= 1
     if requests:
         assert kind.startswith("token-listener")
     for event in events:
-        assert isinstance(event, CredentialRequired | Authenticated | Rejected)
+        assert isinstance(event, SecretRequired | Authenticated | Rejected)
         if isinstance(event, Rejected):
             assert event.reason.isprintable()
             assert len(event.reason) < 600

@@ -33,7 +33,11 @@ from pathlib import Path
 import pytest
 
 from snocat_anyio import cli as snocat_cli
-from snocat_proto.certificates import fingerprint, generate_self_signed, load_certificate_chain
+from snocat_proto._wire.certificates import (
+    fingerprint,
+    generate_self_signed,
+    load_certificate_chain,
+)
 
 HOST = "127.0.0.1"
 #: Bound on anything a process is expected to do (start, answer, exit).

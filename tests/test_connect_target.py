@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from snocat_anyio.client import connect_target
-from snocat_proto.targets import ProxyTcpTarget, TargetKind
+from snocat_proto._wire.targets import ProxyTcpTarget, TargetKind
 
 pytestmark = pytest.mark.anyio
 

@@ -25,18 +25,18 @@ from netsim import (
     pump_all,
 )
 
-from snocat_proto.address import RouteAddress
-from snocat_proto.auth import SimpleAckConnector, SimpleAckListener
-from snocat_proto.codes import CloseCode
-from snocat_proto.endpoint import TOO_MANY_HANDSHAKES
-from snocat_proto.events import (
+from snocat_proto._wire.address import RouteAddress
+from snocat_proto._wire.auth import SimpleAckConnector, SimpleAckListener
+from snocat_proto._wire.codes import CloseCode
+from snocat_proto._wire.endpoint import TOO_MANY_HANDSHAKES
+from snocat_proto._wire.events import (
+    AuthenticationCompleted,
+    ConnectionTerminated,
     StreamAccepted,
     StreamRequested,
-    TunnelAuthenticated,
-    TunnelClosed,
 )
-from snocat_proto.handshake_rate import HandshakeRate
-from snocat_proto.tunnel import TunnelConnection, TunnelState
+from snocat_proto._wire.handshake_rate import HandshakeRate
+from snocat_proto._wire.tunnel import TunnelConnection, TunnelState
 
 OTHER_ADDR = ("10.0.0.3", 40000)
 ADDRESS = RouteAddress.of("svc")
@@ -52,7 +52,7 @@ def simple_sim(**kwargs: object) -> Simulation:
 
 
 def authenticated(app: object) -> bool:
-    return bool(app.of_type(TunnelAuthenticated))  # type: ignore[attr-defined]
+    return bool(app.of_type(AuthenticationCompleted))  # type: ignore[attr-defined]
 
 
 def parse(datagram: bytes) -> object:
@@ -357,7 +357,7 @@ def test_endpoint_close_closes_every_tunnel_and_refuses_new_ones() -> None:
     sim.run_until(lambda: authenticated(sim.client_app) and authenticated(two.app), timeout=10)
     sim.server.close(CloseCode.SHUTTING_DOWN, "aggregator restarting")
     sim.run_until(lambda: sim.client_app.closed is not None and two.app.closed is not None)
-    expected = TunnelClosed(
+    expected = ConnectionTerminated(
         code=CloseCode.SHUTTING_DOWN, reason="aggregator restarting", by_peer=True, application=True
     )
     assert sim.client_app.closed == two.app.closed == expected
@@ -372,7 +372,7 @@ def test_a_failure_inside_one_tunnel_closes_that_tunnel_only() -> None:
     # A bug in one tunnel's handling (not a peer's ProtocolError, which is handled
     # inside) must not escape the endpoint and stop the other tunnels' pump.
     sim = Simulation(server_auth=SimpleAckListener, client_auth=SimpleAckConnector())
-    sim.run_until(lambda: sim.server_app.of_type(TunnelAuthenticated), timeout=5)
+    sim.run_until(lambda: sim.server_app.of_type(AuthenticationCompleted), timeout=5)
     tunnel = sim.server_tunnel
 
     def broken(*args: object) -> None:
@@ -396,7 +396,7 @@ def test_a_failure_inside_one_tunnel_closes_that_tunnel_only() -> None:
 
 def test_a_tunnel_that_cannot_even_close_is_still_reported_and_dropped() -> None:
     sim = Simulation(server_auth=SimpleAckListener, client_auth=SimpleAckConnector())
-    sim.run_until(lambda: sim.server_app.of_type(TunnelAuthenticated), timeout=5)
+    sim.run_until(lambda: sim.server_app.of_type(AuthenticationCompleted), timeout=5)
     tunnel = sim.server_tunnel
 
     def broken(*args: object) -> None:
@@ -407,7 +407,7 @@ def test_a_tunnel_that_cannot_even_close_is_still_reported_and_dropped() -> None
     sim.client.open_stream(RouteAddress.of("svc"))
     sim.touch(sim.client)
     sim.run_until(lambda: sim.server_app.closed is not None, timeout=10)
-    assert sim.server_app.closed == TunnelClosed(
+    assert sim.server_app.closed == ConnectionTerminated(
         code=CloseCode.INTERNAL_ERROR,
         reason="internal error in the aggregator",
         by_peer=False,

@@ -13,12 +13,12 @@ from collections import deque
 import pytest
 from netsim import Simulation, Writer, digest, payload, pump_all
 
-from snocat_proto.address import RouteAddress
-from snocat_proto.auth import ClientCredentials, SimpleAckConnector, SimpleAckListener
-from snocat_proto.events import StreamAccepted, StreamRequested, TunnelAuthenticated
-from snocat_proto.settings import ClientConfig, ServerConfig
-from snocat_proto.stream_handle import StreamHandle
-from snocat_proto.targets import ProxyTcpTarget
+from snocat_proto._service.config import ClientConfig, ServerConfig
+from snocat_proto._service.stream_handle import StreamHandle
+from snocat_proto._wire.address import RouteAddress
+from snocat_proto._wire.auth import ClientCredentials, SimpleAckConnector, SimpleAckListener
+from snocat_proto._wire.events import AuthenticationCompleted, StreamAccepted, StreamRequested
+from snocat_proto._wire.targets import ProxyTcpTarget
 
 ADDRESS = RouteAddress.of("svc")
 
@@ -43,7 +43,7 @@ def test_endpoint_deadline_is_the_earliest_of_its_tunnels() -> None:
 def test_many_streams_keep_writable_and_deliver() -> None:
     """Send-buffer accounting with a cached total: every stream completes intact."""
     sim = Simulation(server_auth=SimpleAckListener, client_auth=SimpleAckConnector())
-    sim.run_until(lambda: bool(sim.client_app.of_type(TunnelAuthenticated)))
+    sim.run_until(lambda: bool(sim.client_app.of_type(AuthenticationCompleted)))
     data = {i: payload(200_000 + i, seed=i) for i in range(8)}
     stream_ids = [sim.client.open_stream(ADDRESS) for _ in range(8)]
     sim.flush()

@@ -36,21 +36,23 @@ import pytest
 from netsim import RawStreams
 
 from fuzz.quic_harness import seal_initial
-from snocat_anyio.client import ClientConfig, TunnelClient, _port_of
+from snocat_anyio.client import ClientConfig, TunnelClient
 from snocat_anyio.host import TunnelHost
 from snocat_anyio.server import ServerConfig, TunnelServer
 from snocat_anyio.stream import TunnelStream
-from snocat_proto import activity
-from snocat_proto.auth import Authenticator, ClientCredentials, connect_authenticator
-from snocat_proto.certificates import install_trust
-from snocat_proto.client_endpoint import ClientEndpoint
-from snocat_proto.codes import CloseCode, StreamCode
-from snocat_proto.config import Limits
-from snocat_proto.engine import NetworkAddress, quic_configuration
-from snocat_proto.events import TunnelAuthenticated, TunnelClosed, TunnelEvent
-from snocat_proto.ports import PortRange
-from snocat_proto.targets import ProxyTcpTarget
-from snocat_proto.tunnel import TunnelConnection
+from snocat_proto._service import activity
+from snocat_proto._service.ports import PortRange
+from snocat_proto._wire.auth import Authenticator, ClientCredentials, connect_authenticator
+from snocat_proto._wire.certificates import install_trust
+from snocat_proto._wire.codes import CloseCode, StreamCode
+from snocat_proto._wire.endpoint import ClientEndpoint
+from snocat_proto._wire.engine import quic_configuration
+from snocat_proto._wire.events import AuthenticationCompleted, ConnectionTerminated, TunnelEvent
+from snocat_proto._wire.limits import Limits
+from snocat_proto._wire.network import NetworkAddress
+from snocat_proto._wire.network import port_of as _port_of
+from snocat_proto._wire.targets import ProxyTcpTarget
+from snocat_proto._wire.tunnel import TunnelConnection
 from snocat_sync.udp import bind_udp
 
 pytestmark = pytest.mark.anyio
@@ -416,14 +418,14 @@ class RawPeer:
         self.sock = bind_udp(LOCALHOST, 0)
         self.host = TunnelHost(ClientEndpoint(self.tunnel), self.sock, self._on_event)
         self.authenticated = anyio.Event()
-        self.closed: TunnelClosed | None = None
+        self.closed: ConnectionTerminated | None = None
 
     def _on_event(
         self, tunnel: TunnelConnection, event: TunnelEvent, stream: TunnelStream | None
     ) -> None:
-        if isinstance(event, TunnelAuthenticated):
+        if isinstance(event, AuthenticationCompleted):
             self.authenticated.set()
-        elif isinstance(event, TunnelClosed):
+        elif isinstance(event, ConnectionTerminated):
             self.closed = event
         elif stream is not None:
             self.host.refuse(stream)

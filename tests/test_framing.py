@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snocat_proto.errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
-from snocat_proto.framing import LENGTH_PREFIX_SIZE, FrameDecoder, encode_frame
+from snocat_proto._wire.errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
+from snocat_proto._wire.framing import LENGTH_PREFIX_SIZE, FrameDecoder, encode_frame
 
 # The "valid result or ProtocolError" properties get more examples than the rest.
 ARBITRARY_EXAMPLES = 500

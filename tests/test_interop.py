@@ -31,11 +31,11 @@ from aioquic.quic.packet import pull_quic_header
 
 from snocat_anyio.client import TunnelClient
 from snocat_anyio.server import TunnelServer
-from snocat_proto.auth import ClientCredentials
-from snocat_proto.certificates import install_identity
-from snocat_proto.ports import PortRange
-from snocat_proto.settings import ClientConfig, ServerConfig
-from snocat_proto.targets import ProxyTcpTarget
+from snocat_proto._service.config import ClientConfig, ServerConfig
+from snocat_proto._service.ports import PortRange
+from snocat_proto._wire.auth import ClientCredentials
+from snocat_proto._wire.certificates import install_identity
+from snocat_proto._wire.targets import ProxyTcpTarget
 
 pytestmark = pytest.mark.anyio
 

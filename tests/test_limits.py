@@ -33,30 +33,29 @@ from netsim import (
 )
 
 from fuzz.quic_harness import seal_initial
-from snocat_proto.address import RouteAddress
-from snocat_proto.auth import (
+from snocat_proto._service.config import ServerConfig
+from snocat_proto._wire.address import RouteAddress
+from snocat_proto._wire.auth import (
     Authenticator,
     SimpleAckConnector,
     SimpleAckListener,
     TokenConnector,
     TokenListener,
 )
-from snocat_proto.codes import CloseCode
-from snocat_proto.config import Limits
-from snocat_proto.endpoint import ServerEndpoint
-from snocat_proto.engine import UNAUTHENTICATED_CONNECTION_WINDOW, UNAUTHENTICATED_MAX_STREAMS
-from snocat_proto.events import (
+from snocat_proto._wire.codes import CloseCode
+from snocat_proto._wire.endpoint import ServerEndpoint
+from snocat_proto._wire.events import (
+    AuthenticationCompleted,
+    ConnectionTerminated,
     DataReceived,
     HandshakeCompleted,
     StreamAccepted,
     StreamRequested,
-    TunnelAuthenticated,
-    TunnelClosed,
 )
-from snocat_proto.framing import encode_frame
-from snocat_proto.negotiation import HEADER
-from snocat_proto.settings import ServerConfig
-from snocat_proto.tunnel import TunnelConnection
+from snocat_proto._wire.framing import encode_frame
+from snocat_proto._wire.limits import Limits
+from snocat_proto._wire.negotiation import HEADER
+from snocat_proto._wire.tunnel import TunnelConnection
 
 HONEST_ADDR = ("10.0.0.9", 9999)
 SECRET = b"alpha-secret-0123456789"
@@ -124,7 +123,7 @@ def server_app_of(sim: Simulation, address: tuple[str, int]) -> App:
 
 
 def authenticated(app: App) -> bool:
-    return bool(app.of_type(TunnelAuthenticated))
+    return bool(app.of_type(AuthenticationCompleted))
 
 
 def honest_transfer(sim: Simulation, honest: Client, size: int = 200_000) -> None:
@@ -140,7 +139,7 @@ def honest_transfer(sim: Simulation, honest: Client, size: int = 200_000) -> Non
     assert honest.app.closed is None and app.closed is None
 
 
-def transport_close(app: App) -> TunnelClosed:
+def transport_close(app: App) -> ConnectionTerminated:
     closed = app.closed
     assert closed is not None and not closed.application
     return closed
@@ -197,8 +196,8 @@ def test_an_unauthenticated_peer_holds_at_most_the_pre_auth_window() -> None:
     sim.run_for(2.0)
     server = sim.server_tunnel
     held = sum(len(s.held) for s in server._streams.values())
-    assert 0 < held <= UNAUTHENTICATED_CONNECTION_WINDOW
-    assert len(server._streams) == len(streams) == UNAUTHENTICATED_MAX_STREAMS
+    assert 0 < held <= Limits().pre_auth_receive_window
+    assert len(server._streams) == len(streams) == Limits().pre_auth_max_streams
     # The rest waits in the client's send buffers: flow control holds it back.
     assert sum(sim.client.engine.send_buffered(sid) for sid in streams) >= 4 * 200_000 - held
     assert not sim.server_app.of_type(StreamRequested)
@@ -223,12 +222,12 @@ def test_an_unauthenticated_peer_over_a_limit_is_cut_off_and_others_are_unaffect
     raw = RawStreams(sim.client)
     if violation == "streams":
         engine._remote_max_streams_bidi = 1000
-        for _ in range(UNAUTHENTICATED_MAX_STREAMS + 1):
+        for _ in range(Limits().pre_auth_max_streams + 1):
             raw.open(HEADER)
         expected = QuicErrorCode.STREAM_LIMIT_ERROR
     else:
         engine._remote_max_data = 10_000_000
-        raw.open(payload(UNAUTHENTICATED_CONNECTION_WINDOW + 10_000))
+        raw.open(payload(Limits().pre_auth_receive_window + 10_000))
         expected = QuicErrorCode.FLOW_CONTROL_ERROR
     sim.run_until(lambda: hostile.closed is not None and sim.client_app.closed, timeout=5)
     closed = transport_close(hostile)

@@ -8,15 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snocat_proto.address import RouteAddress
-from snocat_proto.config import Limits
-from snocat_proto.errors import (
+from snocat_proto._wire.address import RouteAddress
+from snocat_proto._wire.errors import (
     FrameTooLarge,
     LocalProtocolError,
     RemoteProtocolError,
     UnsupportedVersion,
 )
-from snocat_proto.negotiation import (
+from snocat_proto._wire.limits import Limits
+from snocat_proto._wire.negotiation import (
     HEADER,
     MAGIC,
     STATUS_ACCEPTED,

@@ -16,8 +16,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from snocat_proto.errors import LocalProtocolError
-from snocat_proto.ports import PortAllocator, PortRange, PortsExhausted, StickyPorts
+from snocat_proto._service.ports import PortAllocator, PortRange, PortsExhausted, StickyPorts
+from snocat_proto._wire.errors import LocalProtocolError
 
 # -- PortRange -------------------------------------------------------------------
 

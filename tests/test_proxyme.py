@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snocat_proto.address import RouteAddress
-from snocat_proto.config import Limits
-from snocat_proto.errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
-from snocat_proto.framing import encode_frame
-from snocat_proto.proxyme import (
+from snocat_proto._wire.address import RouteAddress
+from snocat_proto._wire.errors import FrameTooLarge, LocalProtocolError, RemoteProtocolError
+from snocat_proto._wire.framing import encode_frame
+from snocat_proto._wire.limits import Limits
+from snocat_proto._wire.proxyme import (
     PROXYME_VERSION,
     RELEASE_ACK,
     RELEASE_REQUEST,
@@ -26,7 +26,7 @@ from snocat_proto.proxyme import (
     ReleaseRequested,
     SubjectReceived,
 )
-from snocat_proto.targets import ProxyTcpTarget, TargetKind
+from snocat_proto._wire.targets import ProxyTcpTarget, TargetKind
 
 # The "valid result or ProtocolError" properties get more examples than the rest.
 ARBITRARY_EXAMPLES = 500

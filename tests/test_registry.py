@@ -16,8 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from snocat_proto.errors import LocalProtocolError
-from snocat_proto.registry import (
+from snocat_proto._service.registry import (
     SCHEME_SIMPLE_ACK,
     SCHEME_TOKEN,
     RegistryEvent,
@@ -28,6 +27,7 @@ from snocat_proto.registry import (
     TunnelRegistry,
     TunnelUpdated,
 )
+from snocat_proto._wire.errors import LocalProtocolError
 
 
 def make(
@@ -238,7 +238,7 @@ def test_dropped_subscription_is_forgotten() -> None:
 
 
 def test_slow_subscriber_loses_nothing() -> None:
-    registry = TunnelRegistry()
+    registry = TunnelRegistry(limit=20_000)
     slow = registry.subscribe()
     fast = registry.subscribe()
     seen: list[RegistryEvent] = []
@@ -249,6 +249,38 @@ def test_slow_subscriber_loses_nothing() -> None:
         seen.extend(fast.drain())
     assert slow.pending == len(seen) == 10_000 + 3334
     assert slow.drain() == seen
+    assert not slow.overflowed and registry.laggards == 0
+
+
+def test_a_laggard_is_closed_with_what_it_had_and_counted() -> None:
+    """Past its backlog limit a subscriber is closed, not left to grow: it reads what
+    it had queued, learns that it lost the rest, and the others carry on."""
+    registry = TunnelRegistry(limit=100)
+    slow = registry.subscribe()
+    fast = registry.subscribe()
+    seen: list[RegistryEvent] = []
+    for index in range(250):
+        registry.register(make(f"t{index}"))
+        seen.extend(fast.drain())
+    assert len(seen) == 250 and not fast.closed
+    assert slow.closed and slow.overflowed
+    assert slow.drain() == seen[:100]
+    assert registry.laggards == 1
+    assert registry.subscriber_count == 1
+    for index in range(240):
+        registry.deregister(f"t{index}")
+    again = registry.subscribe(replay=True)  # a laggard catches up by replaying
+    assert [e.record.tunnel_id for e in again.drain()] == [f"t{i}" for i in range(240, 250)]
+    assert not again.overflowed
+
+
+def test_a_replay_larger_than_the_limit_overflows_at_once() -> None:
+    registry = TunnelRegistry(limit=3)
+    for index in range(5):
+        registry.register(make(f"t{index}"))
+    subscription = registry.subscribe(replay=True)
+    assert subscription.overflowed and subscription.pending == 3
+    assert registry.subscriber_count == 0
 
 
 def test_events_validate() -> None:

@@ -28,8 +28,8 @@ from fuzz.harnesses import HARNESSES
 from fuzz.quic_harness import seal_one_rtt
 from snocat_anyio.host import TunnelHost
 from snocat_anyio.server import ServerConfig, TunnelServer
-from snocat_proto.address import RouteAddress
-from snocat_proto.auth import (
+from snocat_proto._wire.address import RouteAddress
+from snocat_proto._wire.auth import (
     ClientCredentials,
     Rejected,
     SimpleAckConnector,
@@ -38,23 +38,23 @@ from snocat_proto.auth import (
     TokenListener,
     connect_authenticator,
 )
-from snocat_proto.certificates import install_trust
-from snocat_proto.client_endpoint import ClientEndpoint
-from snocat_proto.codes import CloseCode
-from snocat_proto.config import Limits
-from snocat_proto.engine import quic_configuration
-from snocat_proto.events import (
+from snocat_proto._wire.certificates import install_trust
+from snocat_proto._wire.codes import CloseCode
+from snocat_proto._wire.endpoint import ClientEndpoint
+from snocat_proto._wire.engine import quic_configuration
+from snocat_proto._wire.events import (
+    AuthenticationCompleted,
+    ConnectionTerminated,
     CredentialRequired,
     StreamAccepted,
     StreamRequested,
     StreamReset,
-    TunnelAuthenticated,
-    TunnelClosed,
     TunnelEvent,
 )
-from snocat_proto.framing import encode_frame
-from snocat_proto.negotiation import HEADER
-from snocat_proto.tunnel import TunnelConnection
+from snocat_proto._wire.framing import encode_frame
+from snocat_proto._wire.limits import Limits
+from snocat_proto._wire.negotiation import HEADER
+from snocat_proto._wire.tunnel import TunnelConnection
 from snocat_sync.udp import bind_udp
 
 CORPUS = Path(__file__).resolve().parent.parent / "fuzz" / "corpus"
@@ -101,7 +101,7 @@ def _inject(sim: Simulation) -> int:
 
 def test_stop_sending_before_the_first_byte_does_not_crash_the_endpoint() -> None:
     sim = Simulation(server_auth=SimpleAckListener, client_auth=SimpleAckConnector())
-    sim.run_until(lambda: sim.server_app.of_type(TunnelAuthenticated), timeout=5)
+    sim.run_until(lambda: sim.server_app.of_type(AuthenticationCompleted), timeout=5)
     stopped = _inject(sim)
     sim.run_for(1.0)
     assert sim.server_app.closed is None
@@ -130,7 +130,7 @@ def test_stop_sending_before_the_first_byte_of_a_held_stream() -> None:
     server.supply_credential(secret)
     sim.touch(server)
     sim.run_for(1.0)
-    assert sim.server_app.of_type(TunnelAuthenticated) and sim.server_app.closed is None
+    assert sim.server_app.of_type(AuthenticationCompleted) and sim.server_app.closed is None
 
 
 @pytest.mark.anyio
@@ -160,7 +160,7 @@ async def test_stop_sending_before_the_first_byte_leaves_the_aggregator_serving(
         authenticated = anyio.Event()
 
         def on_event(t: TunnelConnection, event: TunnelEvent, stream: object) -> None:
-            if isinstance(event, TunnelAuthenticated | TunnelClosed):
+            if isinstance(event, AuthenticationCompleted | ConnectionTerminated):
                 authenticated.set()
 
         return (
@@ -204,7 +204,7 @@ def test_an_opened_stream_stopped_then_accepted_is_reset() -> None:
     StreamAccepted, then StreamReset by the peer with the peer's code."""
     sim = Simulation(server_auth=SimpleAckListener, client_auth=SimpleAckConnector())
     sim.server_app.route = lambda address: None  # decided below
-    sim.run_until(lambda: sim.client_app.of_type(TunnelAuthenticated), timeout=5)
+    sim.run_until(lambda: sim.client_app.of_type(AuthenticationCompleted), timeout=5)
     opened = sim.client.open_stream(RouteAddress.of("svc"))
     sim.run_until(lambda: sim.server_app.of_type(StreamRequested), timeout=5)
     server = sim.server_tunnel
@@ -227,7 +227,7 @@ def test_an_opened_stream_stopped_then_accepted_is_reset() -> None:
     )
 
 
-# A close in the middle of a datagram's events: nothing may follow TunnelClosed ------
+# A close in the middle of a datagram's events: nothing may follow ConnectionTerminated ------
 
 
 def _stream_frame(stream_id: int, offset: int, data: bytes) -> bytes:
@@ -238,10 +238,10 @@ def _stream_frame(stream_id: int, offset: int, data: bytes) -> bytes:
 def test_nothing_follows_tunnel_closed_when_a_datagram_closes_the_tunnel_midway() -> None:
     """Found by ``client_handshaken``: one packet held two frames of a stream the client
     opened, an unsupported NYAN version and one byte more.  The first closed the tunnel
-    (TunnelClosed queued); the second still reached the failed negotiation, and a
-    StreamRefused followed TunnelClosed, which the API promises is the last event."""
+    (ConnectionTerminated queued); the second still reached the failed negotiation, and a
+    StreamRejected followed ConnectionTerminated, which the API promises is the last event."""
     sim = Simulation(server_auth=SimpleAckListener, client_auth=SimpleAckConnector())
-    sim.run_until(lambda: sim.client_app.of_type(TunnelAuthenticated), timeout=5)
+    sim.run_until(lambda: sim.client_app.of_type(AuthenticationCompleted), timeout=5)
     opened = sim.client.open_stream(RouteAddress.of("svc"))
     frames = _stream_frame(opened, 0, b"NYAN\x01") + _stream_frame(opened, 5, b"x")
     sim.client.receive_datagram(
@@ -313,7 +313,7 @@ def test_a_loss_timer_due_by_a_rounding_error_does_not_stay_due() -> None:
     tested ``sent_time <= now - delay``; one rounding error apart, the timer stayed due
     with nothing lost, and a clock that does not move spun forever."""
     sim = Simulation(server_auth=SimpleAckListener, client_auth=SimpleAckConnector())
-    sim.run_until(lambda: sim.client_app.of_type(TunnelAuthenticated), timeout=5)
+    sim.run_until(lambda: sim.client_app.of_type(AuthenticationCompleted), timeout=5)
     sim.run_for(1.0)
     engine = sim.client.engine
     recovery = engine._loss

@@ -11,40 +11,40 @@ from cryptography import x509
 from hypothesis import given
 from hypothesis import strategies as st
 
-from snocat_proto.address import RouteAddress
-from snocat_proto.aggregator import (
+from snocat_proto._service.aggregator import (
     Aggregator,
     RouteKind,
     TunnelSession,
     endpoint_capacity,
 )
-from snocat_proto.allowlist import AllowList
-from snocat_proto.attempts import (
+from snocat_proto._service.allowlist import AllowList
+from snocat_proto._service.attempts import (
     AttemptEnd,
     ErrorKind,
     check_pinned_certificate,
     diagnose_early_close,
     lost_tunnel,
     no_answer,
-    port_of,
     unresolvable,
 )
-from snocat_proto.certificates import fingerprint, generate_self_signed
-from snocat_proto.codes import CloseCode, StreamCode
-from snocat_proto.events import (
+from snocat_proto._service.config import ServerConfig
+from snocat_proto._service.ports import PortRange
+from snocat_proto._service.stream_handle import Blocked, FailureKind, Opening, StreamHandle
+from snocat_proto._wire.address import RouteAddress
+from snocat_proto._wire.certificates import fingerprint, generate_self_signed
+from snocat_proto._wire.codes import CloseCode, StreamCode
+from snocat_proto._wire.events import (
+    ConnectionTerminated,
     DataReceived,
     StreamAccepted,
     StreamEnded,
-    StreamRefused,
+    StreamRejected,
     StreamReset,
     StreamWritable,
-    TunnelClosed,
 )
-from snocat_proto.ports import PortRange
-from snocat_proto.settings import ServerConfig
-from snocat_proto.stream_handle import Blocked, FailureKind, Opening, StreamHandle
-from snocat_proto.targets import ProxyTcpTarget
-from snocat_proto.tunnel import TunnelConnection
+from snocat_proto._wire.network import port_of
+from snocat_proto._wire.targets import ProxyTcpTarget
+from snocat_proto._wire.tunnel import TunnelConnection
 
 NOW = datetime.datetime(2026, 11, 25, tzinfo=datetime.UTC)
 ADDRESS = RouteAddress.parse("/svc")
@@ -83,8 +83,8 @@ def handle(tunnel: FakeTunnel, *, accepted: bool = True) -> StreamHandle:
     return StreamHandle(cast(TunnelConnection, tunnel), 4, ADDRESS, accepted=accepted)
 
 
-def closed(code: int, *, by_peer: bool = True, application: bool = True) -> TunnelClosed:
-    return TunnelClosed(code=code, reason="why", by_peer=by_peer, application=application)
+def closed(code: int, *, by_peer: bool = True, application: bool = True) -> ConnectionTerminated:
+    return ConnectionTerminated(code=code, reason="why", by_peer=by_peer, application=application)
 
 
 # StreamHandle ---------------------------------------------------------------------
@@ -172,7 +172,7 @@ class TestStreamHandle:
         assert stream.opening is Opening.ACCEPTED
 
         refused = handle(FakeTunnel(), accepted=False)
-        refused.on_event(StreamRefused(stream_id=4, reason="no route"))
+        refused.on_event(StreamRejected(stream_id=4, reason="no route"))
         assert (refused.opening, refused.refusal, refused.finished) == (
             Opening.REFUSED,
             "no route",
@@ -216,7 +216,7 @@ class TestStreamHandle:
 # Attempt verdicts -----------------------------------------------------------------
 
 
-def diagnose(event: TunnelClosed, **options: Any) -> AttemptEnd:
+def diagnose(event: ConnectionTerminated, **options: Any) -> AttemptEnd:
     settings: dict[str, Any] = {
         "handshake_done": True,
         "pin_problem": None,

@@ -10,26 +10,25 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from snocat_proto.activity import PortGranted, TunnelClosed
-from snocat_proto.allowlist import AllowList
-from snocat_proto.backoff import Backoff
-from snocat_proto.certificates import (
+from snocat_proto._service.activity import PortGranted, TunnelClosed
+from snocat_proto._service.allowlist import AllowList
+from snocat_proto._service.backoff import Backoff
+from snocat_proto._service.stream_table import StreamTable
+from snocat_proto._service.tokens import format_tokens, parse_single_token, parse_tokens
+from snocat_proto._wire.certificates import (
     fingerprint,
     generate_self_signed,
     install_identity,
     install_trust,
     parse_fingerprint,
 )
-from snocat_proto.config import Limits
-from snocat_proto.engine import quic_configuration
-from snocat_proto.errors import LocalProtocolError
-from snocat_proto.events import DataReceived
-from snocat_proto.events import TunnelClosed as EventTunnelClosed
-from snocat_proto.handshake_rate import HandshakeBuckets, HandshakeRate, source_of
-from snocat_proto.proxyme import ProxymeRequest
-from snocat_proto.stream_table import StreamTable
-from snocat_proto.targets import ProxyTcpTarget
-from snocat_proto.tokens import format_tokens, parse_single_token, parse_tokens
+from snocat_proto._wire.engine import quic_configuration
+from snocat_proto._wire.errors import LocalProtocolError
+from snocat_proto._wire.events import ConnectionTerminated, DataReceived
+from snocat_proto._wire.handshake_rate import HandshakeBuckets, HandshakeRate, source_of
+from snocat_proto._wire.limits import Limits
+from snocat_proto._wire.proxyme import ProxymeRequest
+from snocat_proto._wire.targets import ProxyTcpTarget
 
 SECRET = "0123456789abcdef-secret"
 NOW = datetime.datetime(2026, 11, 25, tzinfo=datetime.UTC)
@@ -232,6 +231,6 @@ def test_stream_table_routes_events_and_returns_credit_nobody_will_read() -> Non
         DataReceived(stream_id=0, data=b"abc")
     ]
     # A tunnel event is the application's; a close also ends that tunnel's streams.
-    closed = EventTunnelClosed(code=1, reason="bye", by_peer=True, application=True)
+    closed = ConnectionTerminated(code=1, reason="bye", by_peer=True, application=True)
     assert not table.deliver(other, closed)  # type: ignore[arg-type]
     assert theirs.closed == (1, "bye") and table.of(other) == []  # type: ignore[arg-type]

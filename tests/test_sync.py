@@ -31,14 +31,14 @@ import pytest
 from snocat_anyio.client import TunnelClient as AnyioClient
 from snocat_anyio.server import TunnelServer as AnyioServer
 from snocat_anyio.stream import TunnelStream as AnyioStream
-from snocat_proto import activity
-from snocat_proto.address import RouteAddress
-from snocat_proto.auth import ClientCredentials
-from snocat_proto.codes import CloseCode
-from snocat_proto.config import Limits
-from snocat_proto.ports import PortRange
-from snocat_proto.settings import ClientConfig, ServerConfig
-from snocat_proto.targets import ProxyTcpTarget
+from snocat_proto._service import activity
+from snocat_proto._service.config import ClientConfig, ServerConfig
+from snocat_proto._service.ports import PortRange
+from snocat_proto._wire.address import RouteAddress
+from snocat_proto._wire.auth import ClientCredentials
+from snocat_proto._wire.codes import CloseCode
+from snocat_proto._wire.limits import Limits
+from snocat_proto._wire.targets import ProxyTcpTarget
 from snocat_sync import (
     AuthenticationError,
     ConnectError,
@@ -614,7 +614,7 @@ def test_closing_the_client_releases_the_port_and_closes_the_tunnel(
                 async for record in feed:
                     if isinstance(record, activity.TunnelClosed):
                         return record
-            raise AssertionError("no TunnelClosed")
+            raise AssertionError("no ConnectionTerminated")
 
         record = loop.call(closed_record)
         assert (record.code, record.reason, record.by_peer) == (

@@ -37,34 +37,34 @@ from netsim import (
     send_all,
 )
 
-from snocat_proto.address import RouteAddress
-from snocat_proto.auth import (
+from snocat_proto._wire.address import RouteAddress
+from snocat_proto._wire.auth import (
     Authenticator,
     SimpleAckConnector,
     SimpleAckListener,
     TokenConnector,
     TokenListener,
 )
-from snocat_proto.codes import CloseCode, StreamCode
-from snocat_proto.config import Limits
-from snocat_proto.errors import LocalProtocolError, SendBufferFull
-from snocat_proto.events import (
+from snocat_proto._wire.codes import CloseCode, StreamCode
+from snocat_proto._wire.errors import LocalProtocolError, SendBufferFull
+from snocat_proto._wire.events import (
+    AuthenticationCompleted,
+    ConnectionTerminated,
     CredentialRequired,
     DataReceived,
     HandshakeCompleted,
     StreamAccepted,
     StreamEnded,
-    StreamRefused,
+    StreamRejected,
     StreamRequested,
     StreamReset,
     StreamWritable,
-    TunnelAuthenticated,
-    TunnelClosed,
     TunnelEvent,
 )
-from snocat_proto.framing import encode_frame
-from snocat_proto.negotiation import HEADER
-from snocat_proto.tunnel import TunnelConnection, TunnelState
+from snocat_proto._wire.framing import encode_frame
+from snocat_proto._wire.limits import Limits
+from snocat_proto._wire.negotiation import HEADER
+from snocat_proto._wire.tunnel import TunnelConnection, TunnelState
 
 LIMITS = Limits()
 ADDRESS = RouteAddress.of("proxy-tcp", "dns", "example.com", "tcp", "443")
@@ -90,7 +90,8 @@ def simple_sim(**kwargs: object) -> Simulation:
 
 def both_authenticated(sim: Simulation) -> bool:
     return bool(
-        sim.client_app.of_type(TunnelAuthenticated) and sim.server_app.of_type(TunnelAuthenticated)
+        sim.client_app.of_type(AuthenticationCompleted)
+        and sim.server_app.of_type(AuthenticationCompleted)
     )
 
 
@@ -113,7 +114,7 @@ def open_stream(sim: Simulation, opener: TunnelConnection, address: RouteAddress
 
     def decided() -> bool:
         return any(
-            isinstance(e, StreamAccepted | StreamRefused) and e.stream_id == stream_id
+            isinstance(e, StreamAccepted | StreamRejected) and e.stream_id == stream_id
             for e in app.events
         )
 
@@ -148,10 +149,10 @@ def closed_both(sim: Simulation) -> bool:
 
 def test_simple_ack_names_the_server_tunnel_by_client_address() -> None:
     sim = connected()
-    (server_auth,) = sim.server_app.of_type(TunnelAuthenticated)
-    (client_auth,) = sim.client_app.of_type(TunnelAuthenticated)
-    assert server_auth == TunnelAuthenticated(name=CLIENT_NAME, scheme="simple-ack")
-    assert client_auth == TunnelAuthenticated(name="", scheme="simple-ack")
+    (server_auth,) = sim.server_app.of_type(AuthenticationCompleted)
+    (client_auth,) = sim.client_app.of_type(AuthenticationCompleted)
+    assert server_auth == AuthenticationCompleted(name=CLIENT_NAME, scheme="simple-ack")
+    assert client_auth == AuthenticationCompleted(name="", scheme="simple-ack")
     assert sim.server_tunnel.name == CLIENT_NAME
     assert sim.client.name == ""
     assert sim.client.state is sim.server_tunnel.state is TunnelState.AUTHENTICATED
@@ -164,9 +165,9 @@ def test_token_authentication_succeeds_with_the_right_secret() -> None:
     sim.server_app.credentials = {"alpha": SECRET}
     sim.run_until(lambda: both_authenticated(sim), timeout=10)
     assert sim.server_app.of_type(CredentialRequired) == [CredentialRequired(name="alpha")]
-    expected = TunnelAuthenticated(name="alpha", scheme="token")
-    assert sim.server_app.of_type(TunnelAuthenticated) == [expected]
-    assert sim.client_app.of_type(TunnelAuthenticated) == [expected]
+    expected = AuthenticationCompleted(name="alpha", scheme="token")
+    assert sim.server_app.of_type(AuthenticationCompleted) == [expected]
+    assert sim.client_app.of_type(AuthenticationCompleted) == [expected]
     assert "s3cret" not in repr(sim.server_app.events) + repr(sim.client_app.events)
     # And the tunnel carries streams.
     stream_id = open_stream(sim, sim.client)
@@ -186,12 +187,12 @@ def _failed_auth(
         assert tunnel.name is None
         with pytest.raises(LocalProtocolError):
             tunnel.open_stream(ADDRESS)
-    assert not sim.client_app.of_type(TunnelAuthenticated)
-    assert not sim.server_app.of_type(TunnelAuthenticated)
-    # Nothing follows TunnelClosed, and the secrets were never shown to anyone.
+    assert not sim.client_app.of_type(AuthenticationCompleted)
+    assert not sim.server_app.of_type(AuthenticationCompleted)
+    # Nothing follows ConnectionTerminated, and the secrets were never shown to anyone.
     sim.run_until_quiet()
     for app in (sim.client_app, sim.server_app):
-        assert isinstance(app.events[-1], TunnelClosed)
+        assert isinstance(app.events[-1], ConnectionTerminated)
         shown = repr(app.events)
         assert "s3cret" not in shown
         assert SECRET.hex() not in shown
@@ -282,7 +283,7 @@ class SilentAuthenticator(Authenticator):
 
 def assert_timed_out_after(app: App, auth_timeout: float) -> None:
     """The close came ``auth_timeout`` after the handshake ended (Limits' definition)."""
-    handshake, closed = app.first(HandshakeCompleted), app.first(TunnelClosed)
+    handshake, closed = app.first(HandshakeCompleted), app.first(ConnectionTerminated)
     assert handshake is not None and closed is not None
     assert auth_timeout <= closed[0] - handshake[0] <= auth_timeout + 0.01
 
@@ -320,7 +321,7 @@ def test_client_times_out_a_server_that_never_says_hello() -> None:
     assert not client_closed.by_peer and server_closed.by_peer
     assert server_closed.code == client_closed.code == CloseCode.AUTHENTICATION_TIMEOUT
     assert_timed_out_after(sim.client_app, client_limits.auth_timeout)
-    assert not sim.client_app.of_type(TunnelAuthenticated)
+    assert not sim.client_app.of_type(AuthenticationCompleted)
 
 
 # 3. Streams both ways ---------------------------------------------------------------
@@ -384,7 +385,7 @@ def test_simultaneous_bidirectional_transfers_arrive_intact(link: Link, seed: in
         receiver = sim.server_app if tunnel is sim.client else sim.client_app
         assert digest(receiver.received[sid]) == digest(blob), (tunnel.role, sid)
     for app in (sim.client_app, sim.server_app):
-        assert not app.of_type(StreamReset) and not app.of_type(StreamRefused)
+        assert not app.of_type(StreamReset) and not app.of_type(StreamRejected)
         assert app.closed is None
 
 
@@ -428,7 +429,7 @@ def test_refused_route_reaches_the_opener() -> None:
     sim.server_app.route = lambda address: address != RouteAddress.of("nope")
     refused = open_stream(sim, sim.client, RouteAddress.of("nope"))
     (event,) = events_for(sim.client_app, refused)
-    assert isinstance(event, StreamRefused) and "refused" in event.reason
+    assert isinstance(event, StreamRejected) and "refused" in event.reason
     with pytest.raises(LocalProtocolError):
         sim.client.send_data(refused, b"x")
     sim.run_for(1.0)
@@ -487,13 +488,13 @@ def test_close_reaches_the_peer_and_everything_terminates(closer_side: str) -> N
     closer.close(CloseCode.NORMAL, "again")  # idempotent
     sim.touch(closer)
     sim.run_until(lambda: closed_both(sim), timeout=5)
-    assert closer_app.closed == TunnelClosed(
+    assert closer_app.closed == ConnectionTerminated(
         code=CloseCode.SHUTTING_DOWN,
         reason="going away for maintenance",
         by_peer=False,
         application=True,
     )
-    assert peer_app.closed == TunnelClosed(
+    assert peer_app.closed == ConnectionTerminated(
         code=CloseCode.SHUTTING_DOWN,
         reason="going away for maintenance",
         by_peer=True,
@@ -513,7 +514,7 @@ def test_close_reaches_the_peer_and_everything_terminates(closer_side: str) -> N
     assert sim.server.get_timer() is None
     assert sim.server.datagrams_to_send(sim.now) == []
     for app in (sim.client_app, sim.server_app):
-        assert isinstance(app.events[-1], TunnelClosed)
+        assert isinstance(app.events[-1], ConnectionTerminated)
     # A late datagram for the forgotten tunnel reaches nothing and starts nothing.
     dropped = sim.server.dropped_datagrams
     for cid in cids:
@@ -739,7 +740,7 @@ def test_opener_times_out_an_acceptor_that_never_answers() -> None:
     raw.ids.add(stream_id)
     sim.run_until(lambda: events_for(sim.client_app, stream_id), timeout=10)
     (event,) = events_for(sim.client_app, stream_id)
-    assert isinstance(event, StreamRefused) and "timed out" in event.reason
+    assert isinstance(event, StreamRejected) and "timed out" in event.reason
     assert raw.received[stream_id].startswith(HEADER)
 
 
@@ -865,7 +866,7 @@ def test_streams_before_authentication_are_held_then_processed() -> None:
     assert bytes(sim.server_app.received[stream_id]) == b"early bytes"
     sim.run_until(lambda: raw.received[stream_id] == HEADER + b"\x00", timeout=5)
     kinds = [type(e) for e in sim.server_app.events]
-    assert kinds.index(TunnelAuthenticated) < kinds.index(StreamRequested)
+    assert kinds.index(AuthenticationCompleted) < kinds.index(StreamRequested)
 
 
 def test_streams_before_failed_authentication_never_surface() -> None:
@@ -986,10 +987,10 @@ def test_without_keepalive_an_idle_tunnel_times_out() -> None:
     sim = connected(keepalive_interval=None, server_keepalive_interval=None)
     idle_since = sim.now
     sim.run_until(lambda: closed_both(sim), timeout=60)
-    found = sim.client_app.first(TunnelClosed)
+    found = sim.client_app.first(ConnectionTerminated)
     assert found is not None
     at, closed = found
-    assert isinstance(closed, TunnelClosed)
+    assert isinstance(closed, ConnectionTerminated)
     assert 30.0 <= at - idle_since <= 35.0
     assert "idle" in closed.reason.lower()
     assert not closed.application  # a transport-level end, whatever its code says
@@ -1055,7 +1056,7 @@ class TunnelPair(RuleBasedStateMachine):
         if stream_id in self.reset or (side, stream_id) in self.ended:
             return False
         events = events_for(self.app(side), stream_id)
-        if any(isinstance(e, StreamReset | StreamRefused) for e in events):
+        if any(isinstance(e, StreamReset | StreamRejected) for e in events):
             return False
         return any(isinstance(e, StreamAccepted | StreamRequested) for e in events)
 
@@ -1129,7 +1130,7 @@ class TunnelPair(RuleBasedStateMachine):
     def note_peer_resets(self) -> None:
         for side in ("client", "server"):
             for event in self.app(side).events:
-                if isinstance(event, StreamReset | StreamRefused):
+                if isinstance(event, StreamReset | StreamRejected):
                     self.reset.add(event.stream_id)
 
     def buffers_within_limits(self) -> None:

@@ -12,15 +12,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from .auth import SCHEMES, ClientCredentials
+from .._wire.auth import SCHEMES, ClientCredentials
+from .._wire.certificates import load_certificate_chain, parse_fingerprint
+from .._wire.engine import SMALLEST_MAX_DATAGRAM_SIZE
+from .._wire.handshake_rate import DEFAULT_HANDSHAKE_RATE, HandshakeRate
+from .._wire.limits import Limits
+from .._wire.network import format_host_port
+from .._wire.targets import ProxyTcpTarget
+from .._wire.tunnel import CONNECT_KEEPALIVE_INTERVAL, LISTEN_KEEPALIVE_INTERVAL
 from .backoff import Backoff
-from .certificates import load_certificate_chain, parse_fingerprint
-from .config import Limits
-from .engine import SMALLEST_MAX_DATAGRAM_SIZE
-from .handshake_rate import DEFAULT_HANDSHAKE_RATE, HandshakeRate
 from .ports import PortRange
-from .targets import ProxyTcpTarget
-from .tunnel import CONNECT_KEEPALIVE_INTERVAL, LISTEN_KEEPALIVE_INTERVAL
 
 __all__ = ["DEFAULT_MAX_DATAGRAM_SIZE", "MAX_DATAGRAM_SIZE_LIMIT", "ClientConfig", "ServerConfig"]
 
@@ -153,5 +154,4 @@ class ClientConfig:
 
     @property
     def server_label(self) -> str:
-        host = self.server_host
-        return f"[{host}]:{self.server_port}" if ":" in host else f"{host}:{self.server_port}"
+        return format_host_port(self.server_host, self.server_port)

@@ -5,25 +5,26 @@ A :class:`TunnelRecord` is the serializable description of one authenticated tun
 is synchronous, atomic and returns its result, so an async adapter (or a later
 registry on a distributed store) can wrap it without re-entrancy surprises.
 
-Changes are published as :class:`RegistryEvent` values. Unlike the snocat 0.8
-reference, whose lagging broadcast channel silently drops events for slow readers,
-every :class:`RegistrySubscription` has its own unbounded FIFO: a subscriber sees
-every event published after it subscribed, in order, and nothing is ever lost.
-The price is that a subscriber which stops reading keeps its queue growing; watching
-:attr:`RegistrySubscription.pending` and closing laggards is the subscriber's job.
+Changes are published as :class:`RegistryEvent` values through a
+:class:`~snocat_proto._service.fanout.Fanout`.  Unlike the snocat 0.8 reference, whose
+lagging broadcast channel silently drops events for slow readers, every
+:class:`RegistrySubscription` has its own FIFO: a subscriber sees every event published
+after it subscribed, in order, and one that falls ``limit`` events behind is closed
+with :attr:`~snocat_proto._service.fanout.Subscription.overflowed` set, never silently
+skipped; it can subscribe again with ``replay=True``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import weakref
-from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from .errors import LocalProtocolError
+from .._wire.errors import LocalProtocolError
+from .._wire.limits import Limits
+from .fanout import Fanout, Subscription
 
 __all__ = [
     "SCHEME_SIMPLE_ACK",
@@ -44,6 +45,7 @@ SCHEME_TOKEN: Final = "token"
 SCHEME_SIMPLE_ACK: Final = "simple-ack"
 
 _RECORD_KEYS: Final = frozenset({"tunnel_id", "name", "peer", "scheme", "registered_at", "ports"})
+DEFAULT_LIMITS: Final = Limits()
 _MIN_PORT: Final = 1
 _MAX_PORT: Final = 65535
 
@@ -207,61 +209,8 @@ class TunnelUpdated(RegistryEvent):
             raise LocalProtocolError("TunnelUpdated must describe a single tunnel")
 
 
-class RegistrySubscription:
-    """One reader's FIFO of registry events. Create it with :meth:`TunnelRegistry.subscribe`.
-
-    The queue is unbounded on purpose, so no event is ever dropped: a subscriber that
-    stops reading holds every later event in memory until it reads or :meth:`close`\\ s.
-    Adapters should watch :attr:`pending`. The registry keeps only a weak reference,
-    so a subscription that is simply dropped stops receiving and frees its queue.
-    """
-
-    __slots__ = ("__weakref__", "_closed", "_queue", "_registry")
-
-    def __init__(self, registry: TunnelRegistry) -> None:
-        self._registry: TunnelRegistry | None = registry
-        self._queue: deque[RegistryEvent] = deque()
-        self._closed = False
-
-    def next_event(self) -> RegistryEvent | None:
-        """The oldest undelivered event, or ``None`` when there is none (or after close)."""
-        if self._queue:
-            return self._queue.popleft()
-        return None
-
-    def drain(self) -> list[RegistryEvent]:
-        """Every undelivered event, oldest first, emptying the queue."""
-        events = list(self._queue)
-        self._queue.clear()
-        return events
-
-    @property
-    def pending(self) -> int:
-        """How many events wait to be read."""
-        return len(self._queue)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def close(self) -> None:
-        """Unsubscribe and free the queue. Idempotent; later events are not delivered."""
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.clear()
-        registry, self._registry = self._registry, None
-        if registry is not None:
-            registry._unsubscribe(self)
-
-    def __enter__(self) -> RegistrySubscription:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def _deliver(self, event: RegistryEvent) -> None:
-        self._queue.append(event)
+#: One reader's FIFO of registry events (see :mod:`~snocat_proto._service.fanout`).
+RegistrySubscription = Subscription[RegistryEvent]
 
 
 class TunnelRegistry:
@@ -273,13 +222,13 @@ class TunnelRegistry:
     :meth:`route` picks the newest. A public port belongs to at most one tunnel.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, limit: int = DEFAULT_LIMITS.max_subscriber_backlog) -> None:
         self._records: dict[str, TunnelRecord] = {}
         # name -> its tunnel ids as dict keys, which keep insertion (= registration)
         # order: the last key is the newest tunnel, and removal is O(1).
         self._names: dict[str, dict[str, None]] = {}
         self._ports: dict[int, str] = {}
-        self._subscriptions: weakref.WeakSet[RegistrySubscription] = weakref.WeakSet()
+        self._events: Fanout[RegistryEvent] = Fanout(limit)
 
     # -- queries ----------------------------------------------------------------
 
@@ -391,23 +340,20 @@ class TunnelRegistry:
         With ``replay=True`` its queue starts with a :class:`TunnelRegistered` for each
         current tunnel (oldest first), so snapshot and stream are consistent.
         """
-        subscription = RegistrySubscription(self)
-        if replay:
-            for record in self._records.values():
-                subscription._deliver(TunnelRegistered(record=record))
-        self._subscriptions.add(subscription)
-        return subscription
+        initial = [TunnelRegistered(record=r) for r in self._records.values()] if replay else []
+        return self._events.subscribe(initial)
 
     @property
     def subscriber_count(self) -> int:
-        return len(self._subscriptions)
+        return self._events.subscriber_count
 
-    def _unsubscribe(self, subscription: RegistrySubscription) -> None:
-        self._subscriptions.discard(subscription)
+    @property
+    def laggards(self) -> int:
+        """Subscriptions closed because their reader fell too far behind."""
+        return self._events.laggards
 
     def _publish(self, event: RegistryEvent) -> None:
-        for subscription in tuple(self._subscriptions):
-            subscription._deliver(event)
+        self._events.publish(event)
 
     def _check_ports_free(self, record: TunnelRecord) -> None:
         for port in record.ports:

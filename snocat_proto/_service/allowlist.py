@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .address import RouteAddress
-from .errors import RemoteProtocolError
-from .targets import ProxyTcpTarget
+from .._wire.address import RouteAddress
+from .._wire.errors import RemoteProtocolError
+from .._wire.targets import ProxyTcpTarget
 
 
 def _key(target: ProxyTcpTarget) -> tuple[str, int]:

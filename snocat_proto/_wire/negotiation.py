@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from enum import Enum, auto
 
 from .address import RouteAddress
-from .config import Limits
 from .errors import LocalProtocolError, RemoteProtocolError, UnsupportedVersion
 from .framing import FrameDecoder, encode_frame
+from .limits import Limits
 
 __all__ = [
     "HEADER",

@@ -1,7 +1,7 @@
 """Notices: what a binding reports about one event, built once for both bindings.
 
 A :class:`Notice` pairs the log line (a printf-style message, its arguments and
-level) with the :mod:`~snocat_proto.activity` record of one event.  The builders
+level) with the :mod:`~snocat_proto._service.activity` record of one event.  The builders
 here decide both; a binding only delivers them (logs the line, publishes the
 record).  Pure: the time of the event (``at``, the binding's clock, always the
 first argument) is passed in.
@@ -13,10 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from snocat_proto import activity, events
-from snocat_proto.aggregator import TunnelSession
-from snocat_proto.attempts import port_of
-from snocat_proto.proxyme import ProxymeRequest
+from snocat_proto._service import activity
+from snocat_proto._service.aggregator import TunnelSession
+from snocat_proto._wire import events
+from snocat_proto._wire.proxyme import ProxymeRequest
+
+from .._wire.network import port_of
 
 __all__ = [
     "DEBUG",
@@ -118,7 +120,7 @@ def tunnel_connected(at: float, session: Tunnel) -> Notice:
 
 
 def tunnel_authenticated(
-    at: float, session: Tunnel, event: events.TunnelAuthenticated, *, log: bool = True
+    at: float, session: Tunnel, event: events.AuthenticationCompleted, *, log: bool = True
 ) -> Notice:
     name, scheme = event.name, event.scheme
     return Notice(
@@ -131,7 +133,7 @@ def tunnel_authenticated(
 
 
 def tunnel_closed(
-    at: float, session: Tunnel, event: events.TunnelClosed, *, log: bool = True
+    at: float, session: Tunnel, event: events.ConnectionTerminated, *, log: bool = True
 ) -> Notice:
     code, reason, by_peer = event.code, event.reason, event.by_peer
     label = session.name if session.name is not None else session.peer

@@ -3,7 +3,7 @@
 :class:`ServerEvents` is the part of a binding's server that the pump calls for
 every :class:`~snocat_proto.events.TunnelEvent`: it asks the
 :class:`~snocat_proto.aggregator.Aggregator` what to do, closes tunnels it refuses
-and reports what happened (:mod:`~snocat_proto.notices`).  Whatever does I/O is
+and reports what happened (:mod:`~snocat_proto._service.notices`).  Whatever does I/O is
 left to the binding through the abstract methods below: flushing a tunnel,
 accepting or refusing a stream, starting a task or a thread, logging a failure.
 Nothing here logs, blocks, sleeps or reads a clock.
@@ -15,21 +15,21 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
-from .address import RouteAddress
-from .aggregator import INTERNAL_ERROR, Aggregator, CloseVerdict, RouteKind, TunnelSession
-from .codes import StreamCode
-from .events import (
+from .._wire.address import RouteAddress
+from .._wire.codes import StreamCode
+from .._wire.events import (
+    AuthenticationCompleted,
+    ConnectionTerminated,
     CredentialRequired,
     HandshakeCompleted,
     StreamRequested,
-    TunnelAuthenticated,
-    TunnelClosed,
     TunnelEvent,
 )
+from .._wire.proxyme import ProxymeRequest
+from .._wire.tunnel import TunnelConnection
+from .aggregator import INTERNAL_ERROR, Aggregator, CloseVerdict, RouteKind, TunnelSession
 from .notices import Notice, tunnel_authenticated, tunnel_closed, tunnel_connected
-from .proxyme import ProxymeRequest
 from .stream_handle import StreamHandle
-from .tunnel import TunnelConnection
 
 __all__ = ["EventStream", "ServerEvents", "StreamHost"]
 
@@ -165,7 +165,7 @@ class ServerEvents(ABC, Generic[S, T]):
         self._spawn(session, self._check_credential, session, event.name)
 
     def _on_authenticated(
-        self, tunnel: TunnelConnection, event: TunnelAuthenticated, _: T | None
+        self, tunnel: TunnelConnection, event: AuthenticationCompleted, _: T | None
     ) -> None:
         session = self._session(tunnel)
         verdict = self._books.on_authenticated(
@@ -196,7 +196,9 @@ class ServerEvents(ABC, Generic[S, T]):
                 self._service_started()
                 self._spawn(session, self._serve_routed, session, stream, handler)
 
-    def _on_tunnel_closed(self, tunnel: TunnelConnection, event: TunnelClosed, _: T | None) -> None:
+    def _on_tunnel_closed(
+        self, tunnel: TunnelConnection, event: ConnectionTerminated, _: T | None
+    ) -> None:
         session = self._books.on_closed(tunnel, event.reason)
         if session is None:
             return  # closed before its handshake completed: nothing was started
@@ -207,7 +209,7 @@ class ServerEvents(ABC, Generic[S, T]):
 _HANDLERS: dict[type[TunnelEvent], _Handler] = {
     HandshakeCompleted: ServerEvents._on_handshake,
     CredentialRequired: ServerEvents._on_credential_required,
-    TunnelAuthenticated: ServerEvents._on_authenticated,
+    AuthenticationCompleted: ServerEvents._on_authenticated,
     StreamRequested: ServerEvents._on_stream_requested,
-    TunnelClosed: ServerEvents._on_tunnel_closed,
+    ConnectionTerminated: ServerEvents._on_tunnel_closed,
 }

@@ -43,9 +43,9 @@ from dataclasses import dataclass
 from enum import Enum, auto
 
 from .address import RouteAddress
-from .config import Limits
 from .errors import LocalProtocolError, RemoteProtocolError
 from .framing import FrameDecoder, encode_frame
+from .limits import Limits
 from .targets import ProxyTcpTarget, TargetKind, parse_port, validate_host_name
 
 __all__ = [

@@ -33,7 +33,7 @@ class CredentialRequired(TunnelEvent):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TunnelAuthenticated(TunnelEvent):
+class AuthenticationCompleted(TunnelEvent):
     """Authentication succeeded; streams may now be opened in both directions.
 
     ``name`` is the authenticated identity: the token's tunnel name, or under the
@@ -60,7 +60,7 @@ class StreamAccepted(TunnelEvent):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class StreamRefused(TunnelEvent):
+class StreamRejected(TunnelEvent):
     """A stream we opened was refused, or failed before it was accepted."""
 
     stream_id: int
@@ -104,7 +104,7 @@ class StreamWritable(TunnelEvent):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TunnelClosed(TunnelEvent):
+class ConnectionTerminated(TunnelEvent):
     """The tunnel is over; this is always its last event.
 
     ``application`` is True for an application close, whose ``code`` is one of
@@ -126,5 +126,5 @@ STREAM_EVENTS = (
     StreamReset,
     StreamWritable,
     StreamAccepted,
-    StreamRefused,
+    StreamRejected,
 )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from .errors import LocalProtocolError
+from .._wire.errors import LocalProtocolError
 
 
 @dataclass(slots=True)

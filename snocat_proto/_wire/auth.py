@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from enum import Enum, auto
 from typing import ClassVar, Final
 
-from .config import Limits
 from .errors import FrameTooLarge, LocalProtocolError
 from .framing import FrameDecoder, encode_frame
+from .limits import DEFAULT_MAX_REASON_LENGTH, DEFAULT_MAX_TUNNEL_NAME_LENGTH, Limits
 
 __all__ = [
     "HELLO_SIZE",
@@ -55,8 +55,8 @@ __all__ = [
     "Authenticated",
     "Authenticator",
     "ClientCredentials",
-    "CredentialRequired",
     "Rejected",
+    "SecretRequired",
     "SimpleAckConnector",
     "SimpleAckListener",
     "TokenConnector",
@@ -78,9 +78,9 @@ HELLO_SIZE: Final = 64
 #: What the token scheme's hello carries where SimpleAck's carries ``HELO``.
 TOKEN_WIRE_NAME: Final = "snocat-token-v1"
 NONCE_SIZE: Final = 32
-MAX_TUNNEL_NAME_LENGTH: Final = 128
+MAX_TUNNEL_NAME_LENGTH: Final = DEFAULT_MAX_TUNNEL_NAME_LENGTH
 #: Refusal reasons that cross the wire are cut to this many characters.
-MAX_REASON_LENGTH: Final = 200
+MAX_REASON_LENGTH: Final = DEFAULT_MAX_REASON_LENGTH
 
 SIMPLE_ACK_HELLO: Final = b"HELO".ljust(HELLO_SIZE, b"\0")
 SIMPLE_ACK_ANSWER: Final = b"HELO/HELO".ljust(HELLO_SIZE, b"\0")
@@ -126,7 +126,7 @@ class AuthEvent:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class CredentialRequired(AuthEvent):
+class SecretRequired(AuthEvent):
     """(Listen side, token scheme) The peer claims tunnel ``name``: look up its secret,
     then call :meth:`TokenListener.supply_credential` (or :meth:`TokenListener.reject`)."""
 
@@ -157,17 +157,18 @@ class Rejected(AuthEvent):
 # --------------------------------------------------------------------------- helpers
 
 
-def validate_tunnel_name(name: str) -> None:
+def validate_tunnel_name(name: str, max_length: int = DEFAULT_MAX_TUNNEL_NAME_LENGTH) -> None:
     """Raise :class:`LocalProtocolError` unless ``name`` may name a tunnel.
 
-    1 to 128 characters, all printable, none of them whitespace or ``/``: names are
-    written as ``NAME SECRET`` lines in tokens files and appear in logs.
+    1 to ``max_length`` (``Limits.max_tunnel_name_length``) characters, all
+    printable, none of them whitespace or ``/``: names are written as
+    ``NAME SECRET`` lines in tokens files and appear in logs.
     """
     if not isinstance(name, str):
         raise LocalProtocolError(f"a tunnel name must be a str, not {type(name).__name__}")
-    if not 1 <= len(name) <= MAX_TUNNEL_NAME_LENGTH:
+    if not 1 <= len(name) <= max_length:
         raise LocalProtocolError(
-            f"a tunnel name must be 1 to {MAX_TUNNEL_NAME_LENGTH} characters long, not {len(name)}"
+            f"a tunnel name must be 1 to {max_length} characters long, not {len(name)}"
         )
     for position, char in enumerate(name):
         if char == "/" or char.isspace() or not char.isprintable():
@@ -217,13 +218,13 @@ def _decode_json_object(payload: bytes) -> dict[str, object] | None:
     return value if isinstance(value, dict) else None
 
 
-def _result_payload(reason: str | None, limit: int) -> bytes:
+def _result_payload(reason: str | None, limits: Limits) -> bytes:
     """``{"ok":true}``, or ``{"ok":false,"reason":...}`` cut to fit ``limit`` bytes."""
     if reason is None:
         return _encode_json({"ok": True})
-    reason = _sanitize(reason, MAX_REASON_LENGTH)
+    reason = _sanitize(reason, limits.max_reason_length)
     payload = _encode_json({"ok": False, "reason": reason})
-    while len(payload) > limit and reason:
+    while len(payload) > limits.max_auth_message_size and reason:
         reason = reason[: len(reason) // 2]
         payload = _encode_json({"ok": False, "reason": reason})
     return payload
@@ -452,7 +453,7 @@ class TokenListener(Authenticator):
     """Listen side of the token scheme.
 
     Sends the hello (with the caller's fresh ``nonce``) at once, reads the client's
-    response, reports :class:`CredentialRequired`, and verifies the MAC once the
+    response, reports :class:`SecretRequired`, and verifies the MAC once the
     application answers with :meth:`supply_credential` (or refuses with :meth:`reject`).
     On every failure after the hello it sends ``{"ok":false,...}`` before reporting.
     """
@@ -475,11 +476,11 @@ class TokenListener(Authenticator):
 
     @property
     def claimed_name(self) -> str | None:
-        """The tunnel name the client claims, once :class:`CredentialRequired` is queued."""
+        """The tunnel name the client claims, once :class:`SecretRequired` is queued."""
         return self._claimed_name
 
     def supply_credential(self, secret: bytes | None) -> None:
-        """Answer :class:`CredentialRequired`: the claimed name's secret, or ``None`` if
+        """Answer :class:`SecretRequired`: the claimed name's secret, or ``None`` if
         the name is unknown (verified in the same time as a wrong secret)."""
         self._check_decision("supply_credential")
         if secret is not None and (not isinstance(secret, bytes) or not secret):
@@ -493,9 +494,7 @@ class TokenListener(Authenticator):
         matches = hmac.compare_digest(expected, self._claimed_mac)
         self._state = _TokenListenerState.DONE
         if matches and secret is not None:
-            self._outgoing += encode_frame(
-                _result_payload(None, self._limits.max_auth_message_size)
-            )
+            self._outgoing += encode_frame(_result_payload(None, self._limits))
             self._succeed(name)
         else:
             self._refuse(
@@ -517,18 +516,18 @@ class TokenListener(Authenticator):
             return
         self._decided = True
         self._state = _TokenListenerState.DONE
-        shown = _sanitize(reason, MAX_REASON_LENGTH)
+        shown = _sanitize(reason, self._limits.max_reason_length)
         who = f"tunnel {self._claimed_name!r}" if self._claimed_name is not None else "client"
         self._refuse(shown, f"{who} refused by this aggregator: {shown}")
 
     def _check_decision(self, method: str) -> None:
         if not self._credential_requested:
-            raise LocalProtocolError(f"{method}() called before CredentialRequired")
+            raise LocalProtocolError(f"{method}() called before SecretRequired")
         if self._decided:
             raise LocalProtocolError(f"{method}() called after the credential decision")
 
     def _refuse(self, peer_reason: str, log_reason: str) -> None:
-        payload = _result_payload(peer_reason, self._limits.max_auth_message_size)
+        payload = _result_payload(peer_reason, self._limits)
         self._outgoing += encode_frame(payload)
         self._fail(log_reason)
 
@@ -569,7 +568,7 @@ class TokenListener(Authenticator):
             return
         if payload is None:
             return
-        parsed = _parse_token_response(payload)
+        parsed = _parse_token_response(payload, self._limits)
         if isinstance(parsed, str):
             self._state = _TokenListenerState.DONE
             self._refuse(
@@ -581,7 +580,7 @@ class TokenListener(Authenticator):
         self._claimed_name, self._claimed_mac = parsed
         self._credential_requested = True
         self._state = _TokenListenerState.AWAITING_CREDENTIAL
-        self._events.append(CredentialRequired(name=self._claimed_name))
+        self._events.append(SecretRequired(name=self._claimed_name))
         self._process()  # bytes after the response, if any, are a violation
 
     def _on_eof(self) -> None:
@@ -596,7 +595,7 @@ class TokenListener(Authenticator):
         # AWAITING_CREDENTIAL: the client has said everything; the result can still go out.
 
 
-def _parse_token_response(payload: bytes) -> tuple[str, bytes] | str:
+def _parse_token_response(payload: bytes, limits: Limits) -> tuple[str, bytes] | str:
     """``(name, mac)`` from a response payload, or what is wrong with it."""
     message = _decode_json_object(payload)
     if message is None:
@@ -608,7 +607,7 @@ def _parse_token_response(payload: bytes) -> tuple[str, bytes] | str:
     if not isinstance(mac, str) or len(mac) != _MAC_HEX_LENGTH or not _LOWER_HEX.issuperset(mac):
         return f'has no "mac" of {_MAC_HEX_LENGTH} lowercase hex digits'
     try:
-        validate_tunnel_name(name)
+        validate_tunnel_name(name, limits.max_tunnel_name_length)
     except LocalProtocolError as error:
         return f"claims an invalid tunnel name: {error.reason}"
     return name, bytes.fromhex(mac)
@@ -630,7 +629,7 @@ class TokenConnector(Authenticator):
 
     def __init__(self, name: str, secret: bytes, *, limits: Limits) -> None:
         super().__init__()
-        validate_tunnel_name(name)
+        validate_tunnel_name(name, limits.max_tunnel_name_length)
         if not isinstance(secret, bytes) or not secret:
             raise LocalProtocolError("a token secret must be non-empty bytes")
         sample = _encode_json({"name": name, "mac": "0" * _MAC_HEX_LENGTH})
@@ -641,6 +640,7 @@ class TokenConnector(Authenticator):
             )
         self._name = name
         self._secret = secret
+        self._limits = limits
         self._frames = FrameDecoder(limits.max_auth_message_size)
         self._state = _TokenConnectorState.AWAITING_HELLO
 
@@ -703,7 +703,7 @@ class TokenConnector(Authenticator):
             assert result is not None
             reason = result.get("reason")
             shown = (
-                _sanitize(reason, MAX_REASON_LENGTH)
+                _sanitize(reason, self._limits.max_reason_length)
                 if isinstance(reason, str) and reason
                 else "(no reason given)"
             )

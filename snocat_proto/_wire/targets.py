@@ -30,6 +30,7 @@ from enum import Enum
 
 from .address import RouteAddress
 from .errors import LocalProtocolError, RemoteProtocolError
+from .network import format_host_port
 
 __all__ = [
     "LOCAL_HOST",
@@ -237,7 +238,4 @@ class ProxyTcpTarget:
         return LOCAL_HOST if self.host is None else self.host
 
     def __str__(self) -> str:
-        host = self.connect_host()
-        if ":" in host:  # an IPv6 literal (or a DNS "name" that is one)
-            return f"[{host}]:{self.port}"
-        return f"{host}:{self.port}"
+        return format_host_port(self.connect_host(), self.port)

@@ -40,7 +40,7 @@ from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.retry import QuicRetryTokenHandler
 from aioquic.quic.stream import QuicStream
 
-from .config import Limits
+from .limits import Limits
 
 __all__ = [
     "ALPN",
@@ -61,26 +61,12 @@ __all__ = [
 #: The only ALPN either snocat side offers (snocat 0.8 compat).
 ALPN = "ms-snocat-1"
 
-#: Before authentication the peer may only use this much of the connection window
-#: and this many streams: enough for the auth exchange, too little to hold resources.
-UNAUTHENTICATED_CONNECTION_WINDOW = 64 * 1024
-UNAUTHENTICATED_MAX_STREAMS = 4
-
-#: Connection IDs we ask the peer to keep issued to us: the minimum RFC 9000 allows
-#: (section 18.2), one in use and one spare for a migration.  aioquic asks for 8,
-#: each a few hundred bytes on both sides and a routing entry at the aggregator.
-ACTIVE_CONNECTION_ID_LIMIT = 2
-
 #: How far in the past :meth:`QuicEngine.acknowledge_now` puts an ACK's due time.
 ACK_OVERDUE = 0.001
 
 #: How far past a due time-threshold loss check looks again, when rounding kept the
 #: packet that armed it from being declared lost (see QuicEngine.handle_timer).
 LOSS_TIME_SLACK = 1e-6
-
-#: Room for TLS output after the handshake, where QUIC has none (no KeyUpdate, no
-#: post-handshake authentication); aioquic keeps 16 KiB for each of three epochs.
-POST_HANDSHAKE_CRYPTO_BUFFER = 1024
 
 #: aioquic builds a table of frame handlers per connection with a new frozenset of
 #: epochs in each entry; the same few sets, shared, save kilobytes per connection.
@@ -104,23 +90,24 @@ def quic_configuration(
         idle_timeout=idle_timeout,
         max_datagram_size=max_datagram_size,
         max_stream_data=limits.stream_receive_window,
-        max_data=min(UNAUTHENTICATED_CONNECTION_WINDOW, limits.tunnel_receive_window),
+        max_data=min(limits.pre_auth_receive_window, limits.tunnel_receive_window),
     )
 
 
 class QuicEngine(QuicConnection):
     """aioquic's connection, with receive credit granted only for consumed data."""
 
-    def __init__(self, *, configuration: QuicConfiguration, **kwargs: Any) -> None:
+    def __init__(self, *, configuration: QuicConfiguration, limits: Limits, **kwargs: Any) -> None:
         super().__init__(configuration=configuration, **kwargs)
+        self._limits = limits
         self._stream_window = configuration.max_stream_data
         self._connection_window = configuration.max_data
         self._consumed: dict[int, int] = {}
         self._consumed_total = 0
-        self._set_peer_stream_limit(UNAUTHENTICATED_MAX_STREAMS)
+        self._set_peer_stream_limit(limits.pre_auth_max_streams)
         # We use no unidirectional streams: a peer that opens one breaks the limit.
         self._local_max_streams_uni.value = self._local_max_streams_uni.sent = 0
-        self._local_active_connection_id_limit = ACTIVE_CONNECTION_ID_LIMIT
+        self._local_active_connection_id_limit = limits.active_connection_id_limit
         self._share_frame_handler_epochs()
 
     # Memory per connection ---------------------------------------------------
@@ -143,7 +130,7 @@ class QuicEngine(QuicConnection):
         for kind in (tls.Epoch.INITIAL, tls.Epoch.HANDSHAKE):
             buffers[kind] = Buffer(capacity=0)
         if buffers[tls.Epoch.ONE_RTT].tell() == 0:
-            buffers[tls.Epoch.ONE_RTT] = Buffer(capacity=POST_HANDSHAKE_CRYPTO_BUFFER)
+            buffers[tls.Epoch.ONE_RTT] = Buffer(capacity=self._limits.post_handshake_crypto_buffer)
 
     # Credit and limits -------------------------------------------------------
 

@@ -15,7 +15,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .engine import NetworkAddress
+from .network import NetworkAddress
 
 __all__ = ["DEFAULT_HANDSHAKE_RATE", "HandshakeBuckets", "HandshakeRate", "source_of"]
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Generic, Protocol, TypeVar
 
-from .events import STREAM_EVENTS, DataReceived, TunnelClosed, TunnelEvent
-from .tunnel import TunnelConnection
+from .._wire.events import STREAM_EVENTS, ConnectionTerminated, DataReceived, TunnelEvent
+from .._wire.tunnel import TunnelConnection
 
 __all__ = ["BoundStream", "StreamTable"]
 
@@ -57,7 +57,7 @@ class StreamTable(Generic[S]):
     def deliver(self, tunnel: TunnelConnection, event: TunnelEvent) -> bool:
         """Give a stream event to its stream; False for an event of the tunnel itself.
 
-        A :class:`~snocat_proto.events.TunnelClosed` also ends every stream of the
+        A :class:`~snocat_proto.events.ConnectionTerminated` also ends every stream of the
         tunnel (and still returns False: the application hears of it too)."""
         if isinstance(event, STREAM_EVENTS):
             stream = self._streams.get((tunnel, event.stream_id))
@@ -67,7 +67,7 @@ class StreamTable(Generic[S]):
                 # Nobody will read it: return the credit.
                 tunnel.acknowledge_received_data(event.stream_id, len(event.data))
             return True
-        if isinstance(event, TunnelClosed):
+        if isinstance(event, ConnectionTerminated):
             for stream in self.of(tunnel):
                 stream.on_tunnel_closed(event.code, event.reason)
                 self.forget(stream)

@@ -16,10 +16,10 @@ import itertools
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from .auth import Authenticator
 from .codes import CloseCode
-from .config import Limits
 from .engine import (
     SMALLEST_MAX_DATAGRAM_SIZE,
     NetworkAddress,
@@ -33,9 +33,11 @@ from .engine import (
     parse_packet_header,
 )
 from .errors import LocalProtocolError
-from .events import TunnelClosed, TunnelEvent
+from .events import ConnectionTerminated, TunnelEvent
 from .handshake_rate import DEFAULT_HANDSHAKE_RATE, HandshakeBuckets, HandshakeRate
-from .tunnel import LISTEN_KEEPALIVE_INTERVAL, Role, TunnelConnection, format_address
+from .limits import Limits
+from .network import format_address
+from .tunnel import LISTEN_KEEPALIVE_INTERVAL, Role, TunnelConnection
 
 #: Builds the Listen-side authenticator of a new tunnel from the peer's address text.
 AuthenticatorFactory = Callable[[str], Authenticator]
@@ -68,7 +70,9 @@ class ServerEndpoint:
         self._limits = limits
         self._retry = RetryTokens() if retry else None
         self._handshakes = (
-            HandshakeBuckets(handshake_rate) if retry and handshake_rate is not None else None
+            HandshakeBuckets(handshake_rate, max_sources=limits.handshake_rate_sources)
+            if retry and handshake_rate is not None
+            else None
         )
         self._max_tunnels = max_tunnels
         self._keepalive_interval = keepalive_interval
@@ -98,7 +102,7 @@ class ServerEndpoint:
         #: Tunnels that failed: they send what they have once more, then are dropped
         #: (their state is suspect, and a timer that raises would fire forever).
         self._failed: dict[TunnelConnection, None] = {}
-        #: TunnelClosed for failed tunnels that could not even report their close.
+        #: ConnectionTerminated for failed tunnels that could not even report their close.
         self._orphan_events: deque[tuple[TunnelConnection, TunnelEvent]] = deque()
 
     # The adapter's surface ---------------------------------------------------
@@ -241,6 +245,7 @@ class ServerEndpoint:
             retry_source_cid = header.destination_cid
         engine = QuicEngine(
             configuration=self._configuration,
+            limits=self._limits,
             original_destination_connection_id=original_cid,
             retry_source_connection_id=retry_source_cid,
         )
@@ -275,7 +280,7 @@ class ServerEndpoint:
             tunnel.close(CloseCode.INTERNAL_ERROR, reason)
         except Exception:
             # Not even closing worked: the application still hears that the tunnel is gone.
-            closed = TunnelClosed(
+            closed = ConnectionTerminated(
                 code=CloseCode.INTERNAL_ERROR, reason=reason, by_peer=False, application=True
             )
             self._orphan_events.append((tunnel, closed))
@@ -327,3 +332,49 @@ class ServerEndpoint:
         for cid in self._tunnels.pop(tunnel, []):
             if self._by_cid.get(cid) is tunnel:
                 del self._by_cid[cid]
+
+
+class ClientEndpoint:
+    """Wraps the Connect side's :class:`TunnelConnection` to look like an endpoint."""
+
+    def __init__(self, tunnel: TunnelConnection) -> None:
+        self.tunnel = tunnel
+        #: Always empty: the one tunnel's errors end the attempt (as a server's end a tunnel).
+        self.internal_errors: deque[BaseException] = deque(maxlen=16)
+
+    @property
+    def tunnels(self) -> list[TunnelConnection]:
+        return [] if self.tunnel.is_terminated else [self.tunnel]
+
+    def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> None:
+        self.tunnel.receive_datagram(data, addr, now)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        return self.tunnel.datagrams_to_send(now)
+
+    def get_timer(self) -> float | None:
+        return self.tunnel.get_timer()
+
+    def handle_timer(self, now: float) -> None:
+        self.tunnel.handle_timer(now)
+
+    def next_event(self) -> tuple[TunnelConnection, TunnelEvent] | None:
+        event = self.tunnel.next_event()
+        return None if event is None else (self.tunnel, event)
+
+    def mark_dirty(self, tunnel: TunnelConnection) -> None:
+        """Nothing to track: the one tunnel is always drained."""
+
+
+class Endpoint(Protocol):
+    """What both endpoints offer an adapter's pump."""
+
+    #: Errors caught while handling one tunnel (closed with INTERNAL_ERROR), to log.
+    internal_errors: deque[BaseException]
+
+    def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> None: ...
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]: ...
+    def get_timer(self) -> float | None: ...
+    def handle_timer(self, now: float) -> None: ...
+    def next_event(self) -> tuple[TunnelConnection, TunnelEvent] | None: ...
+    def mark_dirty(self, tunnel: TunnelConnection) -> None: ...

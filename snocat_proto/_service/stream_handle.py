@@ -20,18 +20,18 @@ from collections import deque
 from dataclasses import dataclass
 from enum import Enum, auto
 
-from .address import RouteAddress
-from .codes import StreamCode
-from .events import (
+from .._wire.address import RouteAddress
+from .._wire.codes import StreamCode
+from .._wire.events import (
     DataReceived,
     StreamAccepted,
     StreamEnded,
-    StreamRefused,
+    StreamRejected,
     StreamReset,
     StreamWritable,
     TunnelEvent,
 )
-from .tunnel import TunnelConnection
+from .._wire.tunnel import TunnelConnection
 
 __all__ = ["Blocked", "FailureKind", "Opening", "StreamFailure", "StreamHandle"]
 
@@ -262,7 +262,7 @@ class StreamHandle:
             self._eof_received = True
         elif isinstance(event, StreamAccepted):
             self._accepted = True
-        elif isinstance(event, StreamRefused):
+        elif isinstance(event, StreamRejected):
             self._accepted = False
             self._refusal = event.reason
         elif isinstance(event, StreamReset):

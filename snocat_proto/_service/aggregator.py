@@ -23,18 +23,19 @@ from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Generic, TypeVar
 
-from .address import RouteAddress
-from .certificates import install_identity
-from .codes import CloseCode
-from .endpoint import AuthenticatorFactory, ServerEndpoint
-from .engine import quic_configuration
-from .errors import LocalProtocolError, ProtocolError
+from .._wire.address import RouteAddress
+from .._wire.certificates import install_identity
+from .._wire.codes import CloseCode
+from .._wire.endpoint import AuthenticatorFactory, ServerEndpoint
+from .._wire.engine import quic_configuration
+from .._wire.errors import LocalProtocolError, ProtocolError
+from .._wire.network import format_address
+from .._wire.proxyme import ProxymeRequest
+from .._wire.tunnel import TunnelConnection
+from .config import ServerConfig
 from .ports import PortAllocator, PortsExhausted, StickyPorts
-from .proxyme import ProxymeRequest
 from .registry import TunnelRecord, TunnelRegistry
-from .settings import ServerConfig
 from .stream_handle import StreamHandle
-from .tunnel import TunnelConnection, format_address
 
 __all__ = [
     "INTERNAL_ERROR",
@@ -188,7 +189,7 @@ class Aggregator(Generic[S]):
         random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.config = config
-        self.registry = TunnelRegistry()
+        self.registry = TunnelRegistry(limit=config.limits.max_subscriber_backlog)
         #: False once shutdown began: no new tunnels, streams, ports or connections.
         self.accepting = True
         self._factory = session_factory

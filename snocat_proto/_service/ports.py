@@ -20,7 +20,7 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Final
 
-from .errors import LocalProtocolError
+from .._wire.errors import LocalProtocolError
 
 __all__ = ["PortAllocator", "PortRange", "PortsExhausted", "StickyPorts"]
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .auth import validate_tunnel_name
-from .errors import LocalProtocolError
+from .._wire.auth import validate_tunnel_name
+from .._wire.errors import LocalProtocolError
 
 #: Shortest secret accepted: guessing 16 random characters is out of reach.
 MIN_SECRET_LENGTH = 16

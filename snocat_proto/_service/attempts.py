@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum, auto
 
-from .certificates import fingerprint, parse_fingerprint
-from .codes import CloseCode
-from .engine import QuicErrorCode
-from .events import TunnelClosed
-from .tunnel import TunnelConnection
+from .._wire.certificates import fingerprint, parse_fingerprint
+from .._wire.codes import CloseCode
+from .._wire.engine import QuicErrorCode
+from .._wire.events import ConnectionTerminated
+from .._wire.tunnel import TunnelConnection
 
 __all__ = [
     "AttemptEnd",
@@ -30,7 +30,6 @@ __all__ = [
     "local_socket_failure",
     "lost_tunnel",
     "no_answer",
-    "port_of",
     "unresolvable",
 ]
 
@@ -112,7 +111,7 @@ def no_answer(server_label: str, detail: str) -> AttemptEnd:
 
 
 def diagnose_early_close(
-    closed: TunnelClosed,
+    closed: ConnectionTerminated,
     *,
     handshake_done: bool,
     pin_problem: str | None,
@@ -171,7 +170,7 @@ def diagnose_early_close(
     )
 
 
-def lost_tunnel(closed: TunnelClosed) -> AttemptEnd:
+def lost_tunnel(closed: ConnectionTerminated) -> AttemptEnd:
     """An authenticated tunnel closed (retryable)."""
     return AttemptEnd(
         fatal=False,
@@ -185,15 +184,6 @@ def lost_tunnel(closed: TunnelClosed) -> AttemptEnd:
 
 def _fatal(kind: ErrorKind, message: str) -> AttemptEnd:
     return AttemptEnd(fatal=True, kind=kind, message=message, reason=message)
-
-
-def port_of(addresses: tuple[str, ...]) -> int:
-    """The port of the first ``host:port`` / ``[v6]:port`` address (0 if none parses)."""
-    for address in addresses:
-        _, _, port = address.rpartition(":")
-        if port.isdigit() and 0 < int(port) <= 65535:
-            return int(port)
-    return 0
 
 
 def enforce_pin(tunnel: TunnelConnection, pinned: str | None) -> str | None:

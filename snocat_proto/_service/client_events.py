@@ -3,7 +3,7 @@
 :class:`ClientEvents` is the part of a binding's client that the pump calls for
 every :class:`~snocat_proto.events.TunnelEvent` of one attempt: it checks the
 pinned certificate, follows the attempt's state (handshake done, authenticated,
-closed) and reports what happened (:mod:`~snocat_proto.notices`).  Whatever does
+closed) and reports what happened (:mod:`~snocat_proto._service.notices`).  Whatever does
 I/O is left to the binding through the abstract methods below: flushing a tunnel,
 serving a stream, waking whoever waits, logging a failure.  Nothing here logs,
 blocks, sleeps or reads a clock.
@@ -15,15 +15,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
-from .attempts import enforce_pin
-from .codes import CloseCode, StreamCode
-from .events import (
+from .._wire.codes import CloseCode, StreamCode
+from .._wire.events import (
+    AuthenticationCompleted,
+    ConnectionTerminated,
     HandshakeCompleted,
     StreamRequested,
-    TunnelAuthenticated,
-    TunnelClosed,
     TunnelEvent,
 )
+from .._wire.proxyme import Denied, Granted, ProxymeEvent, Released
+from .._wire.tunnel import TunnelConnection
+from .attempts import enforce_pin
+from .config import ClientConfig
 from .notices import (
     Notice,
     client_port_denied,
@@ -33,10 +36,7 @@ from .notices import (
     tunnel_closed,
     tunnel_connected,
 )
-from .proxyme import Denied, Granted, ProxymeEvent, Released
 from .server_events import EventStream
-from .settings import ClientConfig
-from .tunnel import TunnelConnection
 
 __all__ = ["Attempt", "ClientEvents"]
 
@@ -51,7 +51,7 @@ class Attempt(Protocol):
     name: str | None
     handshake_done: bool
     authenticated: bool
-    closed: TunnelClosed | None
+    closed: ConnectionTerminated | None
     pin_problem: str | None
 
 
@@ -129,11 +129,11 @@ class ClientEvents(ABC, Generic[A, T]):
                 self._flush(session, tunnel)
             session.handshake_done = True
             self._report(tunnel_connected, session)
-        elif isinstance(event, TunnelAuthenticated):
+        elif isinstance(event, AuthenticationCompleted):
             session.authenticated = True
             session.name = event.name
             self._report(tunnel_authenticated, session, event, log=False)
-        elif isinstance(event, TunnelClosed):
+        elif isinstance(event, ConnectionTerminated):
             session.closed = event
             if self.granted is not None and session is self._session:
                 self._port_gone(session)

@@ -25,11 +25,11 @@ from enum import Enum, auto
 
 from . import events
 from .address import RouteAddress
-from .auth import Authenticated, Authenticator, CredentialRequired, Rejected, TokenListener
+from .auth import Authenticated, Authenticator, Rejected, SecretRequired, TokenListener
 from .codes import CloseCode, StreamCode
-from .config import Limits
-from .engine import ALPN, NetworkAddress, QuicConfiguration, QuicEngine, quic_events
+from .engine import ALPN, QuicConfiguration, QuicEngine, quic_events
 from .errors import LocalProtocolError, ProtocolError, SendBufferFull, UnsupportedVersion
+from .limits import Limits
 from .negotiation import (
     Accepted,
     AcceptorNegotiation,
@@ -37,6 +37,7 @@ from .negotiation import (
     OpenerNegotiation,
     Refused,
 )
+from .network import NetworkAddress
 
 #: The authentication channel: the Listen side's first bidirectional stream.
 AUTH_STREAM_ID = 1
@@ -50,13 +51,6 @@ CONNECT_KEEPALIVE_INTERVAL = 15.0
 #: loss-detection timer per PING).  Capped at 2/3 of the idle timeout, this is 20 s
 #: with the default 30 s, and stays behind a client that pings every 25 s of 60.
 LISTEN_KEEPALIVE_INTERVAL = 40.0
-#: While streams are open the Connect side also pings after this much silence, doubling
-#: it up to the keep-alive interval while the silence lasts and starting over when
-#: stream data arrives.  After a NAT rebinding the aggregator's packets go to the lapsed
-#: mapping, and only a packet from the client's new address lets it follow (RFC 9000,
-#: 9.3); a client that is only receiving has nothing else to send, so without this a
-#: download would stall until the keep-alive.  An idle session costs four more PINGs.
-SILENCE_PROBE_INTERVAL = 1.0
 
 
 class Role(Enum):
@@ -138,12 +132,6 @@ class _Stream:
         return self.we_opened or self.state in (StreamState.DECIDING, StreamState.OPEN)
 
 
-def format_address(addr: NetworkAddress) -> str:
-    """A socket address as snocat 0.8 names SimpleAck tunnels: ``1.2.3.4:5`` / ``[::1]:5``."""
-    host, port = str(addr[0]), int(addr[1])
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class TunnelConnection:
     """Either side of one snocat tunnel.  See the module docstring."""
 
@@ -174,7 +162,7 @@ class TunnelConnection:
         self._auth_eof = False
         self._rejection_code = int(CloseCode.AUTHENTICATION_FAILED)
         self._keepalive_at: float | None = None
-        self._probe_interval = SILENCE_PROBE_INTERVAL
+        self._probe_interval = self._limits.silence_probe_interval
         self._ping_uid = 0
         self._streams: dict[int, _Stream] = {}
         # Indexes of the streams, so that per-datagram work never scans them all:
@@ -215,7 +203,7 @@ class TunnelConnection:
         """The Connect side: dial ``address`` (the first datagrams are ready at once)."""
         if not configuration.is_client:
             raise LocalProtocolError("the Connect side needs a client configuration")
-        engine = QuicEngine(configuration=configuration)
+        engine = QuicEngine(configuration=configuration, limits=limits)
         engine.connect(address, now=now)
         return cls(
             engine,
@@ -329,7 +317,7 @@ class TunnelConnection:
         self._keepalive_at = now + interval
 
     def _emit(self, event: events.TunnelEvent) -> None:
-        """Queue ``event`` for the application, unless :class:`TunnelClosed` was queued:
+        """Queue ``event`` for the application, unless :class:`ConnectionTerminated` was queued:
         it is always the last event (a close in the middle of a datagram's events, such
         as an unsupported NYAN version, must not be followed by that datagram's rest)."""
         if not self._close_reported:
@@ -373,7 +361,7 @@ class TunnelConnection:
     def open_stream(self, address: RouteAddress) -> int:
         """Open a stream to ``address`` on the peer; returns its stream ID.
 
-        :class:`StreamAccepted` or :class:`StreamRefused` follows.
+        :class:`StreamAccepted` or :class:`StreamRejected` follows.
         """
         self._require_authenticated()
         negotiation = OpenerNegotiation(address, limits=self._limits)
@@ -500,7 +488,7 @@ class TunnelConnection:
         self._finish(stream)
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        """Close the tunnel; :class:`TunnelClosed` follows.  Idempotent."""
+        """Close the tunnel; :class:`ConnectionTerminated` follows.  Idempotent."""
         self._quic.close(error_code=int(code), reason_phrase=reason)
         self._report_close()
 
@@ -544,7 +532,7 @@ class TunnelConnection:
                 self._quic.acknowledge_received(stream_id, len(data))
                 return
         stream.received += len(data)
-        self._probe_interval = SILENCE_PROBE_INTERVAL
+        self._probe_interval = self._limits.silence_probe_interval
         self._feed(stream, data, end)
 
     def _on_stream_reset(self, event: quic_events.QuicEvent) -> None:
@@ -580,7 +568,7 @@ class TunnelConnection:
         self._finish(stream)
         if opener_waiting and stream.we_opened:
             self._emit(
-                events.StreamRefused(stream_id=stream_id, reason=f"{reason} during negotiation")
+                events.StreamRejected(stream_id=stream_id, reason=f"{reason} during negotiation")
             )
         elif app_knew:
             self._emit(
@@ -608,7 +596,9 @@ class TunnelConnection:
         code, reason, by_peer, application = close
         self._state = TunnelState.CLOSED
         self._emit(
-            events.TunnelClosed(code=code, reason=reason, by_peer=by_peer, application=application)
+            events.ConnectionTerminated(
+                code=code, reason=reason, by_peer=by_peer, application=application
+            )
         )
         self._close_reported = True
 
@@ -638,7 +628,7 @@ class TunnelConnection:
         if outgoing:
             self._quic.send_stream_data(AUTH_STREAM_ID, outgoing)
         while (event := self._authenticator.next_event()) is not None:
-            if isinstance(event, CredentialRequired):
+            if isinstance(event, SecretRequired):
                 self._emit(events.CredentialRequired(name=event.name))
             elif isinstance(event, Authenticated):
                 self._on_authenticated(event.name)
@@ -665,7 +655,7 @@ class TunnelConnection:
             connection_window=self._limits.tunnel_receive_window,
             max_streams=self._limits.max_streams_per_tunnel,
         )
-        self._emit(events.TunnelAuthenticated(name=name, scheme=self._authenticator.scheme))
+        self._emit(events.AuthenticationCompleted(name=name, scheme=self._authenticator.scheme))
         for stream in list(self._streams.values()):
             if stream.state is StreamState.HELD:
                 self._release_held(stream)
@@ -790,7 +780,7 @@ class TunnelConnection:
             self._stop_receiving(stream, StreamCode.NO_ERROR)
             self._finish(stream)
             self._emit(
-                events.StreamRefused(
+                events.StreamRejected(
                     stream_id=stream_id, reason=f"peer refused the route (status {result.status})"
                 )
             )
@@ -814,7 +804,7 @@ class TunnelConnection:
         if not (notify and app_knew):
             return
         if was_negotiating and stream.we_opened:
-            self._emit(events.StreamRefused(stream_id=stream.stream_id, reason=reason))
+            self._emit(events.StreamRejected(stream_id=stream.stream_id, reason=reason))
         else:
             self._emit(
                 events.StreamReset(
@@ -895,7 +885,7 @@ class TunnelConnection:
 
     @property
     def _writable_threshold(self) -> int:
-        return min(self._limits.stream_send_buffer // 2, 16 * 1024)
+        return min(self._limits.stream_send_buffer // 2, self._limits.writable_threshold)
 
     def _capacity(self, stream: _Stream) -> int:
         buffered_total = self._buffered_total

@@ -1,0 +1,1 @@
+"""The service layer: the policy both bindings share, on top of the wire layer."""

@@ -1,0 +1,111 @@
+"""Every bound of snocat, in one typed place: what a peer, a visitor or a slow reader
+can make a tunnel, an endpoint or a binding hold.
+
+The defaults are safe for an aggregator that faces the internet; values that the
+snocat 0.8 reference fixes on the wire (the 2048-byte address limit, the 256-byte
+``proxyme`` subject) are the defaults here too, so the compat profile holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import LocalProtocolError
+
+#: The reference acceptor refuses route addresses longer than this.
+COMPAT_MAX_ADDRESS_SIZE = 2048
+#: The reference ``proxyme`` server reads at most this many bytes of the subject.
+COMPAT_MAX_PROXYME_SUBJECT_SIZE = 256
+#: Tunnel names are written as ``NAME SECRET`` lines and appear in logs.
+DEFAULT_MAX_TUNNEL_NAME_LENGTH = 128
+#: Refusal reasons are sent to the peer and logged.
+DEFAULT_MAX_REASON_LENGTH = 200
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Bounds on what one tunnel may buffer or be sent."""
+
+    #: Largest route address (the NYAN address frame's payload), in bytes.
+    max_address_size: int = COMPAT_MAX_ADDRESS_SIZE
+    #: Largest frame of any other kind (the proxyme response and grant).
+    max_frame_size: int = 64 * 1024
+    #: Largest authentication message (token response, result), in bytes.
+    max_auth_message_size: int = 1024
+    #: Largest ``proxyme`` subject the server reads.
+    max_proxyme_subject_size: int = COMPAT_MAX_PROXYME_SUBJECT_SIZE
+    #: Bidirectional streams the peer may have open at once (QUIC MAX_STREAMS).
+    max_streams_per_tunnel: int = 256
+    #: Streams the peer opened whose route decision the application has not made yet.
+    #: As many as the peer may open: a forwarded burst waits for its local connects
+    #: rather than being reset; bounded by max_streams_per_tunnel all the same.
+    max_pending_requests: int = 256
+    #: Bytes one stream may hold unacknowledged in its send buffer.
+    stream_send_buffer: int = 256 * 1024
+    #: Bytes all streams of one tunnel may hold unacknowledged together.
+    tunnel_send_buffer: int = 4 * 1024 * 1024
+    #: Receive window of one stream: bytes the peer may send before we consume them.
+    stream_receive_window: int = 256 * 1024
+    #: Receive window of the whole tunnel.
+    tunnel_receive_window: int = 4 * 1024 * 1024
+    #: Seconds from the tunnel's first packet to a completed authentication (the QUIC
+    #: handshake included): a peer that stalls anywhere before that is dropped.
+    auth_timeout: float = 10.0
+    #: Seconds a stream may take to finish its NYAN negotiation.
+    negotiation_timeout: float = 10.0
+
+    # Before authentication ----------------------------------------------------
+    #: Bytes of the tunnel window a peer may use before it has authenticated: enough
+    #: for the auth exchange, too little to hold resources.
+    pre_auth_receive_window: int = 64 * 1024
+    #: Streams a peer may open before it has authenticated.
+    pre_auth_max_streams: int = 4
+    #: Longest tunnel name, in characters (token scheme).
+    max_tunnel_name_length: int = DEFAULT_MAX_TUNNEL_NAME_LENGTH
+    #: Longest refusal reason sent to the peer or shown from it, in characters.
+    max_reason_length: int = DEFAULT_MAX_REASON_LENGTH
+
+    # QUIC engine ----------------------------------------------------------------
+    #: Connection IDs we ask the peer to keep issued to us: the minimum RFC 9000 allows
+    #: (section 18.2), one in use and one spare for a migration.  aioquic asks for 8,
+    #: each a few hundred bytes on both sides and a routing entry at the aggregator.
+    active_connection_id_limit: int = 2
+    #: Room for TLS output after the handshake, where QUIC has none (no KeyUpdate, no
+    #: post-handshake authentication); aioquic keeps 16 KiB for each of three epochs.
+    post_handshake_crypto_buffer: int = 1024
+
+    # Streams and relays ----------------------------------------------------------
+    #: Room a full stream send buffer must regain before the stream is reported
+    #: writable again (at most half of ``stream_send_buffer`` is used).
+    writable_threshold: int = 16 * 1024
+    #: Bytes one relay direction reads at once, so holds per copy.
+    relay_chunk_size: int = 256 * 1024
+    #: (Connect side) While streams are open the Connect side also pings after this
+    #: much silence, doubling it up to the keep-alive interval while the silence lasts
+    #: and starting over when stream data arrives.  After a NAT rebinding the
+    #: aggregator's packets go to the lapsed mapping, and only a packet from the
+    #: client's new address lets it follow (RFC 9000, 9.3); a client that is only
+    #: receiving has nothing else to send, so without this a download would stall
+    #: until the keep-alive.  An idle session costs four more PINGs (docs/protocol.md 3.7).
+    silence_probe_interval: float = 1.0
+
+    # Endpoints and bindings -------------------------------------------------------
+    #: Client addresses (IPv6: /64s) the handshake-rate table tracks at once.
+    handshake_rate_sources: int = 65536
+    #: Datagrams a pump reads per wake-up before it flushes the core's output.
+    udp_receive_batch: int = 64
+    #: Events one subscriber (activity feed, registry) may leave unread; past it the
+    #: subscription is closed as a laggard (and counted), never left to grow.
+    max_subscriber_backlog: int = 10_000
+
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if not value > 0:
+                raise LocalProtocolError(f"Limits.{name} must be positive, not {value!r}")
+        if self.stream_send_buffer > self.tunnel_send_buffer:
+            raise LocalProtocolError("stream_send_buffer may not exceed tunnel_send_buffer")
+        if self.stream_receive_window > self.tunnel_receive_window:
+            raise LocalProtocolError("stream_receive_window may not exceed tunnel_receive_window")
+        if self.active_connection_id_limit < 2:
+            raise LocalProtocolError("active_connection_id_limit must be at least 2 (RFC 9000)")
