@@ -14,7 +14,7 @@ from typing import Any
 import asyncssh
 
 
-class _OpenServer(asyncssh.SSHServer):
+class _OpenServer(asyncssh.SSHServer):  # type: ignore[misc]  # untyped when absent
     def begin_auth(self, username: str) -> bool:
         return False  # no authentication: this is a loopback benchmark
 

@@ -28,7 +28,7 @@ from snocat_proto._wire.auth import (
 )
 from snocat_proto._wire.certificates import generate_self_signed, install_identity
 from snocat_proto._wire.endpoint import ServerEndpoint
-from snocat_proto._wire.engine import quic_configuration
+from snocat_proto._wire.engine import handshake_complete, quic_configuration, send_buffered
 from snocat_proto._wire.events import (
     AuthenticationCompleted,
     DataReceived,
@@ -154,10 +154,9 @@ def raw_transfer(size: int, *, datagram: int = 1200, send_buffer: int = 256 * 10
         now += TICK
         while client.next_event() is not None:
             pass
-        if client._handshake_complete:
+        if handshake_complete(client):
             while sent < size:
-                stream = client._streams.get(stream_id)
-                buffered = 0 if stream is None else len(stream.sender._buffer)
+                buffered = send_buffered(client, stream_id)
                 room = send_buffer - buffered
                 if room < 16 * 1024 and room < size - sent:
                     break

@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from bench.common import PATTERN, pattern_digest
+from snocat_proto._wire.engine import protocol_connection, send_buffered
 
 
 def _engine(name: str) -> dict[str, Any]:
@@ -38,8 +39,7 @@ def _engine(name: str) -> dict[str, Any]:
 def _send_buffered(quic: Any, stream_id: int) -> int:
     if hasattr(quic, "get_send_buffer_size"):  # qh3
         return int(quic.get_send_buffer_size(stream_id))
-    stream = quic._streams.get(stream_id)  # aioquic: unacknowledged bytes
-    return 0 if stream is None else len(stream.sender._buffer)
+    return send_buffered(quic, stream_id)  # aioquic: unacknowledged bytes
 
 
 async def receive(args: argparse.Namespace) -> None:
@@ -102,7 +102,7 @@ async def send(args: argparse.Namespace) -> None:
     async with lib["asyncio"].connect(
         "127.0.0.1", args.port, configuration=config, create_protocol=Sender
     ) as client:
-        quic = client._quic
+        quic = protocol_connection(client)
         stream_id = quic.get_next_available_stream_id()
         view = memoryview(PATTERN)
         remaining = args.bytes

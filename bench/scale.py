@@ -100,7 +100,7 @@ class Driver:
             now=now,
             keepalive_interval=self.keepalive,
         )
-        self.by_cid[tunnel.engine.host_cid] = tunnel
+        self.by_cid[tunnel.host_connection_id] = tunnel
         self.pending[tunnel] = index
         self.after_input(tunnel, now)
 

@@ -53,7 +53,6 @@ from bench.common import (
     snocat_pair,
     table,
 )
-from snocat_anyio.relay import COPY_CHUNK
 from snocat_proto._wire.limits import Limits
 
 #: Read and write size of both bench sides.
@@ -440,7 +439,13 @@ def limits_rows() -> list[list[object]]:
             ("tunnel_receive_window", "the same, all streams of a tunnel"),
         )
     ]
-    rows.append(["`relay.COPY_CHUNK`", f"{COPY_CHUNK // 1024} KiB", "one read per relay direction"])
+    rows.append(
+        [
+            "`Limits.relay_chunk_size`",
+            f"{Limits().relay_chunk_size // 1024} KiB",
+            "one read per relay direction",
+        ]
+    )
     for name in ("tcp_wmem", "tcp_rmem"):
         try:
             maximum = int(Path(f"/proc/sys/net/ipv4/{name}").read_text().split()[2])

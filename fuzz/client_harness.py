@@ -278,7 +278,7 @@ class _Session:
 
     def go_raw(self) -> None:
         (tunnel,) = self.server.tunnels
-        self.aggregator = tunnel.engine
+        self.aggregator = tunnel._quic
         # A hostile aggregator gives the client whatever windows it likes.
         self.aggregator.open_windows(
             connection_window=LIMITS.tunnel_receive_window,
@@ -464,7 +464,7 @@ class _Session:
         if client.state is TunnelState.CLOSED:
             return
         for record in client._streams.values():
-            assert client.engine.stream_is_open(record.stream_id), (
+            assert client._quic.stream_is_open(record.stream_id), (
                 f"stream {record.stream_id} ({record.state.name}) outlived the engine's"
             )
 
@@ -489,7 +489,7 @@ class _Session:
         if isinstance(authenticator, TokenConnector):
             kept += authenticator._frames.buffered
         assert kept <= _AUTH_INPUT_BOUND, f"the authenticator holds {kept} bytes"
-        buffered = [client.engine.send_buffered(s.stream_id) for s in records]
+        buffered = [client._quic.send_buffered(s.stream_id) for s in records]
         assert max(buffered, default=0) <= LIMITS.stream_send_buffer + _NEGOTIATION_BYTES
         assert sum(buffered) <= LIMITS.tunnel_send_buffer + len(buffered) * _NEGOTIATION_BYTES
         if client.state is TunnelState.AUTHENTICATED:
@@ -517,7 +517,7 @@ class _Session:
 
     def run_out(self) -> None:
         """The aggregator goes quiet: the client must end the tunnel on its own."""
-        engine = self.client.engine
+        engine = self.client._quic
         within = (
             CONNECT_KEEPALIVE_INTERVAL
             + engine.idle_timeout
@@ -568,7 +568,7 @@ def _connect(options: int) -> _Session:
 
     def ready() -> bool:
         tunnels = list(server.tunnels)
-        if not tunnels or not client.engine._handshake_complete:
+        if not tunnels or not client._quic._handshake_complete:
             return False
         if authenticate:
             return (

@@ -166,7 +166,7 @@ class _Traffic:
         closing = {
             tunnel.peer_address
             for tunnel in endpoint.tunnels
-            if tunnel.engine._close_pending and tunnel.peer_address is not None
+            if tunnel._quic._close_pending and tunnel.peer_address is not None
         }
         datagrams = endpoint.datagrams_to_send(now)
         for datagram, address in datagrams:
@@ -376,7 +376,7 @@ class _Pair:
 
     @property
     def engine(self) -> QuicEngine:
-        return self.client.engine
+        return self.client._quic
 
     def server_tunnel(self) -> TunnelConnection | None:
         tunnels = list(self.endpoint.tunnels)
@@ -491,7 +491,7 @@ def _connect(options: int) -> _Pair:
 
     def ready() -> bool:
         tunnel = pair.server_tunnel()
-        if tunnel is None or not client.engine._handshake_complete:
+        if tunnel is None or not client._quic._handshake_complete:
             return False
         if authenticate:
             return (

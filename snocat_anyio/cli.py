@@ -45,7 +45,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from snocat_proto._service import activity
-from snocat_proto._service.config import DEFAULT_MAX_DATAGRAM_SIZE, MAX_DATAGRAM_SIZE_LIMIT
+from snocat_proto._service.config import (
+    DEFAULT_MAX_DATAGRAM_SIZE,
+    MAX_DATAGRAM_SIZE_LIMIT,
+    ClientConfig,
+    ServerConfig,
+)
 from snocat_proto._service.ports import PortRange
 from snocat_proto._service.tokens import format_tokens, parse_single_token, parse_tokens
 from snocat_proto._wire.auth import SCHEME_SIMPLE_ACK, SCHEME_TOKEN, ClientCredentials
@@ -62,10 +67,10 @@ from snocat_proto._wire.network import format_host_port, parse_host_port
 from snocat_proto._wire.targets import ProxyTcpTarget
 from snocat_proto._wire.tunnel import CONNECT_KEEPALIVE_INTERVAL, LISTEN_KEEPALIVE_INTERVAL
 
-from .client import ClientConfig, TunnelClient
-from .errors import AuthenticationError, ConnectError, SnocatError
-from .observe import Subscription
-from .server import ServerConfig, TunnelServer
+from ._client import TunnelClient
+from ._errors import AuthenticationError, ConnectError, SnocatError
+from ._feed import Subscription
+from ._server import TunnelServer
 
 logger = logging.getLogger("snocat")
 

@@ -3,39 +3,60 @@
 The same tunnels, configuration and decisions as :mod:`snocat_anyio`, with no event
 loop: :class:`TunnelClient` exposes a local port through an aggregator, and
 :class:`TunnelServer` is the aggregator.  Tunnel streams behave like blocking
-sockets (:class:`TunnelStream`) and may be shared between threads.
+sockets (:class:`TunnelStream`) and may be shared between threads.  The flows are
+generated from snocat_anyio's (docs/architecture.md); everything not listed in
+``__all__`` is internal.
 """
 
 from __future__ import annotations
 
-from snocat_proto._service.aggregator import TunnelStatus
-from snocat_proto._service.config import ClientConfig, ServerConfig
-from snocat_proto._wire.auth import ClientCredentials
-from snocat_proto._wire.targets import ProxyTcpTarget
+from snocat_proto import (
+    ClientConfig,
+    ClientCredentials,
+    Limits,
+    PortRange,
+    ProxyTcpTarget,
+    RouteAddress,
+    ServerConfig,
+    TunnelStatus,
+)
 
-from .client import TunnelClient
-from .errors import (
+from ._client import TunnelClient
+from ._errors import (
     AuthenticationError,
     ConnectError,
+    EndOfStream,
+    FeedOverflowError,
     SnocatError,
     StreamRefusedError,
     StreamResetError,
     TunnelClosedError,
     TunnelNotFoundError,
 )
-from .server import TunnelServer
-from .stream import TunnelStream
+from ._feed import ActivityFeed, Subscription
+from ._server import Authenticate, RouteHandler, Router, TunnelServer
+from ._stream import TunnelStream
 
 __all__ = [
+    "ActivityFeed",
+    "Authenticate",
     "AuthenticationError",
     "ClientConfig",
     "ClientCredentials",
     "ConnectError",
+    "EndOfStream",
+    "FeedOverflowError",
+    "Limits",
+    "PortRange",
     "ProxyTcpTarget",
+    "RouteAddress",
+    "RouteHandler",
+    "Router",
     "ServerConfig",
     "SnocatError",
     "StreamRefusedError",
     "StreamResetError",
+    "Subscription",
     "TunnelClient",
     "TunnelClosedError",
     "TunnelNotFoundError",

@@ -195,13 +195,13 @@ class RawStreams:
     """
 
     def __init__(self, tunnel: TunnelConnection) -> None:
-        self.engine = tunnel.engine
+        self._quic = tunnel._quic
         self.ids: set[int] = set()
         self.received: dict[int, bytearray] = defaultdict(bytearray)
         self.ended: set[int] = set()
         self.resets: dict[int, int] = {}
         self.stops: dict[int, int] = {}
-        original = self.engine.next_event
+        original = self._quic.next_event
 
         def next_event() -> quic_events.QuicEvent | None:
             while True:
@@ -210,22 +210,22 @@ class RawStreams:
                     return event
                 self._record(event)
 
-        self.engine.next_event = next_event  # type: ignore[method-assign]
+        self._quic.next_event = next_event  # type: ignore[method-assign]
 
     def open(self, data: bytes, *, end: bool = False) -> int:
         """Open a new stream with ``data`` (a stream exists only once written to)."""
-        stream_id = self.engine.get_next_available_stream_id()
+        stream_id = self._quic.get_next_available_stream_id()
         self.ids.add(stream_id)
         self.send(stream_id, data, end=end)
         return stream_id
 
     def send(self, stream_id: int, data: bytes, *, end: bool = False) -> None:
-        self.engine.send_stream_data(stream_id, data, end_stream=end)
+        self._quic.send_stream_data(stream_id, data, end_stream=end)
 
     def _record(self, event: quic_events.QuicEvent) -> None:
         if isinstance(event, quic_events.StreamDataReceived):
             self.received[event.stream_id] += event.data
-            self.engine.acknowledge_received(event.stream_id, len(event.data))
+            self._quic.acknowledge_received(event.stream_id, len(event.data))
             if event.end_stream:
                 self.ended.add(event.stream_id)
         elif isinstance(event, quic_events.StreamReset):

@@ -20,15 +20,23 @@ import anyio.abc
 import pytest
 from cryptography import x509
 
-from snocat_anyio.client import ClientConfig, TunnelClient, connect_target
-from snocat_anyio.errors import (
+from snocat_anyio import (
+    Authenticate,
+    ClientConfig,
+    Router,
+    ServerConfig,
+    TunnelClient,
+    TunnelServer,
+    TunnelStatus,
+)
+from snocat_anyio._backend import connect_target
+from snocat_anyio._errors import (
     AuthenticationError,
     ConnectError,
     StreamRefusedError,
     TunnelClosedError,
 )
-from snocat_anyio.server import Authenticate, Router, ServerConfig, TunnelServer, TunnelStatus
-from snocat_anyio.stream import TunnelStream
+from snocat_anyio._stream import TunnelStream
 from snocat_proto._service import activity
 from snocat_proto._service.ports import PortRange
 from snocat_proto._wire.address import RouteAddress

@@ -24,15 +24,16 @@ import anyio
 import anyio.abc
 import pytest
 
-from snocat_anyio.errors import StreamRefusedError
-from snocat_anyio.host import TunnelHost
-from snocat_anyio.server import (
+from snocat_anyio import (
     ServerConfig,
     TunnelNotFoundError,
     TunnelServer,
     TunnelStatus,
 )
-from snocat_anyio.stream import TunnelStream
+from snocat_anyio._errors import StreamRefusedError
+from snocat_anyio._host import TunnelHost
+from snocat_anyio._stream import TunnelStream
+from snocat_anyio._udp import bind_udp
 from snocat_proto._service import activity
 from snocat_proto._service.ports import PortRange
 from snocat_proto._wire.address import RouteAddress
@@ -59,7 +60,6 @@ from snocat_proto._wire.proxyme import (
     Released,
 )
 from snocat_proto._wire.tunnel import TunnelConnection
-from snocat_sync.udp import bind_udp
 
 pytestmark = pytest.mark.anyio
 

@@ -124,7 +124,7 @@ def test_forged_packets_for_a_live_tunnel_do_not_disturb_it() -> None:
     sim.run_until(lambda: authenticated(sim.server_app) and authenticated(sim.client_app))
     tunnel = sim.server_tunnel
     rng = random.Random(3)
-    for cid in tunnel.engine.host_connection_ids:
+    for cid in tunnel._quic.host_connection_ids:
         for size in (20, 60, 1200):
             forged = bytes([0x40 | rng.randrange(0x40)]) + cid + rng.randbytes(size)
             sim.server.receive_datagram(forged, CLIENT_ADDR, sim.now)

@@ -36,10 +36,10 @@ import pytest
 from netsim import RawStreams
 
 from fuzz.quic_harness import seal_initial
-from snocat_anyio.client import ClientConfig, TunnelClient
-from snocat_anyio.host import TunnelHost
-from snocat_anyio.server import ServerConfig, TunnelServer
-from snocat_anyio.stream import TunnelStream
+from snocat_anyio import ClientConfig, ServerConfig, TunnelClient, TunnelServer
+from snocat_anyio._host import TunnelHost
+from snocat_anyio._stream import TunnelStream
+from snocat_anyio._udp import bind_udp
 from snocat_proto._service import activity
 from snocat_proto._service.ports import PortRange
 from snocat_proto._wire.auth import Authenticator, ClientCredentials, connect_authenticator
@@ -53,7 +53,6 @@ from snocat_proto._wire.network import NetworkAddress
 from snocat_proto._wire.network import port_of as _port_of
 from snocat_proto._wire.targets import ProxyTcpTarget
 from snocat_proto._wire.tunnel import TunnelConnection
-from snocat_sync.udp import bind_udp
 
 pytestmark = pytest.mark.anyio
 

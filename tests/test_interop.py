@@ -29,8 +29,7 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import HandshakeCompleted, StreamDataReceived
 from aioquic.quic.packet import pull_quic_header
 
-from snocat_anyio.client import TunnelClient
-from snocat_anyio.server import TunnelServer
+from snocat_anyio import TunnelClient, TunnelServer
 from snocat_proto._service.config import ClientConfig, ServerConfig
 from snocat_proto._service.ports import PortRange
 from snocat_proto._wire.auth import ClientCredentials

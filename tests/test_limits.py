@@ -199,7 +199,7 @@ def test_an_unauthenticated_peer_holds_at_most_the_pre_auth_window() -> None:
     assert 0 < held <= Limits().pre_auth_receive_window
     assert len(server._streams) == len(streams) == Limits().pre_auth_max_streams
     # The rest waits in the client's send buffers: flow control holds it back.
-    assert sum(sim.client.engine.send_buffered(sid) for sid in streams) >= 4 * 200_000 - held
+    assert sum(sim.client._quic.send_buffered(sid) for sid in streams) >= 4 * 200_000 - held
     assert not sim.server_app.of_type(StreamRequested)
     assert not sim.server_app.of_type(DataReceived)
     sim.run_until(lambda: len(sim.server) == 0, timeout=15)
@@ -218,7 +218,7 @@ def test_an_unauthenticated_peer_over_a_limit_is_cut_off_and_others_are_unaffect
     honest = add_honest(sim)
     sim.run_until(lambda: authenticated(honest.app), timeout=5)
     hostile = server_app_of(sim, CLIENT_ADDR)
-    engine = sim.client.engine
+    engine = sim.client._quic
     raw = RawStreams(sim.client)
     if violation == "streams":
         engine._remote_max_streams_bidi = 1000
@@ -253,7 +253,7 @@ def test_an_authenticated_peer_over_max_streams_is_cut_off_and_others_are_unaffe
     requested = [e.stream_id for e in hostile.of_type(StreamRequested)]  # type: ignore[attr-defined]
     assert requested == opened[:8] and hostile.closed is None
     # Ignoring it: the peer says it may open 1000; the tenth stream breaks the limit.
-    sim.client.engine._remote_max_streams_bidi = 1000
+    sim.client._quic._remote_max_streams_bidi = 1000
     raw.open(HEADER + encode_frame(b"/over"))
     sim.run_until(lambda: hostile.closed is not None, timeout=5)
     assert transport_close(hostile).code == QuicErrorCode.STREAM_LIMIT_ERROR
@@ -272,7 +272,7 @@ def test_an_authenticated_peer_over_a_receive_window_is_cut_off_and_others_are_u
     sim.run_until(lambda: authenticated(sim.client_app) and authenticated(honest.app), timeout=5)
     hostile = server_app_of(sim, CLIENT_ADDR)
     hostile.consume = False
-    engine = sim.client.engine
+    engine = sim.client._quic
     engine._remote_max_data = 10**9
     raw = RawStreams(sim.client)
     streams = [raw.open(HEADER + encode_frame(b"/svc")) for _ in range(3)]
@@ -413,7 +413,7 @@ def _unvalidated_exchange(*, close_counts: bool) -> tuple[int, int]:
         sim.server.receive_datagram(datagram, CLIENT_ADDR, sim.now)
     now = sim.now
     while True:
-        closing = any(t.engine._close_pending for t in sim.server.tunnels)
+        closing = any(t._quic._close_pending for t in sim.server.tunnels)
         out = sim.server.datagrams_to_send(now)
         if close_counts or not closing:
             bytes_out += sum(len(d) for d, _ in out)

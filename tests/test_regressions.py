@@ -26,8 +26,9 @@ from netsim import CLIENT_ADDR, SERVER_ADDR, Simulation
 
 from fuzz.harnesses import HARNESSES
 from fuzz.quic_harness import seal_one_rtt
-from snocat_anyio.host import TunnelHost
-from snocat_anyio.server import ServerConfig, TunnelServer
+from snocat_anyio import ServerConfig, TunnelServer
+from snocat_anyio._host import TunnelHost
+from snocat_anyio._udp import bind_udp
 from snocat_proto._wire.address import RouteAddress
 from snocat_proto._wire.auth import (
     ClientCredentials,
@@ -55,7 +56,6 @@ from snocat_proto._wire.framing import encode_frame
 from snocat_proto._wire.limits import Limits
 from snocat_proto._wire.negotiation import HEADER
 from snocat_proto._wire.tunnel import TunnelConnection
-from snocat_sync.udp import bind_udp
 
 CORPUS = Path(__file__).resolve().parent.parent / "fuzz" / "corpus"
 STOP_SENDING = 0x05
@@ -90,7 +90,7 @@ def stop_then_open(stream_id: int) -> bytes:
 
 
 def _inject(sim: Simulation) -> int:
-    engine = sim.client.engine
+    engine = sim.client._quic
     stream_id = engine.get_next_available_stream_id()
     sim.server.receive_datagram(
         seal_one_rtt(engine, stop_then_open(stream_id)), CLIENT_ADDR, sim.now
@@ -177,7 +177,7 @@ async def test_stop_sending_before_the_first_byte_leaves_the_aggregator_serving(
             sockets.append(host.sock)
             tg.start_soon(host.run)
             await authenticated.wait()
-            engine = hostile.engine
+            engine = hostile._quic
             stream_id = engine.get_next_available_stream_id()
             host.sock.sendto(seal_one_rtt(engine, stop_then_open(stream_id)), server.quic_address)
             await anyio.sleep(0.5)
@@ -209,7 +209,7 @@ def test_an_opened_stream_stopped_then_accepted_is_reset() -> None:
     sim.run_until(lambda: sim.server_app.of_type(StreamRequested), timeout=5)
     server = sim.server_tunnel
     # One packet: aioquic writes a stream's STOP_SENDING before its data (the status).
-    server.engine.stop_stream(opened, 9)
+    server._quic.stop_stream(opened, 9)
     server.accept_stream(opened)
     sim.touch(server)
     sim.run_until(
@@ -244,9 +244,7 @@ def test_nothing_follows_tunnel_closed_when_a_datagram_closes_the_tunnel_midway(
     sim.run_until(lambda: sim.client_app.of_type(AuthenticationCompleted), timeout=5)
     opened = sim.client.open_stream(RouteAddress.of("svc"))
     frames = _stream_frame(opened, 0, b"NYAN\x01") + _stream_frame(opened, 5, b"x")
-    sim.client.receive_datagram(
-        seal_one_rtt(sim.server_tunnel.engine, frames), SERVER_ADDR, sim.now
-    )
+    sim.client.receive_datagram(seal_one_rtt(sim.server_tunnel._quic, frames), SERVER_ADDR, sim.now)
     sim.run_for(0.5)
     closed = sim.client_app.closed
     assert closed is not None and closed.code == CloseCode.UNSUPPORTED_VERSION
@@ -315,7 +313,7 @@ def test_a_loss_timer_due_by_a_rounding_error_does_not_stay_due() -> None:
     sim = Simulation(server_auth=SimpleAckListener, client_auth=SimpleAckConnector())
     sim.run_until(lambda: sim.client_app.of_type(AuthenticationCompleted), timeout=5)
     sim.run_for(1.0)
-    engine = sim.client.engine
+    engine = sim.client._quic
     recovery = engine._loss
     rtt, now, sent = _rounding_case()
     recovery._rtt_initialized = True

@@ -28,9 +28,9 @@ import anyio
 import anyio.from_thread
 import pytest
 
-from snocat_anyio.client import TunnelClient as AnyioClient
-from snocat_anyio.server import TunnelServer as AnyioServer
-from snocat_anyio.stream import TunnelStream as AnyioStream
+from snocat_anyio import TunnelClient as AnyioClient
+from snocat_anyio import TunnelServer as AnyioServer
+from snocat_anyio._stream import TunnelStream as AnyioStream
 from snocat_proto._service import activity
 from snocat_proto._service.config import ClientConfig, ServerConfig
 from snocat_proto._service.ports import PortRange
@@ -42,6 +42,7 @@ from snocat_proto._wire.targets import ProxyTcpTarget
 from snocat_sync import (
     AuthenticationError,
     ConnectError,
+    RouteHandler,
     StreamRefusedError,
     StreamResetError,
     TunnelClient,
@@ -51,7 +52,6 @@ from snocat_sync import (
     TunnelStatus,
     TunnelStream,
 )
-from snocat_sync.server import RouteHandler
 
 TOKENS = {
     "alpha": b"alpha-secret-0123456789abcdef",
@@ -730,7 +730,7 @@ def test_server_activity_is_stamped_with_wall_clock_time(server_identity: Any) -
 
 def test_snocat_sync_imports_no_event_loop() -> None:
     code = (
-        "import sys, snocat_sync, snocat_sync.client, snocat_sync.server\n"
+        "import sys, snocat_sync, snocat_sync._client_flows, snocat_sync._server_flows\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('anyio', 'asyncio', 'trio', "
         "'snocat_anyio')]\n"
         "assert not bad, bad\n"

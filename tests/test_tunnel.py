@@ -136,7 +136,7 @@ def assert_credit_is_earned(tunnel: TunnelConnection) -> None:
     Credit returned (consumed, or released for bytes nobody will read) may not exceed
     the bytes that actually arrived: anything more widens the window for good.
     """
-    engine = tunnel.engine
+    engine = tunnel._quic
     assert engine._consumed_total <= engine._local_max_data.used
 
 
@@ -481,7 +481,7 @@ def test_close_reaches_the_peer_and_everything_terminates(closer_side: str) -> N
         if closer_side == "client"
         else (sim.server_app, sim.client_app)
     )
-    cids = server.engine.host_connection_ids
+    cids = server._quic.host_connection_ids
     assert cids
     closer.send_data(stream_id, b"in flight")  # open streams do not hold the close up
     closer.close(CloseCode.SHUTTING_DOWN, "going away for maintenance")
@@ -535,7 +535,7 @@ def test_stalled_reader_bounds_both_buffers_and_then_drains() -> None:
     sim = connected(limits=limits, link=Link(loss=0.01), seed=5)
     sim.server_app.consume = False
     stream_id = open_stream(sim, sim.client)
-    engine = sim.client.engine
+    engine = sim.client._quic
     peak = {"backlog": 0, "buffered": 0}
 
     def within_limits() -> None:
@@ -589,7 +589,7 @@ def test_tunnel_wide_buffers_bound_several_streams_together() -> None:
     sim = connected(limits=limits, link=Link(jitter=0.005), seed=6)
     sim.server_app.consume = False
     stream_ids = [open_stream(sim, sim.client, RouteAddress.of(str(n))) for n in range(4)]
-    engine = sim.client.engine
+    engine = sim.client._quic
 
     def within_limits() -> None:
         buffered = [engine.send_buffered(sid) for sid in stream_ids]
@@ -635,11 +635,11 @@ def test_send_beyond_capacity_is_refused_and_writes_nothing() -> None:
     sim = connected()
     stream_id = open_stream(sim, sim.client)
     capacity = sim.client.send_capacity(stream_id)
-    before = sim.client.engine.send_buffered(stream_id)
+    before = sim.client._quic.send_buffered(stream_id)
     assert capacity == LIMITS.stream_send_buffer - before
     with pytest.raises(SendBufferFull):
         sim.client.send_data(stream_id, bytes(capacity + 1))
-    assert sim.client.engine.send_buffered(stream_id) == before
+    assert sim.client._quic.send_buffered(stream_id) == before
     sim.client.send_data(stream_id, bytes(capacity))
     assert sim.client.send_capacity(stream_id) == 0
 
@@ -1135,7 +1135,7 @@ class TunnelPair(RuleBasedStateMachine):
 
     def buffers_within_limits(self) -> None:
         for tunnel in self.sides.values():
-            buffered = [tunnel.engine.send_buffered(sid) for sid in self.streams]
+            buffered = [tunnel._quic.send_buffered(sid) for sid in self.streams]
             assert max(buffered, default=0) <= STATEFUL_LIMITS.stream_send_buffer
             # open_stream/accept write the NYAN bytes whatever the tunnel buffer holds:
             # a known overshoot of at most one header, address frame and status per stream.

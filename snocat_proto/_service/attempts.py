@@ -6,8 +6,10 @@ silence or a lost tunnel is worth another attempt.  Each verdict is an
 :class:`AttemptEnd` that names the error class a binding raises (:class:`ErrorKind`)
 and its message; the binding maps the kind to its own exception types.
 
-Also here: the certificate pin check that runs as the handshake completes, and the
-parsing of the public port out of a ``proxyme`` grant.
+Also here: the tunnel an attempt dials, as a :class:`ClientConfig` describes it
+(:func:`connect_tunnel`, the client's counterpart of the server's
+``server_endpoint``), and the certificate pin check that runs as the handshake
+completes.
 """
 
 from __future__ import annotations
@@ -15,16 +17,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum, auto
 
-from .._wire.certificates import fingerprint, parse_fingerprint
+from .._wire.auth import connect_authenticator
+from .._wire.certificates import fingerprint, install_trust, parse_fingerprint
 from .._wire.codes import CloseCode
-from .._wire.engine import QuicErrorCode
+from .._wire.engine import QuicErrorCode, quic_configuration
 from .._wire.events import ConnectionTerminated
+from .._wire.network import NetworkAddress
 from .._wire.tunnel import TunnelConnection
+from .config import ClientConfig
 
 __all__ = [
     "AttemptEnd",
     "ErrorKind",
     "check_pinned_certificate",
+    "connect_tunnel",
     "diagnose_early_close",
     "enforce_pin",
     "local_socket_failure",
@@ -36,6 +42,29 @@ __all__ = [
 #: aioquic closes a failed TLS handshake with CRYPTO_ERROR (0x100) plus the alert number.
 CRYPTO_ERROR_FIRST = 0x100
 CRYPTO_ERROR_LAST = 0x1FF
+
+
+def connect_tunnel(config: ClientConfig, address: NetworkAddress, now: float) -> TunnelConnection:
+    """The Connect side of one attempt: QUIC settings, trust, key log and credentials
+    from ``config``, dialling ``address`` (its first datagrams are ready at once)."""
+    configuration = quic_configuration(
+        is_client=True,
+        limits=config.limits,
+        server_name=config.server_name,
+        idle_timeout=config.idle_timeout,
+        max_datagram_size=config.max_datagram_size,
+    )
+    install_trust(configuration, authority_pem=config.authority_pem, pinned=config.fingerprint)
+    if config.secrets_log_file is not None:
+        configuration.secrets_log_file = config.secrets_log_file
+    return TunnelConnection.connect(
+        configuration,
+        address=address,
+        authenticator=connect_authenticator(config.credentials, limits=config.limits),
+        limits=config.limits,
+        now=now,
+        keepalive_interval=config.keepalive_interval,
+    )
 
 
 class ErrorKind(Enum):
@@ -73,7 +102,7 @@ def check_pinned_certificate(tunnel: TunnelConnection, pinned: str) -> str | Non
     once the handshake completed, before any authentication byte is sent.
     """
     expected = parse_fingerprint(pinned)
-    certificate = getattr(tunnel.engine.tls, "_peer_certificate", None)
+    certificate = tunnel.peer_certificate
     if certificate is None:
         return "certificate fingerprint mismatch: the aggregator presented no certificate"
     actual = fingerprint(certificate)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, Concatenate, Generic, ParamSpec, Protocol, TypeVar
+from typing import Any, ClassVar, Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
 from .._wire.address import RouteAddress
 from .._wire.codes import StreamCode
@@ -131,7 +131,7 @@ class ServerEvents(ABC, Generic[S, T]):
     # The handlers -----------------------------------------------------------------
 
     def _on_event(self, tunnel: TunnelConnection, event: TunnelEvent, stream: T | None) -> None:
-        handler = _HANDLERS.get(type(event))
+        handler = self._HANDLERS.get(type(event))
         if handler is None:
             return
         try:
@@ -205,11 +205,11 @@ class ServerEvents(ABC, Generic[S, T]):
         self._tunnel_gone(session)  # its tasks or threads free its ports as they unwind
         self._report(tunnel_closed, session, event)
 
-
-_HANDLERS: dict[type[TunnelEvent], _Handler] = {
-    HandshakeCompleted: ServerEvents._on_handshake,
-    CredentialRequired: ServerEvents._on_credential_required,
-    AuthenticationCompleted: ServerEvents._on_authenticated,
-    StreamRequested: ServerEvents._on_stream_requested,
-    ConnectionTerminated: ServerEvents._on_tunnel_closed,
-}
+    #: Which handler takes which event (the others need nothing of the server).
+    _HANDLERS: ClassVar[dict[type[TunnelEvent], _Handler]] = {
+        HandshakeCompleted: _on_handshake,
+        CredentialRequired: _on_credential_required,
+        AuthenticationCompleted: _on_authenticated,
+        StreamRequested: _on_stream_requested,
+        ConnectionTerminated: _on_tunnel_closed,
+    }

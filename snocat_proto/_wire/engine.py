@@ -39,6 +39,7 @@ from aioquic.quic.packet import (
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.retry import QuicRetryTokenHandler
 from aioquic.quic.stream import QuicStream
+from cryptography import x509
 
 from .limits import Limits
 
@@ -67,6 +68,41 @@ ACK_OVERDUE = 0.001
 #: How far past a due time-threshold loss check looks again, when rounding kept the
 #: packet that armed it from being declared lost (see QuicEngine.handle_timer).
 LOSS_TIME_SLACK = 1e-6
+
+#: Every private name of aioquic that snocat relies on, by what it is read from.  This
+#: module is the only one that touches them (ruff's SLF001 keeps it so), and
+#: tests/test_aioquic_compat.py checks each on a live connection: an aioquic release
+#: that renames one fails there, naming it.  pyproject.toml pins aioquic to the
+#: releases that test passes on.
+AIOQUIC_PRIVATES: dict[str, tuple[str, ...]] = {
+    "aioquic.quic.connection.QuicConnection": (
+        "_close_event",
+        "_crypto_buffers",
+        "_discard_epoch",
+        "_handshake_complete",
+        "_host_cids",
+        "_idle_timeout",
+        "_is_client",
+        "_local_active_connection_id_limit",
+        "_local_max_data",
+        "_local_max_streams_bidi",
+        "_local_max_streams_uni",
+        "_loss",
+        "_network_paths",
+        "_QuicConnection__frame_handlers",
+        "_spaces",
+        "_state",
+        "_stream_is_discarded",
+        "_streams",
+        "_write_connection_limits",
+        "_write_stream_limits",
+    ),
+    "aioquic.quic.connection.QuicConnection.tls": ("_peer_certificate",),
+    "aioquic.quic.recovery.QuicPacketRecovery": ("_get_loss_space",),
+    "aioquic.quic.stream.QuicStreamSender": ("_buffer", "_buffer_fin", "_reset_error_code"),
+    "aioquic.asyncio.protocol.QuicConnectionProtocol": ("_quic",),
+    "aioquic._buffer": ("Buffer",),
+}
 
 #: aioquic builds a table of frame handlers per connection with a new frozenset of
 #: epochs in each entry; the same few sets, shared, save kilobytes per connection.
@@ -175,10 +211,13 @@ class QuicEngine(QuicConnection):
 
     def send_buffered(self, stream_id: int) -> int:
         """Bytes written to the stream that the peer has not acknowledged yet."""
-        stream = self._streams.get(stream_id)
-        if stream is None:
-            return 0
-        return len(stream.sender._buffer)
+        return send_buffered(self, stream_id)
+
+    @property
+    def peer_certificate(self) -> x509.Certificate | None:
+        """The certificate the peer presented in the handshake (None before, or none)."""
+        certificate = getattr(self.tls, "_peer_certificate", None)
+        return certificate if isinstance(certificate, x509.Certificate) else None
 
     def handle_timer(self, now: float) -> None:
         super().handle_timer(now)
@@ -298,6 +337,26 @@ class QuicEngine(QuicConnection):
             super()._write_connection_limits(builder=builder, space=space)
         finally:
             max_data.used = used
+
+
+# Plain aioquic connections (benchmarks compare snocat with them) ------------------
+
+
+def send_buffered(connection: QuicConnection, stream_id: int) -> int:
+    """Bytes written to a stream of any aioquic connection that the peer has not
+    acknowledged yet (aioquic's send buffer is unbounded: aioquic issue 328)."""
+    stream = connection._streams.get(stream_id)
+    return 0 if stream is None else len(stream.sender._buffer)
+
+
+def handshake_complete(connection: QuicConnection) -> bool:
+    return bool(connection._handshake_complete)
+
+
+def protocol_connection(protocol: Any) -> QuicConnection:
+    """The connection behind aioquic's asyncio ``QuicConnectionProtocol``."""
+    connection: QuicConnection = protocol._quic
+    return connection
 
 
 # Stateless server replies ------------------------------------------------------

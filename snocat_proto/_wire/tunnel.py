@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
+from cryptography import x509
+
 from . import events
 from .address import RouteAddress
 from .auth import Authenticated, Authenticator, Rejected, SecretRequired, TokenListener
@@ -239,8 +241,14 @@ class TunnelConnection:
         return self._quic.is_terminated and not self._events
 
     @property
-    def engine(self) -> QuicEngine:
-        return self._quic
+    def host_connection_id(self) -> bytes:
+        """The connection ID the peer addresses us by now (a client's pump routes by it)."""
+        return self._quic.host_cid
+
+    @property
+    def peer_certificate(self) -> x509.Certificate | None:
+        """The certificate the peer presented in the handshake, once it is complete."""
+        return self._quic.peer_certificate
 
     # The adapter's surface ---------------------------------------------------
 

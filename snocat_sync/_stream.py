@@ -37,7 +37,7 @@ from snocat_proto._wire.codes import StreamCode
 from snocat_proto._wire.events import TunnelEvent
 from snocat_proto._wire.tunnel import TunnelConnection
 
-from .errors import StreamRefusedError, StreamResetError, TunnelClosedError
+from ._errors import EndOfStream, StreamRefusedError, StreamResetError, TunnelClosedError
 
 DEFAULT_RECEIVE_SIZE = 65536
 
@@ -137,6 +137,15 @@ class TunnelStream:
                     self._raise(data)
                 self._wait(deadline)
 
+    def receive(self, max_bytes: int = DEFAULT_RECEIVE_SIZE) -> bytes:
+        """Like :meth:`recv`, but the end of the peer's direction raises
+        :class:`~snocat_sync.EndOfStream` instead of returning ``b""`` (as anyio's
+        streams do: the flows both bindings share read this way)."""
+        data = self.recv(max_bytes)
+        if not data:
+            raise EndOfStream
+        return data
+
     def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0) -> int:
         """Like ``socket.recv_into``: read into ``buffer``, return how many bytes."""
         view = memoryview(buffer).cast("B")
@@ -202,6 +211,13 @@ class TunnelStream:
                     self._raise(blocked)
             self._flush()
             self._changed.notify_all()
+
+    def send_eof(self) -> None:
+        """``shutdown(SHUT_WR)``, idempotent (anyio's name for it)."""
+        with self._lock:
+            if self.handle.eof_sent:
+                return
+        self.shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
         """Finish our direction (written data is still delivered) and stop reading;

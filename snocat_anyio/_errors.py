@@ -1,18 +1,19 @@
-"""The exceptions snocat_sync raises to its users.
+"""The exceptions snocat_anyio raises to its users.
 
-Stream errors subclass the built-in ``ConnectionError`` family (so ``OSError``), as a
-socket's would: code written for sockets handles them without knowing snocat.
-Timeouts are the built-in ``TimeoutError`` (``socket.timeout``).
+Stream errors subclass anyio's own, so code written for any anyio ``ByteStream``
+handles them without knowing snocat.
 """
 
 from __future__ import annotations
 
+import anyio
+
 
 class SnocatError(Exception):
-    """Root of snocat_sync's errors."""
+    """Root of snocat_anyio's errors."""
 
 
-class TunnelClosedError(ConnectionAbortedError, SnocatError):
+class TunnelClosedError(anyio.BrokenResourceError, SnocatError):
     """The tunnel carrying a stream closed (``code`` and ``reason`` say why)."""
 
     def __init__(self, code: int, reason: str) -> None:
@@ -21,7 +22,7 @@ class TunnelClosedError(ConnectionAbortedError, SnocatError):
         self.reason = reason
 
 
-class StreamResetError(ConnectionResetError, SnocatError):
+class StreamResetError(anyio.BrokenResourceError, SnocatError):
     """The stream was aborted by the peer (``by_peer``) or by the protocol core."""
 
     def __init__(self, code: int, reason: str, *, by_peer: bool) -> None:
@@ -31,7 +32,7 @@ class StreamResetError(ConnectionResetError, SnocatError):
         self.by_peer = by_peer
 
 
-class StreamRefusedError(ConnectionRefusedError, SnocatError):
+class StreamRefusedError(SnocatError):
     """The peer refused to open a stream to the requested route address."""
 
     def __init__(self, reason: str) -> None:
@@ -53,3 +54,15 @@ class TunnelNotFoundError(SnocatError, LookupError):
     def __init__(self, name: str) -> None:
         super().__init__(f"no tunnel named {name!r} is connected")
         self.name = name
+
+
+class FeedOverflowError(SnocatError):
+    """An activity subscription fell too far behind and was closed; records after
+    the ones it had queued were not delivered to it."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the activity subscription fell {limit} records behind and was closed; "
+            "subscribe again (or read faster)"
+        )
+        self.limit = limit

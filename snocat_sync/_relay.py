@@ -15,15 +15,13 @@ import threading
 
 from snocat_proto._service.notices import RelayResult
 
-from .stream import TunnelStream
-
-#: Read size of the copy loops: large reads keep per-call overhead down.
-COPY_CHUNK = 256 * 1024
+from ._stream import TunnelStream
 
 
-def relay(stream: TunnelStream, sock: socket.socket) -> RelayResult:
-    """Copy both ways until both directions have ended (or one side fails); then close
-    the stream and the socket."""
+def relay(stream: TunnelStream, sock: socket.socket, chunk_size: int) -> RelayResult:
+    """Copy both ways, ``chunk_size`` bytes at most per read (``Limits.relay_chunk_size``),
+    until both directions have ended (or one side fails); then close the stream and
+    the socket."""
     result = RelayResult()
     errors: list[BaseException] = []
     lock = threading.Lock()
@@ -42,7 +40,7 @@ def relay(stream: TunnelStream, sock: socket.socket) -> RelayResult:
     def to_tunnel() -> None:
         try:
             while True:
-                data = sock.recv(COPY_CHUNK)
+                data = sock.recv(chunk_size)
                 if not data:
                     stream.shutdown(socket.SHUT_WR)
                     return
@@ -58,7 +56,7 @@ def relay(stream: TunnelStream, sock: socket.socket) -> RelayResult:
     helper.start()
     try:
         while True:
-            data = stream.recv(COPY_CHUNK)
+            data = stream.recv(chunk_size)
             if not data:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_WR)

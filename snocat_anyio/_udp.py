@@ -1,7 +1,7 @@
-"""The UDP socket work both pumps share: binding, reading a batch, sending.
+"""The UDP socket work of a pump: binding, reading a batch, sending.
 
-Plain non-blocking stdlib sockets, no event loop and no threads, so the anyio pump
-(:mod:`snocat_anyio.host`) uses this module too; only the waiting differs.
+Plain non-blocking stdlib sockets, no event loop and no threads: ``snocat_sync``
+has a generated copy of this module, and only the waiting differs between the two.
 """
 
 from __future__ import annotations
@@ -13,12 +13,10 @@ from collections.abc import Callable, Iterable
 
 from snocat_proto._wire.network import NetworkAddress
 
-__all__ = ["MAX_DATAGRAM", "RECEIVE_BATCH", "bind_udp", "receive_batch", "send_datagrams"]
+__all__ = ["MAX_DATAGRAM", "bind_udp", "receive_batch", "send_datagrams"]
 
 logger = logging.getLogger("snocat.udp")
 
-#: Datagrams read per wake-up before the core's output is flushed.
-RECEIVE_BATCH = 64
 #: The largest UDP payload there is: a datagram is never truncated.
 MAX_DATAGRAM = 65535
 
@@ -42,9 +40,10 @@ def bind_udp(host: str, port: int) -> socket.socket:
     return sock
 
 
-def receive_batch(sock: socket.socket, receive: Receiver, now: float) -> None:
-    """Hand up to :data:`RECEIVE_BATCH` waiting datagrams to ``receive(data, addr, now)``."""
-    for _ in range(RECEIVE_BATCH):
+def receive_batch(sock: socket.socket, receive: Receiver, now: float, batch: int) -> None:
+    """Hand up to ``batch`` waiting datagrams (``Limits.udp_receive_batch``) to
+    ``receive(data, addr, now)``."""
+    for _ in range(batch):
         try:
             data, addr = sock.recvfrom(MAX_DATAGRAM)
         except (BlockingIOError, InterruptedError):

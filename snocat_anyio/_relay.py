@@ -14,11 +14,7 @@ import anyio.abc
 
 from snocat_proto._service.notices import RelayResult
 
-from .stream import TunnelStream
-
-#: Read size of the copy loops: large reads keep per-call overhead down.
-COPY_CHUNK = 256 * 1024
-
+from ._stream import TunnelStream
 
 _BROKEN = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
@@ -41,11 +37,14 @@ def read_on_demand(stream: anyio.abc.SocketStream) -> anyio.abc.SocketStream:
 
 
 async def _copy(
-    source: anyio.abc.ByteReceiveStream, sink: anyio.abc.ByteStream, counter: list[int]
+    source: anyio.abc.ByteReceiveStream,
+    sink: anyio.abc.ByteStream,
+    counter: list[int],
+    chunk_size: int,
 ) -> None:
     while True:
         try:
-            data = await source.receive(COPY_CHUNK)
+            data = await source.receive(chunk_size)
         except anyio.EndOfStream:
             break
         await sink.send(data)
@@ -53,15 +52,18 @@ async def _copy(
     await sink.send_eof()
 
 
-async def relay(tunnel_stream: TunnelStream, other: anyio.abc.ByteStream) -> RelayResult:
-    """Copy both ways until both directions have ended (or one side fails)."""
+async def relay(
+    tunnel_stream: TunnelStream, other: anyio.abc.ByteStream, chunk_size: int
+) -> RelayResult:
+    """Copy both ways, ``chunk_size`` bytes at most per read (``Limits.relay_chunk_size``),
+    until both directions have ended (or one side fails); then close both."""
     result = RelayResult()
     to_tunnel = [0]
     from_tunnel = [0]
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_copy, other, tunnel_stream, to_tunnel)
-            tg.start_soon(_copy, tunnel_stream, other, from_tunnel)
+            tg.start_soon(_copy, other, tunnel_stream, to_tunnel, chunk_size)
+            tg.start_soon(_copy, tunnel_stream, other, from_tunnel, chunk_size)
     except* _BROKEN as group:
         result.error = group.exceptions[0]
         tunnel_stream.reset()

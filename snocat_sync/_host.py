@@ -1,17 +1,18 @@
 """The pump: one UDP socket feeding one core endpoint, on one thread.
 
-:class:`SyncHost` is the whole QUIC I/O of a snocat endpoint, server or client.  Its
-pump thread waits in a ``selectors`` selector for datagrams, for the timer and for
-a wake-up byte on a socket pair; it reads every waiting datagram into the core,
-drains the core's events, sends what the core produced, and re-arms the timer.
+:class:`TunnelHost` is the whole QUIC I/O of a snocat endpoint, server or client.
+Its pump thread waits in a ``selectors`` selector for datagrams, for the timer and
+for a wake-up byte on a socket pair; it reads every waiting datagram into the core
+and lets the core's :class:`~snocat_proto._service.pump.Pump` drain events,
+transmit and re-arm.
 
-User threads call into the core under the host's one lock (:attr:`SyncHost.lock`)
-and then :meth:`SyncHost.flush`, which drains and transmits at once, in the calling
-thread; the pump is woken only when the core's deadline changed.  Event handlers
+User threads call into the core under the host's one lock (:attr:`TunnelHost.lock`)
+and then :meth:`TunnelHost.flush`, which drains and transmits at once, in the calling
+thread; the pump is woken only when the core's deadline moved earlier.  Event handlers
 and stream notifications therefore run with the lock held: they must not block.
 
 Other sockets (a server's public TCP listeners) can be watched by the same pump
-(:meth:`SyncHost.watch`), so accepting connections needs no thread of its own.
+(:meth:`TunnelHost.watch`), so accepting connections needs no thread of its own.
 """
 
 from __future__ import annotations
@@ -26,50 +27,42 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from snocat_proto._service.stream_table import StreamTable
+from snocat_proto._service.pump import EventHandler, Pump
 from snocat_proto._wire.address import RouteAddress
 from snocat_proto._wire.endpoint import Endpoint
-from snocat_proto._wire.events import (
-    StreamRequested,
-    TunnelEvent,
-)
+from snocat_proto._wire.limits import Limits
 from snocat_proto._wire.network import NetworkAddress
 from snocat_proto._wire.tunnel import TunnelConnection
 
-from .stream import TunnelStream
-from .udp import receive_batch, send_datagrams
+from ._stream import TunnelStream
+from ._udp import receive_batch, send_datagrams
 
 logger = logging.getLogger("snocat.sync.host")
 
 #: How long :meth:`SyncHost.stop` waits for the pump thread.
 STOP_TIMEOUT = 5.0
 
-#: Called with every tunnel-level event; for StreamRequested the new stream comes along.
-EventHandler = Callable[[TunnelConnection, TunnelEvent, TunnelStream | None], None]
 
-
-class SyncHost:
+class TunnelHost:
     """Runs ``endpoint`` on ``sock`` in a pump thread; see the module docstring."""
 
     def __init__(
         self,
         endpoint: Endpoint,
         sock: socket.socket,
-        on_event: EventHandler,
+        on_event: EventHandler[TunnelStream],
         *,
-        lock: threading.RLock | None = None,
+        limits: Limits,
+        lock: threading.RLock,
         name: str = "snocat-pump",
     ) -> None:
         self.endpoint = endpoint
         self.sock = sock
         #: Guards the core, every stream and the owner's books.
-        self.lock = lock if lock is not None else threading.RLock()
-        self._on_event = on_event
+        self.lock = lock
+        self.pump: Pump[TunnelStream] = Pump(endpoint, on_event, self._new_stream)
+        self._batch = limits.udp_receive_batch
         self._name = name
-        self._streams: StreamTable[TunnelStream] = StreamTable()
-        self._timer_at: float | None = None
-        self._flushing = False
-        self._flush_again = False
         self._stopping = False
         self._stopped = False
         self._pump_exited = False
@@ -93,7 +86,7 @@ class SyncHost:
 
     # Lifecycle ---------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, group: object = None) -> None:
         """Start the pump thread.  The UDP socket stays the owner's to close."""
         if self._thread is not None:
             raise RuntimeError("the pump is already running")
@@ -172,8 +165,7 @@ class SyncHost:
         Raises :class:`StreamRefusedError`, :class:`TunnelClosedError`, ``TimeoutError``
         or (the tunnel is not authenticated) ``LocalProtocolError``."""
         with self.lock:
-            stream_id = tunnel.open_stream(address)
-            stream = self._new_stream(tunnel, stream_id, address, accepted=False)
+            stream = self.pump.open_stream(tunnel, address)
             self.flush(tunnel)
             try:
                 stream.wait_accepted(timeout)
@@ -184,18 +176,17 @@ class SyncHost:
 
     def accept(self, stream: TunnelStream) -> None:
         with self.lock:
-            stream.tunnel.accept_stream(stream.stream_id)
+            self.pump.accept(stream)
             self.flush(stream.tunnel)
 
     def refuse(self, stream: TunnelStream) -> None:
         with self.lock:
-            stream.tunnel.refuse_stream(stream.stream_id)
-            self._forget(stream)
+            self.pump.refuse(stream)
             self.flush(stream.tunnel)
 
     def streams_of(self, tunnel: TunnelConnection) -> list[TunnelStream]:
         with self.lock:
-            return self._streams.of(tunnel)
+            return self.pump.streams.of(tunnel)
 
     # The pump ----------------------------------------------------------------
 
@@ -203,33 +194,13 @@ class SyncHost:
         """Drain events and send datagrams until the core is quiet; re-arm the timer.
 
         Pass the ``tunnel`` an application call changed, so its output is sent."""
-        errors = getattr(self.endpoint, "internal_errors", None)
-        while errors:
-            # The endpoint closed the tunnel concerned; the rest carry on.
-            logger.error("internal error in a tunnel, which was closed", exc_info=errors.popleft())
         with self.lock:
             if self._stopped:
                 return
-            if tunnel is not None:
-                self.endpoint.mark_dirty(tunnel)
-            if self._flushing:
-                self._flush_again = True
-                return
-            self._flushing = True
-            try:
-                while True:
-                    self._flush_again = False
-                    while (item := self.endpoint.next_event()) is not None:
-                        self._dispatch(*item)
-                    self._send(self.endpoint.datagrams_to_send(time.monotonic()))
-                    if not self._flush_again:
-                        break
-            finally:
-                self._flushing = False
-            timer_at = self.endpoint.get_timer()
-            changed = timer_at != self._timer_at
-            self._timer_at = timer_at
-        if changed and not self.in_pump:
+            for error in self.pump.internal_errors():
+                logger.error("internal error in a tunnel, which was closed", exc_info=error)
+            wake = self.pump.flush(time.monotonic(), self._send, tunnel)
+        if wake and not self.in_pump:
             self._wake()
 
     def _run(self) -> None:
@@ -243,7 +214,7 @@ class SyncHost:
                 for call in calls:
                     self._guard(call)
                 with self.lock:
-                    timer_at = self._timer_at
+                    timer_at = self.pump.timer_at
                 timeout = None if timer_at is None else max(0.0, timer_at - time.monotonic())
                 for key, _ in self._selector.select(timeout):
                     self._guard(key.data)
@@ -266,20 +237,18 @@ class SyncHost:
 
     def _check_timer(self) -> None:
         with self.lock:
-            timer_at = self._timer_at
+            timer_at = self.pump.timer_at
             if timer_at is None or self._stopping:
                 return
             now = time.monotonic()
             if now < timer_at:
                 return
-            self.endpoint.handle_timer(now)
-            self._timer_at = None  # force re-arming even at the same deadline
-            self.flush()
+            self.pump.handle_timer(now, self._send)
 
     def _receive(self) -> None:
         sock = self.sock
         with self.lock:
-            receive_batch(sock, self.endpoint.receive_datagram, time.monotonic())
+            receive_batch(sock, self.endpoint.receive_datagram, time.monotonic(), self._batch)
             self.flush()
 
     def _drain_wake(self) -> None:
@@ -305,31 +274,15 @@ class SyncHost:
     def _send(self, datagrams: list[tuple[bytes, NetworkAddress]]) -> None:
         self.datagrams_dropped += send_datagrams(self.sock, datagrams)
 
-    def _dispatch(self, tunnel: TunnelConnection, event: TunnelEvent) -> None:
-        if self._streams.deliver(tunnel, event):
-            return
-        new_stream = None
-        if isinstance(event, StreamRequested):
-            new_stream = self._new_stream(tunnel, event.stream_id, event.address, accepted=True)
-        try:
-            self._on_event(tunnel, event, new_stream)
-        except Exception:
-            logger.exception("the handler of %s failed", type(event).__name__)
-
     def _new_stream(
-        self, tunnel: TunnelConnection, stream_id: int, address: RouteAddress, *, accepted: bool
+        self, tunnel: TunnelConnection, stream_id: int, address: RouteAddress, accepted: bool
     ) -> TunnelStream:
-        stream = TunnelStream(
+        return TunnelStream(
             tunnel,
             stream_id,
             address,
             lock=self.lock,
             flush=functools.partial(self.flush, tunnel),
-            forget=self._forget,
+            forget=self.pump.streams.forget,
             accepted=accepted,
         )
-        self._streams.add(stream)
-        return stream
-
-    def _forget(self, stream: TunnelStream) -> None:
-        self._streams.forget(stream)

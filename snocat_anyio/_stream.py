@@ -28,7 +28,7 @@ from snocat_proto._wire.codes import StreamCode
 from snocat_proto._wire.events import TunnelEvent
 from snocat_proto._wire.tunnel import TunnelConnection
 
-from .errors import StreamRefusedError, StreamResetError, TunnelClosedError
+from ._errors import StreamRefusedError, StreamResetError, TunnelClosedError
 
 DEFAULT_RECEIVE_SIZE = 65536
 
@@ -105,6 +105,10 @@ class TunnelStream(anyio.abc.ByteStream):
                 continue
             view = view[sent:]
             self._flush()
+
+    async def sendall(self, item: bytes) -> None:
+        """:meth:`send`, under the name the blocking binding's streams use."""
+        await self.send(item)
 
     async def send_eof(self) -> None:
         if self.handle.eof_sent:

@@ -46,6 +46,12 @@ class ThreadGroup:
         with self._lock:
             return len(self._threads)
 
+    def __enter__(self) -> ThreadGroup:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Leaving does not wait: :meth:`join` does, within a deadline."""
+
     def join(self, timeout: float) -> list[threading.Thread]:
         """Wait up to ``timeout`` seconds for every thread; those still running."""
         deadline = time.monotonic() + timeout

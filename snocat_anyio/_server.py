@@ -1,0 +1,89 @@
+"""The aggregator on asyncio or trio: :class:`TunnelServer`, run with :meth:`~TunnelServer.serve`.
+
+The flows are :class:`~._server_flows.ServerCore` (shared with ``snocat_sync``);
+this adds the structured lifecycle.  Every task runs in ``serve()``'s task group,
+shielded from its cancellation: cancelling ``serve()`` cannot stop the pump in the
+middle of the goodbye, the graceful wind-down always runs (bounded by the grace
+period), and nothing outlives ``serve()``: no task, socket, port or record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import anyio
+import anyio.abc
+
+from snocat_proto._wire.address import RouteAddress
+
+from ._server_flows import Authenticate, ServerCore, TunnelStatus
+from ._stream import TunnelStream
+
+__all__ = ["Authenticate", "RouteHandler", "Router", "TunnelServer", "TunnelStatus"]
+
+#: Serves one accepted stream; the server closes the stream when it returns.
+RouteHandler = Callable[[TunnelStream], Awaitable[None]]
+#: Picks the handler for a stream a client opened (None: refuse it).  Called from the
+#: pump: decide quickly, do the work in the handler.
+Router = Callable[[TunnelStatus, RouteAddress], RouteHandler | None]
+
+
+class TunnelServer(ServerCore):
+    """The aggregator.  Run :meth:`serve`; see the module docstring.
+
+    ``authenticate(name)`` (async) looks a tunnel name's secret up (default: the
+    config's tokens); ``route(status, address)`` picks an async handler for a stream
+    a client opened that is not ``proxyme`` (default: refuse)."""
+
+    _started = False
+    _shutdown_grace: float | None = None
+    # anyio primitives need a running event loop: serve() creates them.
+    _shutdown_requested: anyio.Event
+    _stopped: anyio.Event
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[TunnelServer] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Bind the QUIC socket and serve until cancelled or :meth:`shutdown`.
+
+        Either way the graceful wind-down runs before this returns (bounded by the
+        grace period), and every task, socket, port and record is gone after it."""
+        if self._started:
+            raise RuntimeError("serve() may run only once per TunnelServer")
+        self._started = True
+        self._shutdown_requested = anyio.Event()
+        self._stopped = anyio.Event()
+        try:
+            if not self._books.accepting:  # shutdown() came first
+                return
+            self._open()
+            async with anyio.create_task_group() as tg:
+                self._begin(tg)
+                try:
+                    task_status.started(self)
+                    await self._shutdown_requested.wait()
+                finally:
+                    grace = self._shutdown_grace
+                    if grace is None:
+                        grace = self.config.shutdown_grace
+                    with anyio.CancelScope(shield=True):
+                        await self._wind_down(grace)
+        finally:
+            self._finish()
+            self._stopped.set()
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop gracefully and wait until :meth:`serve` has cleaned up.
+
+        New tunnels, streams and TCP connections are refused and every listener stops
+        at once; in-flight streams get ``grace`` seconds (default: the config's) to
+        finish; then every tunnel is closed with :attr:`CloseCode.SHUTTING_DOWN` and
+        every port released.  Called before :meth:`serve`, it makes ``serve()``
+        return at once."""
+        if not self._started:
+            self._books.accepting = False
+            return
+        if not self._shutdown_requested.is_set():
+            self._shutdown_grace = grace
+            self._shutdown_requested.set()
+        await self._stopped.wait()

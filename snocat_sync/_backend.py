@@ -1,0 +1,291 @@
+"""The blocking seam: what the flows need that waits, spawns or touches a socket.
+
+The server's and client's flows (``_server_flows``, ``_client_flows``) are generated
+from ``snocat_anyio``'s (``scripts/unasync.py``); every name they import from here has
+an anyio twin with the same meaning (see ``snocat_anyio/_backend.py``).  Here:
+
+* :data:`Lock` is the one re-entrant lock of a server or client, shared with its pump:
+  it guards the core, the books and every stream.  Code under it never blocks.
+* :class:`Condition` waits on that lock.
+* :class:`TaskSet` runs one owner's services in threads of a
+  :class:`~snocat_sync._threads.ThreadGroup`; threads cannot be cancelled, so
+  :meth:`TaskSet.cancel` only marks the set, and each thread ends as its streams and
+  sockets close (a tunnel's close fails every stream of it).
+* :func:`shield` has nothing to protect.
+* :class:`Listener` watches its sockets on the pump's selector, so accepting needs
+  no thread of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from snocat_proto._wire.network import NetworkAddress, format_address
+from snocat_proto._wire.targets import ProxyTcpTarget, TargetKind
+
+from ._errors import EndOfStream, SnocatError
+from ._host import TunnelHost
+from ._relay import relay
+from ._stream import TunnelStream
+from ._threads import ThreadGroup
+
+__all__ = [
+    "BROKEN",
+    "BROKEN_OR_REFUSED",
+    "LOG_PREFIX",
+    "Condition",
+    "Connection",
+    "EndOfStream",
+    "Group",
+    "Listener",
+    "Lock",
+    "TaskSet",
+    "accepted",
+    "connect_target",
+    "current_time",
+    "join_group",
+    "open_group",
+    "relay",
+    "resolve",
+    "send_within",
+    "shield",
+    "sleep",
+]
+
+#: Loggers are ``snocat.sync.server``, ``snocat.sync.client``...
+LOG_PREFIX = "snocat.sync"
+#: What a stream or connection that is gone raises (the stream errors are OSErrors).
+BROKEN: tuple[type[BaseException], ...] = (OSError, EndOfStream)
+#: ... or was refused (the errors a flow that gives up on a stream catches).
+BROKEN_OR_REFUSED: tuple[type[BaseException], ...] = (*BROKEN, SnocatError)
+#: A TCP connection as the flows hold it.
+Connection = socket.socket
+#: Where a :class:`TaskSet` runs its threads.
+Group = ThreadGroup
+Lock = threading.RLock
+#: Pause after a failed ``accept()`` (e.g. out of file descriptors) before retrying.
+ACCEPT_ERROR_PAUSE = 0.1
+
+current_time = time.monotonic
+sleep = time.sleep
+
+
+def shield() -> contextlib.nullcontext[None]:
+    return contextlib.nullcontext()
+
+
+def open_group() -> ThreadGroup:
+    """A thread group for a client session's services."""
+    return ThreadGroup("snocat-session", logging.getLogger(f"{LOG_PREFIX}.client"))
+
+
+def join_group(group: ThreadGroup | None, timeout: float) -> list[str]:
+    """Wait up to ``timeout`` seconds for the threads of ``group``; the names of
+    those still running."""
+    if group is None:
+        return []
+    return [thread.name for thread in group.join(timeout)]
+
+
+class Condition:
+    """Wake whoever waits for something to become true, on the owner's lock."""
+
+    def __init__(self, lock: threading.RLock) -> None:
+        self._condition = threading.Condition(lock)
+
+    def notify_all(self) -> None:
+        with self._condition:
+            self._condition.notify_all()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Wait until ``predicate()`` is true (True) or ``timeout`` passed (False)."""
+        with self._condition:
+            return self._condition.wait_for(predicate, timeout)
+
+
+class TaskSet:
+    """One owner's threads; see the module docstring."""
+
+    def __init__(self, group: ThreadGroup | None, logger: logging.Logger, label: str) -> None:
+        if group is None:
+            raise RuntimeError("a TaskSet needs the thread group it runs in")
+        self._group = group
+        self._label = label.replace(" ", "-")
+        self.cancelled = False
+
+    def spawn(self, fn: Callable[..., object], *args: Any, name: str = "") -> None:
+        """Run ``fn(*args)`` in a thread; an exception is logged and ends it alone."""
+        self._group.spawn(fn, *args, name=f"{self._label}-{name or getattr(fn, '__name__', '')}")
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+# TCP -----------------------------------------------------------------------------
+
+
+class Listener:
+    """The listening sockets of one public port, watched by the pump."""
+
+    def __init__(self, sockets: list[socket.socket], port: int) -> None:
+        self.port = port
+        self.addresses = tuple(format_address(s.getsockname()) for s in sockets)
+        self._sockets = sockets
+        self._host: TunnelHost | None = None
+        self._tasks: TaskSet | None = None
+        self._on_accept: Callable[[socket.socket], None] | None = None
+        #: Guards watching and closing the sockets (never held with the host lock).
+        self._guard = threading.Lock()
+        self._stopped = False
+        self._logger = logging.getLogger(f"{LOG_PREFIX}.server")
+
+    @classmethod
+    def open(cls, host: str | None, port: int) -> Listener:
+        """Listen on every address of ``host`` (None: every interface); ``OSError`` if
+        the port cannot be bound."""
+        return cls(_listen_tcp(host, port), port)
+
+    def start(
+        self, host: TunnelHost | None, tasks: TaskSet, on_accept: Callable[[socket.socket], None]
+    ) -> None:
+        """Accept on the pump thread until :meth:`close`; each connection goes to
+        ``on_accept`` (which must not block).  Call without the host's lock."""
+        if host is None:
+            raise RuntimeError("the listener needs the pump that watches it")
+        self._host, self._tasks, self._on_accept = host, tasks, on_accept
+        with self._guard:
+            if not self._stopped:
+                for sock in self._sockets:
+                    self._watch(sock)
+
+    def _watch(self, sock: socket.socket) -> None:
+        assert self._host is not None
+        self._host.watch(sock, functools.partial(self._accept_ready, sock))
+
+    def _accept_ready(self, listener: socket.socket) -> None:
+        """(Pump thread, no lock) Accept what is waiting."""
+        assert self._on_accept is not None and self._tasks is not None
+        while True:
+            try:
+                client, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:  # out of file descriptors, buffers...
+                self._logger.warning("accept on port %d failed: %s", self.port, exc)
+                # The listener stays readable: pause it, or the pump would spin.
+                assert self._host is not None
+                self._host.unwatch(listener)
+                self._tasks.spawn(self._resume, listener, name=f"resume-{self.port}")
+                return
+            self._on_accept(client)
+
+    def _resume(self, listener: socket.socket) -> None:
+        time.sleep(ACCEPT_ERROR_PAUSE)
+        with self._guard:
+            if not self._stopped:
+                self._watch(listener)
+
+    def close(self) -> None:
+        """Stop accepting and close the sockets (idempotent; call without the host's lock)."""
+        with self._guard:
+            if self._stopped:
+                return
+            self._stopped = True
+            for sock in self._sockets:
+                if self._host is not None:
+                    self._host.unwatch(sock)
+                sock.close()
+
+
+def _listen_tcp(host: str | None, port: int) -> list[socket.socket]:
+    """Listening sockets on every address of ``host`` (None: every interface), ``port``."""
+    infos = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_ADDRCONFIG
+    )
+    sockets: list[socket.socket] = []
+    seen: set[tuple[int, str]] = set()
+    try:
+        for family, _, proto, _, sockaddr in infos:
+            key = (int(family), str(sockaddr[0]))
+            if key in seen:
+                continue
+            seen.add(key)
+            sock = socket.socket(family, socket.SOCK_STREAM, proto)
+            sockets.append(sock)
+            if os.name != "nt":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            sock.listen(socket.SOMAXCONN)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def accepted(sock: socket.socket) -> Connection:
+    """A blocking connection from an accepted socket, with TCP_NODELAY."""
+    sock.setblocking(True)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def connect_target(target: ProxyTcpTarget, timeout: float | None = None) -> Connection:
+    """A blocking TCP connection to ``target`` with TCP_NODELAY; DNS4/DNS6 restrict
+    the family.  Raises ``OSError`` (``TimeoutError`` after ``timeout`` seconds)."""
+    host, port = target.connect_host(), target.port
+    if target.kind in (TargetKind.DNS4, TargetKind.DNS6):
+        family = socket.AF_INET if target.kind is TargetKind.DNS4 else socket.AF_INET6
+        infos = socket.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
+        error: OSError = OSError(
+            f"{host} has no {'IPv4' if family == socket.AF_INET else 'IPv6'} address"
+        )
+        for *_, sockaddr in infos:
+            try:
+                tcp = socket.create_connection((str(sockaddr[0]), port), timeout=timeout)
+            except OSError as exc:
+                error = exc
+                continue
+            break
+        else:
+            raise error
+    else:
+        tcp = socket.create_connection((host, port), timeout=timeout)
+    tcp.settimeout(None)
+    if tcp.family in (socket.AF_INET, socket.AF_INET6):
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return tcp
+
+
+def resolve(host: str, port: int) -> list[tuple[socket.AddressFamily, NetworkAddress]]:
+    """The UDP addresses of ``host`` (the stdlib gives IPv6 as the full 4-tuple, as
+    ``recvfrom`` reports the peer); ``OSError`` if it does not resolve."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    return [(family, sockaddr) for family, *_, sockaddr in infos]
+
+
+def send_within(stream: TunnelStream, data: bytes, timeout: float) -> bool:
+    """Send ``data`` on ``stream`` within ``timeout`` seconds; False if that failed
+    (the time ran out, or the stream or its tunnel is gone)."""
+    try:
+        stream.settimeout(max(0.0, timeout))
+        stream.sendall(data)
+    except BROKEN_OR_REFUSED:
+        return False
+    finally:
+        stream.settimeout(None)
+    return True

@@ -1,0 +1,71 @@
+# Generated from snocat_anyio/_udp.py by scripts/unasync.py: do not edit.
+"""The UDP socket work of a pump: binding, reading a batch, sending.
+
+Plain non-blocking stdlib sockets, no event loop and no threads: ``snocat_sync``
+has a generated copy of this module, and only the waiting differs between the two.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Callable, Iterable
+
+from snocat_proto._wire.network import NetworkAddress
+
+__all__ = ["MAX_DATAGRAM", "bind_udp", "receive_batch", "send_datagrams"]
+
+logger = logging.getLogger("snocat.udp")
+
+#: The largest UDP payload there is: a datagram is never truncated.
+MAX_DATAGRAM = 65535
+
+#: Send errors that only say the peer (or the way to it) is gone: QUIC finds out
+#: by itself, through its timers, so they are not worth a warning.
+_UNREACHABLE = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
+
+Receiver = Callable[[bytes, NetworkAddress, float], None]
+
+
+def bind_udp(host: str, port: int) -> socket.socket:
+    """A non-blocking UDP socket bound to ``host:port`` (IPv4 or IPv6)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def receive_batch(sock: socket.socket, receive: Receiver, now: float, batch: int) -> None:
+    """Hand up to ``batch`` waiting datagrams (``Limits.udp_receive_batch``) to
+    ``receive(data, addr, now)``."""
+    for _ in range(batch):
+        try:
+            data, addr = sock.recvfrom(MAX_DATAGRAM)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            # ICMP errors (port unreachable) surface here on some systems.
+            logger.debug("UDP receive error: %s", exc)
+            continue
+        receive(data, addr, now)
+
+
+def send_datagrams(sock: socket.socket, datagrams: Iterable[tuple[bytes, NetworkAddress]]) -> int:
+    """Send each datagram; returns how many were dropped (QUIC retransmits them)."""
+    dropped = 0
+    for data, addr in datagrams:
+        try:
+            sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            dropped += 1
+        except OSError as exc:
+            if exc.errno not in _UNREACHABLE:
+                logger.warning("UDP send to %s failed: %s", addr, exc)
+            dropped += 1
+    return dropped
