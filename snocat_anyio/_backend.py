@@ -14,8 +14,8 @@ threads in its own ``_backend``.  Each name means the same on both sides:
   :meth:`TaskSet.cancel` stops them; the blocking twin runs threads, which stop as
   their streams and sockets close.
 * :func:`shield` protects cleanup from cancellation (nothing to protect in threads).
-* :class:`Listener`, :func:`accepted`, :func:`connect_target`, :func:`resolve` and
-  :func:`relay` are the TCP and DNS I/O.
+* :class:`Listener`, :func:`accepted`, :func:`connect_address`, :func:`connect_name`,
+  :func:`resolve`, :func:`resolve_stream` and :func:`relay` are the TCP and DNS I/O.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from anyio.abc import SocketAttribute
 from anyio.streams.stapled import MultiListener
 
 from snocat_proto._wire.network import NetworkAddress, format_address
-from snocat_proto._wire.targets import ProxyTcpTarget, TargetKind
 
 from ._errors import SnocatError
 from ._relay import read_on_demand, relay
@@ -51,12 +50,14 @@ __all__ = [
     "Lock",
     "TaskSet",
     "accepted",
-    "connect_target",
+    "connect_address",
+    "connect_name",
     "current_time",
     "join_group",
     "open_group",
     "relay",
     "resolve",
+    "resolve_stream",
     "send_within",
     "shield",
     "sleep",
@@ -263,65 +264,48 @@ async def accepted(sock: socket.socket) -> Connection:
     return read_on_demand(await anyio.abc.SocketStream.from_socket(sock))
 
 
-async def connect_target(target: ProxyTcpTarget, timeout: float | None = None) -> Connection:
-    """A TCP connection to ``target`` with TCP_NODELAY; DNS4/DNS6 restrict the family.
-
-    An IP address (an IP4/IP6 target, or each address a DNS4/DNS6 name resolves to)
-    is dialled directly by :func:`connect_address`; only names go through
-    ``anyio.connect_tcp``, for its happy eyeballs across both families.  The stream
-    reads only when asked (:func:`~snocat_anyio._relay.read_on_demand`).  Raises
-    ``OSError``; ``TimeoutError`` after ``timeout`` seconds."""
-    with anyio.fail_after(timeout):
-        return read_on_demand(await _dial(target))
-
-
-async def _dial(target: ProxyTcpTarget) -> Connection:
-    host, port = target.connect_host(), target.port
-    if target.kind is TargetKind.IP4:
-        return await connect_address(socket.AF_INET, host, port)
-    if target.kind is TargetKind.IP6:
-        return await connect_address(socket.AF_INET6, host, port)
-    if target.kind in (TargetKind.DNS4, TargetKind.DNS6):
-        family = socket.AF_INET if target.kind is TargetKind.DNS4 else socket.AF_INET6
-        infos = await anyio.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
-        error: OSError = OSError(
-            f"{host} has no {'IPv4' if family == socket.AF_INET else 'IPv6'} address"
-        )
-        for *_, sockaddr in infos:
-            try:
-                return await connect_address(family, str(sockaddr[0]), port)
-            except OSError as exc:
-                error = exc
-        raise error
-    tcp = await anyio.connect_tcp(host, port)
-    raw = tcp.extra(SocketAttribute.raw_socket)
-    if raw.family in (socket.AF_INET, socket.AF_INET6):
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return tcp
-
-
-async def connect_address(family: socket.AddressFamily, host: str, port: int) -> Connection:
+async def connect_address(
+    family: socket.AddressFamily, host: str, port: int, timeout: float | None
+) -> Connection:
     """A TCP connection (with TCP_NODELAY) to the IP address ``host``, on the event loop.
 
     ``anyio.connect_tcp`` resolves no IP literal either, but it runs happy eyeballs
     (a task group, a task, an event, a timeout) even for one address; dialling a
     non-blocking socket here costs about half as much per stream.  A failure raises
-    the connect's own ``OSError`` (``ConnectionRefusedError``, ...)."""
+    the connect's own ``OSError`` (``ConnectionRefusedError``, ...).  The stream reads
+    only when asked (:func:`~snocat_anyio._relay.read_on_demand`)."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            sock.connect((host, port))
-        except (BlockingIOError, InterruptedError):  # the handshake is under way
-            await anyio.wait_writable(sock)
-            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if code:
-                raise OSError(code, os.strerror(code)) from None
-        return await anyio.abc.SocketStream.from_socket(sock)
+        with anyio.fail_after(timeout):
+            try:
+                sock.connect((host, port))
+            except (BlockingIOError, InterruptedError):  # the handshake is under way
+                await anyio.wait_writable(sock)
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if code:
+                    raise OSError(code, os.strerror(code)) from None
+        return read_on_demand(await anyio.abc.SocketStream.from_socket(sock))
     except BaseException:
         sock.close()
         raise
+
+
+async def connect_name(host: str, port: int, timeout: float | None) -> Connection:
+    """A TCP connection to the name ``host`` (happy eyeballs across both families)."""
+    with anyio.fail_after(timeout):
+        tcp = await anyio.connect_tcp(host, port)
+    raw = tcp.extra(SocketAttribute.raw_socket)
+    if raw.family in (socket.AF_INET, socket.AF_INET6):
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return read_on_demand(tcp)
+
+
+async def resolve_stream(host: str, port: int, family: socket.AddressFamily) -> list[str]:
+    """The addresses of ``host`` in ``family``, for TCP."""
+    infos = await anyio.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
+    return [str(sockaddr[0]) for *_, sockaddr in infos]
 
 
 async def send_within(stream: TunnelStream, data: bytes, timeout: float) -> bool:

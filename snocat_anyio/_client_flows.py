@@ -75,7 +75,6 @@ from ._backend import (
     EndOfStream,
     Lock,
     TaskSet,
-    connect_target,
     current_time,
     join_group,
     open_group,
@@ -84,6 +83,7 @@ from ._backend import (
     send_within,
     shield,
 )
+from ._dial import connect_target
 from ._errors import (
     AuthenticationError,
     ConnectError,

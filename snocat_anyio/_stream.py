@@ -19,6 +19,7 @@ import anyio.abc
 from snocat_proto._service.stream_handle import (
     Blocked,
     FailureKind,
+    HandleView,
     Opening,
     StreamFailure,
     StreamHandle,
@@ -40,7 +41,7 @@ def failure_error(failure: StreamFailure) -> StreamResetError | TunnelClosedErro
     return StreamResetError(failure.code, failure.reason, by_peer=failure.by_peer)
 
 
-class TunnelStream(anyio.abc.ByteStream):
+class TunnelStream(HandleView, anyio.abc.ByteStream):
     """One bidirectional stream of a tunnel."""
 
     def __init__(
@@ -58,26 +59,6 @@ class TunnelStream(anyio.abc.ByteStream):
         self._forget = forget
         self._changed = anyio.Event()
         self._waiters = 0
-
-    @property
-    def tunnel(self) -> TunnelConnection:
-        return self.handle.tunnel
-
-    @property
-    def stream_id(self) -> int:
-        return self.handle.stream_id
-
-    @property
-    def address(self) -> RouteAddress:
-        return self.handle.address
-
-    @property
-    def bytes_received(self) -> int:
-        return self.handle.bytes_received
-
-    @property
-    def bytes_sent(self) -> int:
-        return self.handle.bytes_sent
 
     # anyio ByteStream --------------------------------------------------------
 

@@ -29,7 +29,6 @@ from collections.abc import Callable
 from typing import Any
 
 from snocat_proto._wire.network import NetworkAddress, format_address
-from snocat_proto._wire.targets import ProxyTcpTarget, TargetKind
 
 from ._errors import EndOfStream, SnocatError
 from ._host import TunnelHost
@@ -49,12 +48,14 @@ __all__ = [
     "Lock",
     "TaskSet",
     "accepted",
-    "connect_target",
+    "connect_address",
+    "connect_name",
     "current_time",
     "join_group",
     "open_group",
     "relay",
     "resolve",
+    "resolve_stream",
     "send_within",
     "shield",
     "sleep",
@@ -244,31 +245,35 @@ def accepted(sock: socket.socket) -> Connection:
     return sock
 
 
-def connect_target(target: ProxyTcpTarget, timeout: float | None = None) -> Connection:
-    """A blocking TCP connection to ``target`` with TCP_NODELAY; DNS4/DNS6 restrict
-    the family.  Raises ``OSError`` (``TimeoutError`` after ``timeout`` seconds)."""
-    host, port = target.connect_host(), target.port
-    if target.kind in (TargetKind.DNS4, TargetKind.DNS6):
-        family = socket.AF_INET if target.kind is TargetKind.DNS4 else socket.AF_INET6
-        infos = socket.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
-        error: OSError = OSError(
-            f"{host} has no {'IPv4' if family == socket.AF_INET else 'IPv6'} address"
-        )
-        for *_, sockaddr in infos:
-            try:
-                tcp = socket.create_connection((str(sockaddr[0]), port), timeout=timeout)
-            except OSError as exc:
-                error = exc
-                continue
-            break
-        else:
-            raise error
-    else:
-        tcp = socket.create_connection((host, port), timeout=timeout)
+def connect_address(
+    family: socket.AddressFamily, host: str, port: int, timeout: float | None
+) -> Connection:
+    """A blocking TCP connection (with TCP_NODELAY) to the IP address ``host``."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(timeout)
+        sock.connect((host, port))
+        sock.settimeout(None)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def connect_name(host: str, port: int, timeout: float | None) -> Connection:
+    """A blocking TCP connection to the name ``host``, each of its addresses in turn."""
+    tcp = socket.create_connection((host, port), timeout=timeout)
     tcp.settimeout(None)
     if tcp.family in (socket.AF_INET, socket.AF_INET6):
         tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return tcp
+
+
+def resolve_stream(host: str, port: int, family: socket.AddressFamily) -> list[str]:
+    """The addresses of ``host`` in ``family``, for TCP."""
+    infos = socket.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
+    return [str(sockaddr[0]) for *_, sockaddr in infos]
 
 
 def resolve(host: str, port: int) -> list[tuple[socket.AddressFamily, NetworkAddress]]:

@@ -1,28 +1,30 @@
-"""Delivering :mod:`snocat_proto._service.activity` records to subscribers, across threads.
+# Generated from snocat_anyio/_feed.py by scripts/unasync.py: do not edit.
+"""Delivering :mod:`snocat_proto._service.activity` records to subscribers.
 
+The source of both bindings' feeds (``snocat_sync/_feed.py`` is generated from it).
 Publishing never waits, so the pump cannot be stalled by a slow observer; each
 subscriber has its own queue (a :class:`~snocat_proto._service.fanout.Fanout`
-subscription), so none misses an event while it keeps up.  One that falls
+subscription), so none misses a record while it keeps up.  One that falls
 ``Limits.max_subscriber_backlog`` records behind is closed: it reads what it had,
 then :meth:`Subscription.get` raises :class:`FeedOverflowError`, and
-:attr:`ActivityFeed.laggards` counts it.
+:attr:`ActivityFeed.laggards` counts it.  After the feed's end ``get`` raises
+``EndOfStream`` and iteration stops.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
 from types import TracebackType
 
 from snocat_proto._service.activity import Activity
 from snocat_proto._service.fanout import Fanout
 from snocat_proto._service.fanout import Subscription as Queue
 
+from ._backend import Condition, EndOfStream, Lock
 from ._errors import FeedOverflowError
 
 
 class Subscription:
-    """A blocking iterator over the activity published after it was created."""
+    """An iterator over the activity published after it was created."""
 
     def __init__(self, feed: ActivityFeed, queue: Queue[Activity]) -> None:
         self._feed = feed
@@ -30,34 +32,40 @@ class Subscription:
 
     @property
     def pending(self) -> int:
-        with self._feed.changed:
+        with self._feed.lock:
             return self._queue.pending
 
     def get_nowait(self) -> Activity | None:
-        with self._feed.changed:
+        with self._feed.lock:
             return self._queue.next_event()
 
-    def get(self, timeout: float | None = None) -> Activity | None:
-        """The next record; None once the feed (or this subscription) is closed and
-        the queue is empty.  Raises ``TimeoutError`` if nothing came within
-        ``timeout`` seconds, :class:`FeedOverflowError` if the subscription was
-        closed because it fell behind."""
+    def get(self, timeout: float | None = None) -> Activity:
+        """The next record.  Raises ``EndOfStream`` once the feed (or this
+        subscription) is closed and the queue is empty, :class:`FeedOverflowError` if
+        it was closed because it fell behind, ``TimeoutError`` after ``timeout`` s."""
         queue = self._queue
-        with self._feed.changed:
-            if not self._feed.changed.wait_for(lambda: queue.pending or queue.closed, timeout):
-                raise TimeoutError("no activity within the timeout")
+        if not self._feed.changed.wait_for(lambda: bool(queue.pending) or queue.closed, timeout):
+            raise TimeoutError("no activity within the timeout")
+        with self._feed.lock:
             record = queue.next_event()
-            if record is None and queue.overflowed:
+            if record is not None:
+                return record
+            if queue.overflowed:
                 raise FeedOverflowError(self._feed.limit)
-            return record
+        raise EndOfStream
 
-    def __iter__(self) -> Iterator[Activity]:
-        while (record := self.get()) is not None:
-            yield record
+    def __iter__(self) -> Subscription:
+        return self
+
+    def __next__(self) -> Activity:
+        try:
+            return self.get()
+        except EndOfStream:
+            raise StopIteration from None
 
     def close(self) -> None:
         """Stop receiving."""
-        with self._feed.changed:
+        with self._feed.lock:
             self._queue.close()
             self._feed.changed.notify_all()
 
@@ -78,8 +86,9 @@ class ActivityFeed:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        #: Guards the queues; notified on every record.
-        self.changed = threading.Condition(threading.Lock())
+        #: Guards the queues (publishers run on the pump, readers anywhere).
+        self.lock = Lock()
+        self.changed = Condition(self.lock)
         self._fanout: Fanout[Activity] = Fanout(limit)
 
     @property
@@ -88,16 +97,16 @@ class ActivityFeed:
         return self._fanout.laggards
 
     def subscribe(self) -> Subscription:
-        with self.changed:
+        with self.lock:
             return Subscription(self, self._fanout.subscribe())
 
     def publish(self, activity: Activity) -> None:
-        with self.changed:
+        with self.lock:
             self._fanout.publish(activity)
             self.changed.notify_all()
 
     def close(self) -> None:
         """End every subscription (at shutdown); what they queued stays readable."""
-        with self.changed:
+        with self.lock:
             self._fanout.close()
             self.changed.notify_all()

@@ -28,6 +28,7 @@ from typing import NoReturn
 from snocat_proto._service.stream_handle import (
     Blocked,
     FailureKind,
+    HandleView,
     Opening,
     StreamFailure,
     StreamHandle,
@@ -49,7 +50,7 @@ def failure_error(failure: StreamFailure) -> StreamResetError | TunnelClosedErro
     return StreamResetError(failure.code, failure.reason, by_peer=failure.by_peer)
 
 
-class TunnelStream:
+class TunnelStream(HandleView):
     """One bidirectional stream of a tunnel; see the module docstring."""
 
     def __init__(
@@ -73,26 +74,6 @@ class TunnelStream:
 
     def __repr__(self) -> str:
         return f"<TunnelStream {self.stream_id} {self.address}>"
-
-    @property
-    def tunnel(self) -> TunnelConnection:
-        return self.handle.tunnel
-
-    @property
-    def stream_id(self) -> int:
-        return self.handle.stream_id
-
-    @property
-    def address(self) -> RouteAddress:
-        return self.handle.address
-
-    @property
-    def bytes_received(self) -> int:
-        return self.handle.bytes_received
-
-    @property
-    def bytes_sent(self) -> int:
-        return self.handle.bytes_sent
 
     # Timeouts ----------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from snocat_anyio import (
     TunnelServer,
     TunnelStatus,
 )
-from snocat_anyio._backend import connect_target
+from snocat_anyio._dial import connect_target
 from snocat_anyio._errors import (
     AuthenticationError,
     ConnectError,

@@ -16,7 +16,7 @@ import anyio.to_thread
 import pytest
 import trio
 
-from snocat_anyio._backend import connect_target
+from snocat_anyio._dial import connect_target
 from snocat_proto._wire.targets import ProxyTcpTarget, TargetKind
 
 pytestmark = pytest.mark.anyio

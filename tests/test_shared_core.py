@@ -275,19 +275,11 @@ class TestAttempts:
         certificate = x509.load_pem_x509_certificate(pem)
 
         @dataclass
-        class Tls:
-            _peer_certificate: x509.Certificate | None
-
-        @dataclass
-        class Engine:
-            tls: Tls
-
-        @dataclass
         class Tunnel:
-            engine: Engine
+            peer_certificate: x509.Certificate | None
 
         def tunnel(cert: x509.Certificate | None) -> TunnelConnection:
-            return cast(TunnelConnection, Tunnel(Engine(Tls(cert))))
+            return cast(TunnelConnection, Tunnel(cert))
 
         good = fingerprint(certificate)
         assert check_pinned_certificate(tunnel(certificate), good.lower()) is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Protocol
 
 from snocat_proto._service import activity
@@ -21,12 +22,10 @@ from snocat_proto._wire.proxyme import ProxymeRequest
 from .._wire.network import port_of
 
 __all__ = [
-    "DEBUG",
-    "INFO",
-    "WARNING",
     "Counted",
     "Notice",
     "RelayResult",
+    "Severity",
     "Tunnel",
     "client_port_denied",
     "client_port_granted",
@@ -49,10 +48,14 @@ __all__ = [
     "tunnel_connected",
 ]
 
-#: Log levels, as numbers (the same as :mod:`logging`'s).
-DEBUG = 10
-INFO = 20
-WARNING = 30
+
+class Severity(IntEnum):
+    """How much an operator should care about a notice.  The values are the
+    :mod:`logging` levels, so a binding passes them to its logger as they are."""
+
+    DEBUG = 10
+    INFO = 20
+    WARNING = 30
 
 
 class Tunnel(Protocol):
@@ -97,7 +100,7 @@ def deliver(
     """Hand ``notice`` to the binding: ``log(level, message, *args)`` (the binding's
     logger's ``log``) if it has a message, ``publish(record)`` if it has a record."""
     if notice.message:
-        log(notice.level, notice.message, *notice.args)
+        log(int(notice.level), notice.message, *notice.args)
     if notice.record is not None:
         publish(notice.record)
 
@@ -109,7 +112,7 @@ class Notice:
     record: activity.Activity | None
     message: str = ""
     args: tuple[object, ...] = ()
-    level: int = INFO
+    level: Severity = Severity.INFO
 
 
 # Tunnels (both sides; ``log=False``: the record only) ------------------------------
@@ -202,7 +205,7 @@ def stream_refused(at: float, tunnel_id: str, address: object, reason: str) -> N
         activity.StreamRefused(at=at, tunnel_id=tunnel_id, address=str(address), reason=reason),
         "tunnel %s: refused %s: %s",
         (tunnel_id, address, reason),
-        DEBUG,
+        Severity.DEBUG,
     )
 
 
@@ -330,7 +333,7 @@ def client_port_denied(at: float, session: Tunnel, reason: str) -> Notice:
         ),
         "no public port: %s",
         (reason,),
-        WARNING,
+        Severity.WARNING,
     )
 
 

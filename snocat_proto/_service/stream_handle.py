@@ -33,7 +33,7 @@ from .._wire.events import (
 )
 from .._wire.tunnel import TunnelConnection
 
-__all__ = ["Blocked", "FailureKind", "Opening", "StreamFailure", "StreamHandle"]
+__all__ = ["Blocked", "FailureKind", "HandleView", "Opening", "StreamFailure", "StreamHandle"]
 
 
 class Blocked(Enum):
@@ -282,3 +282,29 @@ class StreamHandle:
         if self._accepted is None:
             self._accepted = False
             self._refusal = f"tunnel closed: {reason}"
+
+
+class HandleView:
+    """What a binding's stream shows of its :class:`StreamHandle` (``self.handle``)."""
+
+    handle: StreamHandle
+
+    @property
+    def tunnel(self) -> TunnelConnection:
+        return self.handle.tunnel
+
+    @property
+    def stream_id(self) -> int:
+        return self.handle.stream_id
+
+    @property
+    def address(self) -> RouteAddress:
+        return self.handle.address
+
+    @property
+    def bytes_received(self) -> int:
+        return self.handle.bytes_received
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.handle.bytes_sent

@@ -68,7 +68,7 @@ class ServerEndpoint:
         self._configuration = configuration
         self._authenticator_factory = authenticator_factory
         self._limits = limits
-        self._retry = RetryTokens() if retry else None
+        self._retry = RetryTokens(random_bytes) if retry else None
         self._handshakes = (
             HandshakeBuckets(handshake_rate, max_sources=limits.handshake_rate_sources)
             if retry and handshake_rate is not None
@@ -76,7 +76,6 @@ class ServerEndpoint:
         )
         self._max_tunnels = max_tunnels
         self._keepalive_interval = keepalive_interval
-        self._random_bytes = random_bytes
         self._by_cid: dict[bytes, TunnelConnection] = {}
         self._tunnels: dict[TunnelConnection, list[bytes]] = {}
         self._stateless: deque[tuple[bytes, NetworkAddress]] = deque()

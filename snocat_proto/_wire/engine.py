@@ -11,7 +11,7 @@ fast sender grow memory without bound (aioquic issue 328 is the send-side twin).
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -399,14 +399,18 @@ def encode_version_negotiation(header: PacketHeader, versions: list[int]) -> byt
 
 
 class RetryTokens:
-    """Creates and checks Retry tokens, which prove a client owns its address."""
+    """Creates and checks Retry tokens, which prove a client owns its address.
 
-    def __init__(self) -> None:
+    ``random_bytes`` makes the Retry's connection IDs (the endpoint's source of
+    randomness, so a simulation can fix it)."""
+
+    def __init__(self, random_bytes: Callable[[int], bytes]) -> None:
         self._handler = QuicRetryTokenHandler()
+        self._random_bytes = random_bytes
 
     def retry_packet(self, header: PacketHeader, addr: NetworkAddress, now: float) -> bytes:
         assert header.version is not None
-        source_cid = os.urandom(8)
+        source_cid = self._random_bytes(8)
         return encode_quic_retry(
             version=header.version,
             source_cid=source_cid,
