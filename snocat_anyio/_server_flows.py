@@ -23,7 +23,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Concatenate, ParamSpec
 
 from snocat_proto._service import notices
@@ -139,6 +139,8 @@ class ServerCore(ServerEvents[_Session, TunnelStream]):
         self._books: Aggregator[_Session] = Aggregator(config, self._new_session)
         self.registry = self._books.registry
         self._authenticate = authenticate if authenticate is not None else self._lookup_token
+        #: The default credential lookup's tokens (replaced on a reload).
+        self._tokens: dict[str, bytes] = dict(config.tokens)
         self._route = route
         self._host: TunnelHost | None = None
         self._endpoint: ServerEndpoint | None = None
@@ -287,7 +289,24 @@ class ServerCore(ServerEvents[_Session, TunnelStream]):
         )
 
     async def _lookup_token(self, name: str) -> bytes | None:
-        return self.config.tokens.get(name)
+        with self._lock:
+            return self._tokens.get(name)
+
+    def replace_tokens(self, tokens: Mapping[str, bytes]) -> tuple[str, ...]:
+        """Take ``tokens`` (name -> secret) for the default credential lookup from now
+        on, e.g. after the tokens file changed.  No tunnel is dropped for it, except
+        those whose name's token was removed or changed: they are closed with
+        :attr:`CloseCode.AUTHENTICATION_FAILED` and a reason.  Returns their names."""
+        with self._lock:
+            old, self._tokens = self._tokens, dict(tokens)
+            closing = self._books.revoked(old, self._tokens)
+            for session, (code, reason) in closing:
+                session.tunnel.close(code, reason)
+                if self._host is not None:
+                    self._host.flush(session.tunnel)
+        closed = tuple(session.label for session, _ in closing)
+        self._report(notices.tokens_replaced, len(tokens), closed)
+        return closed
 
     async def _check_credential(self, session: _Session, name: str) -> None:
         secret: bytes | None = None

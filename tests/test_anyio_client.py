@@ -694,3 +694,65 @@ async def test_dns4_and_dns6_targets_restrict_the_address_family() -> None:
         await conn.aclose()
         with anyio.fail_after(STEP), pytest.raises(OSError):
             await connect_target(ProxyTcpTarget(TargetKind.DNS6, "localhost", target.port))
+
+
+# Token reloads -------------------------------------------------------------------
+
+
+async def test_replacing_tokens_closes_only_revoked_and_changed_names(
+    server_identity: Any,
+) -> None:
+    """A reload keeps every tunnel whose token is unchanged, mid-transfer, byte for byte;
+    a name whose token was removed or changed is closed with a reason, and its client
+    stops at once with AuthenticationError (retrying cannot fix a withdrawn token)."""
+    tokens = {**TOKENS, "gamma": b"gamma-secret-0123456789abcdef"}
+    gamma = ClientCredentials.token("gamma", tokens["gamma"])
+    ends: dict[str, BaseException | None] = {}
+
+    async def run(name: str, client: TunnelClient, *, task_status: Any) -> None:
+        try:
+            await client.run(task_status=task_status)
+            ends[name] = None
+        except Exception as exc:
+            ends[name] = exc
+
+    async with (
+        aggregator(server_identity, tokens=tokens) as server,
+        tcp_target() as target,
+        running_client(client_config(server, server_identity, (target,))) as alpha,
+        anyio.create_task_group() as tg,
+    ):
+        feed = server.activity.subscribe()
+        others = {
+            name: TunnelClient(client_config(server, server_identity, (target,), credentials=c))
+            for name, c in (("beta", BETA), ("gamma", gamma))
+        }
+        for name, client in others.items():
+            await tg.start(run, name, client)
+        transfer_done = anyio.Event()
+
+        async def transfer() -> None:
+            await exchange(public_port(alpha), 3_000_000, 3_000_000, seed=7)
+            transfer_done.set()
+
+        tg.start_soon(transfer)
+        await anyio.sleep(0.05)  # the transfer is under way
+        closed = server.replace_tokens(
+            {
+                "alpha": tokens["alpha"],  # unchanged: kept
+                "gamma": b"a-new-gamma-secret-0123456789",  # changed: closed
+            }  # beta: removed, closed
+        )
+        assert sorted(closed) == ["beta", "gamma"]
+        record = await next_of(feed, activity.TokensReplaced)
+        assert record.names == 2 and sorted(record.closed) == ["beta", "gamma"]
+        await wait_until(lambda: len(ends) == 2)
+        for name in ("beta", "gamma"):
+            error = ends[name]
+            assert isinstance(error, AuthenticationError), (name, error)
+            assert "withdrew this tunnel's credential" in str(error)
+        assert ("revoked" in str(ends["beta"])) and ("changed" in str(ends["gamma"]))
+        with anyio.fail_after(30):
+            await transfer_done.wait()  # exchange() checked every byte of alpha's transfer
+        assert [t.name for t in server.tunnels()] == ["alpha"]
+        await exchange(public_port(alpha), 100_000, 100_000, seed=8)  # alpha still serves

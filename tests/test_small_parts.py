@@ -234,3 +234,24 @@ def test_stream_table_routes_events_and_returns_credit_nobody_will_read() -> Non
     closed = ConnectionTerminated(code=1, reason="bye", by_peer=True, application=True)
     assert not table.deliver(other, closed)  # type: ignore[arg-type]
     assert theirs.closed == (1, "bye") and table.of(other) == []  # type: ignore[arg-type]
+
+
+def test_refused_logins_and_refused_streams_are_warnings() -> None:
+    """What an operator watches for is logged at WARNING, the rest of a tunnel's end
+    at INFO."""
+    from snocat_proto._service import notices
+    from snocat_proto._wire.codes import CloseCode
+
+    class Session:
+        tunnel_id, peer, name = "t1", "127.0.0.1:5", None
+
+    def closed(code: int, *, application: bool = True) -> notices.Notice:
+        event = ConnectionTerminated(code=code, reason="r", by_peer=False, application=application)
+        return notices.tunnel_closed(0.0, Session(), event)
+
+    assert closed(CloseCode.AUTHENTICATION_FAILED).level is notices.Severity.WARNING
+    assert closed(CloseCode.AUTHENTICATION_TIMEOUT).level is notices.Severity.WARNING
+    assert closed(CloseCode.NORMAL).level is notices.Severity.INFO
+    assert closed(0x10, application=False).level is notices.Severity.INFO  # a QUIC error
+    refused = notices.client_stream_refused(0.0, "t1", "/proxy-tcp/tcp/1", "refused")
+    assert refused.level is notices.Severity.WARNING

@@ -776,3 +776,29 @@ def test_the_readme_snippet_exposes_a_local_port_until_ctrl_c(server_identity: A
             process.stdout.close()  # type: ignore[union-attr]
         # The snippet's exit released the port and closed the tunnel.
         wait_until(lambda: not server.ports_in_use and not server.tunnels())
+
+
+def test_replacing_tokens_closes_only_the_revoked_name(server_identity: Any) -> None:
+    """The blocking server's reload: alpha keeps transferring, beta's client stops with
+    AuthenticationError and the reason."""
+    beta = ClientCredentials.token("beta", TOKENS["beta"])
+    with sync_server(server_identity) as server, tcp_target() as target:
+        address = server.quic_address
+        with (
+            TunnelClient(client_config(address, server_identity, (target,))) as alpha,
+            TunnelClient(
+                client_config(address, server_identity, (target,), credentials=beta)
+            ) as beta_client,
+        ):
+            port = public_port(alpha.wait_granted(STEP))
+            done: list[bool] = []
+            mover = threading.Thread(
+                target=lambda: (exchange_tcp(port, 2_000_000, 2_000_000, seed=3), done.append(True))
+            )
+            mover.start()
+            assert server.replace_tokens({"alpha": TOKENS["alpha"]}) == ("beta",)
+            with pytest.raises(AuthenticationError, match="revoked"):
+                beta_client.wait(STEP)
+            mover.join(30)
+            assert done == [True]
+            assert [t.name for t in server.tunnels()] == ["alpha"]

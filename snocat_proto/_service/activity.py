@@ -118,3 +118,12 @@ class ListeningOn(Activity):
     """A server bound its QUIC socket (or a client its local one)."""
 
     address: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokensReplaced(Activity):
+    """A server took a new set of tokens (a reload); ``closed`` names the tunnels it
+    closed because their token was revoked or changed."""
+
+    names: int
+    closed: tuple[str, ...]

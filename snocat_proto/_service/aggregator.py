@@ -17,13 +17,15 @@ ports), ``wall_time`` is ``time.time()`` (what status displays show).
 from __future__ import annotations
 
 import errno
+import hmac
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Generic, TypeVar
 
 from .._wire.address import RouteAddress
+from .._wire.auth import SCHEME_TOKEN
 from .._wire.certificates import install_identity
 from .._wire.codes import CloseCode
 from .._wire.endpoint import AuthenticatorFactory, ServerEndpoint
@@ -63,6 +65,8 @@ CloseVerdict = tuple[CloseCode, str]
 #: How a binding closes a tunnel whose event handling failed (a bug).
 INTERNAL_ERROR: CloseVerdict = (CloseCode.INTERNAL_ERROR, "aggregator internal error")
 CREDENTIAL_LOOKUP_FAILED = "the aggregator could not check the credential; try again later"
+TOKEN_REVOKED = "the token of this tunnel name was revoked on the aggregator"
+TOKEN_CHANGED = "the token of this tunnel name was changed on the aggregator; use the new one"
 
 
 def endpoint_capacity(max_tunnels: int | None) -> int | None:
@@ -303,6 +307,23 @@ class Aggregator(Generic[S]):
         session.prune_streams()
         self.registry.deregister(session.tunnel_id, reason)
         return session
+
+    def revoked(
+        self, old: Mapping[str, bytes], new: Mapping[str, bytes]
+    ) -> list[tuple[S, CloseVerdict]]:
+        """After a tokens change from ``old`` to ``new``: the token-scheme tunnels whose
+        name lost its token or got another one, and how to close each (the client is
+        told why, and does not retry with a token that cannot work)."""
+        closing: list[tuple[S, CloseVerdict]] = []
+        for session in self._sessions.values():
+            name = session.name
+            if session.scheme != SCHEME_TOKEN or name is None or session.closed:
+                continue
+            if name not in new:
+                closing.append((session, (CloseCode.AUTHENTICATION_FAILED, TOKEN_REVOKED)))
+            elif not hmac.compare_digest(new[name], old.get(name, b"")):
+                closing.append((session, (CloseCode.AUTHENTICATION_FAILED, TOKEN_CHANGED)))
+        return closing
 
     def _at_tunnel_limit(self) -> bool:
         limit = self.config.max_tunnels

@@ -200,7 +200,13 @@ def diagnose_early_close(
 
 
 def lost_tunnel(closed: ConnectionTerminated) -> AttemptEnd:
-    """An authenticated tunnel closed (retryable)."""
+    """An authenticated tunnel closed: retryable, unless the aggregator withdrew the
+    credential (its token was revoked or changed), which another attempt cannot fix."""
+    if closed.application and closed.code == CloseCode.AUTHENTICATION_FAILED:
+        return _fatal(
+            ErrorKind.AUTHENTICATION,
+            f"the aggregator withdrew this tunnel's credential: {closed.reason}",
+        )
     return AttemptEnd(
         fatal=False,
         kind=ErrorKind.TUNNEL_CLOSED,

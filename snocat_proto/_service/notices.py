@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Protocol
 
-from snocat_proto._service import activity
-from snocat_proto._service.aggregator import TunnelSession
-from snocat_proto._wire import events
-from snocat_proto._wire.proxyme import ProxymeRequest
-
+from .._wire import events
+from .._wire.codes import CloseCode
 from .._wire.network import port_of
+from .._wire.proxyme import ProxymeRequest
+from . import activity
+from .aggregator import TunnelSession
 
 __all__ = [
     "Counted",
@@ -43,6 +43,7 @@ __all__ = [
     "stream_closed",
     "stream_opened",
     "stream_refused",
+    "tokens_replaced",
     "tunnel_authenticated",
     "tunnel_closed",
     "tunnel_connected",
@@ -152,7 +153,12 @@ def tunnel_closed(
         ),
         "tunnel %s (%s) closed%s: code %#x %s" if log else "",
         (session.tunnel_id, label, " by the peer" if by_peer else "", code, reason),
+        # A refused or timed-out login is what an operator watches for.
+        Severity.WARNING if event.application and code in _LOGIN_FAILURES else Severity.INFO,
     )
+
+
+_LOGIN_FAILURES = frozenset({CloseCode.AUTHENTICATION_FAILED, CloseCode.AUTHENTICATION_TIMEOUT})
 
 
 # Server ports ------------------------------------------------------------------
@@ -281,6 +287,16 @@ def served(at: float, tunnel_id: str, stream: Counted, error: str | None) -> Not
     )
 
 
+def tokens_replaced(at: float, names: int, closed: tuple[str, ...]) -> Notice:
+    """A server took a new set of tokens and closed the tunnels it no longer admits."""
+    detail = f"; closed {', '.join(closed)}" if closed else ""
+    return Notice(
+        activity.TokensReplaced(at=at, names=names, closed=closed),
+        "tokens reloaded: %d tunnel names%s",
+        (names, detail),
+    )
+
+
 def listening(at: float, address: str) -> Notice:
     """A server bound its QUIC socket."""
     return Notice(
@@ -342,4 +358,5 @@ def client_stream_refused(at: float, tunnel_id: str, address: object, reason: st
         activity.StreamRefused(at=at, tunnel_id=tunnel_id, address=str(address), reason=reason),
         "refused stream %s: %s",
         (address, reason),
+        Severity.WARNING,  # a visitor got nothing: a dead target, or a route not allowed
     )
