@@ -792,9 +792,12 @@ def test_replacing_tokens_closes_only_the_revoked_name(server_identity: Any) -> 
         ):
             port = public_port(alpha.wait_granted(STEP))
             done: list[bool] = []
-            mover = threading.Thread(
-                target=lambda: (exchange_tcp(port, 2_000_000, 2_000_000, seed=3), done.append(True))
-            )
+
+            def move() -> None:
+                exchange_tcp(port, 2_000_000, 2_000_000, seed=3)
+                done.append(True)
+
+            mover = threading.Thread(target=move)
             mover.start()
             assert server.replace_tokens({"alpha": TOKENS["alpha"]}) == ("beta",)
             with pytest.raises(AuthenticationError, match="revoked"):
