@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import socket
+from collections.abc import Callable
 
 import anyio
 import anyio.abc
@@ -47,11 +48,14 @@ class TunnelHost:
         limits: Limits = DEFAULT_LIMITS,
         lock: Lock | None = None,
         name: str = "snocat-pump",
+        on_unreachable: Callable[[OSError], None] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.sock = sock
         self.pump: Pump[TunnelStream] = Pump(endpoint, on_event, self._new_stream)
         self._batch = limits.udp_receive_batch
+        #: Told when the socket reports the peer unreachable (a connected client socket).
+        self._on_unreachable = on_unreachable
         self._timer_changed: anyio.Event | None = None
         self._scope = anyio.CancelScope(shield=True)
         self.datagrams_dropped = 0
@@ -140,7 +144,8 @@ class TunnelHost:
         sock = self.sock
         while True:
             await anyio.wait_readable(sock)
-            receive_batch(sock, self.endpoint.receive_datagram, anyio.current_time(), self._batch)
+            now = anyio.current_time()
+            self._unreachable(receive_batch(sock, self.endpoint.receive_datagram, now, self._batch))
             self.flush()
 
     async def _timer_loop(self) -> None:
@@ -158,7 +163,13 @@ class TunnelHost:
             self.pump.handle_timer(max(anyio.current_time(), timer_at), self._send)
 
     def _send(self, datagrams: list[tuple[bytes, NetworkAddress]]) -> None:
-        self.datagrams_dropped += send_datagrams(self.sock, datagrams)
+        dropped, unreachable = send_datagrams(self.sock, datagrams)
+        self.datagrams_dropped += dropped
+        self._unreachable(unreachable)
+
+    def _unreachable(self, error: OSError | None) -> None:
+        if error is not None and self._on_unreachable is not None:
+            self._on_unreachable(error)
 
     def _new_stream(
         self, tunnel: TunnelConnection, stream_id: int, address: RouteAddress, accepted: bool

@@ -54,6 +54,7 @@ from snocat_proto._service.attempts import (
     local_socket_failure,
     lost_tunnel,
     no_answer,
+    unreachable,
     unresolvable,
 )
 from snocat_proto._service.backoff import Backoff
@@ -130,6 +131,8 @@ class _Session:
         self.authenticated = False
         self.name: str | None = None
         self.closed: ConnectionTerminated | None = None
+        #: What the network said before the handshake (nothing listens there), if it did.
+        self.unreachable: str | None = None
         self.pin_problem: str | None = None
         self.first_answer = False
         #: The session is ending: no new services, no new port requests.
@@ -254,6 +257,13 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
         except OSError as exc:
             return local_socket_failure(config.server_label, str(exc))
         try:
+            # Connected, the socket hears what the network says (an ICMP port
+            # unreachable when nothing listens there) instead of waiting it out.
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            return unreachable(config.server_label, exc.strerror or str(exc))
+        try:
             return self._run_session(sock, address, on_ready)
         finally:
             sock.close()
@@ -273,6 +283,7 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
                 limits=config.limits,
                 lock=self._lock,
                 name=f"snocat-client-pump-{self._sessions_started}",
+                on_unreachable=lambda error: self._unreachable(session, error),
             )
             self._session = session
         self._publish(activity.ListeningOn, address=format_address(session.host.local_address))
@@ -297,11 +308,18 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
     def _supervise(self, session: _Session, on_ready: Callable[[], None]) -> AttemptEnd | None:
         config = self.config
         self._changed.wait_for(
-            lambda: session.handshake_done or session.closed is not None or self._stop,
+            lambda: (
+                session.handshake_done
+                or session.closed is not None
+                or session.unreachable is not None
+                or self._stop
+            ),
             config.connect_timeout,
         )
         if self._stop:
             return None
+        if session.unreachable is not None and not session.handshake_done:
+            return unreachable(config.server_label, session.unreachable)
         if not session.handshake_done and session.closed is None:
             return no_answer(config.server_label, f"within {config.connect_timeout:g} s")
         # The core's auth_timeout bounds this wait.
@@ -395,6 +413,17 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
 
     def _failed(self, message: str, *args: object) -> None:
         logger.exception(message, *args)
+
+    def _unreachable(self, session: _Session, error: OSError) -> None:
+        """(From the pump) The network says the aggregator cannot be reached.  Before
+        the handshake that ends the attempt at once; after it, it is only a hint (an
+        ICMP error can be forged off the path), and the keep-alive decides."""
+        with self._lock:
+            if session.handshake_done or session.unreachable is not None:
+                logger.debug("%s: %s (ignored after the handshake)", session.tunnel_id, error)
+                return
+            session.unreachable = error.strerror or str(error)
+            self._changed.notify_all()
 
     def _answered(self, session: _Session) -> None:
         with self._lock:

@@ -55,6 +55,7 @@ class TunnelHost:
         limits: Limits,
         lock: threading.RLock,
         name: str = "snocat-pump",
+        on_unreachable: Callable[[OSError], None] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.sock = sock
@@ -62,6 +63,8 @@ class TunnelHost:
         self.lock = lock
         self.pump: Pump[TunnelStream] = Pump(endpoint, on_event, self._new_stream)
         self._batch = limits.udp_receive_batch
+        #: Told when the socket reports the peer unreachable (a connected client socket).
+        self._on_unreachable = on_unreachable
         self._name = name
         self._stopping = False
         self._stopped = False
@@ -248,7 +251,8 @@ class TunnelHost:
     def _receive(self) -> None:
         sock = self.sock
         with self.lock:
-            receive_batch(sock, self.endpoint.receive_datagram, time.monotonic(), self._batch)
+            now = time.monotonic()
+            self._unreachable(receive_batch(sock, self.endpoint.receive_datagram, now, self._batch))
             self.flush()
 
     def _drain_wake(self) -> None:
@@ -272,7 +276,13 @@ class TunnelHost:
         self._wake_w.close()
 
     def _send(self, datagrams: list[tuple[bytes, NetworkAddress]]) -> None:
-        self.datagrams_dropped += send_datagrams(self.sock, datagrams)
+        dropped, unreachable = send_datagrams(self.sock, datagrams)
+        self.datagrams_dropped += dropped
+        self._unreachable(unreachable)
+
+    def _unreachable(self, error: OSError | None) -> None:
+        if error is not None and self._on_unreachable is not None:
+            self._on_unreachable(error)
 
     def _new_stream(
         self, tunnel: TunnelConnection, stream_id: int, address: RouteAddress, accepted: bool

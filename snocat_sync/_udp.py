@@ -21,8 +21,8 @@ logger = logging.getLogger("snocat.udp")
 #: The largest UDP payload there is: a datagram is never truncated.
 MAX_DATAGRAM = 65535
 
-#: Send errors that only say the peer (or the way to it) is gone: QUIC finds out
-#: by itself, through its timers, so they are not worth a warning.
+#: Errors that only say the peer (or the way to it) is gone: not worth a warning; a
+#: client's pump passes them on (its connected socket learns of ICMP errors).
 _UNREACHABLE = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
 
 Receiver = Callable[[bytes, NetworkAddress, float], None]
@@ -41,31 +41,45 @@ def bind_udp(host: str, port: int) -> socket.socket:
     return sock
 
 
-def receive_batch(sock: socket.socket, receive: Receiver, now: float, batch: int) -> None:
+def receive_batch(sock: socket.socket, receive: Receiver, now: float, batch: int) -> OSError | None:
     """Hand up to ``batch`` waiting datagrams (``Limits.udp_receive_batch``) to
-    ``receive(data, addr, now)``."""
+    ``receive(data, addr, now)``.
+
+    Returns the last error that says the peer cannot be reached, or None: a connected
+    socket (a client's) reports an ICMP port or host unreachable that way, which tells
+    at once that nothing listens where an aggregator was expected."""
+    unreachable: OSError | None = None
     for _ in range(batch):
         try:
             data, addr = sock.recvfrom(MAX_DATAGRAM)
         except (BlockingIOError, InterruptedError):
-            return
+            return unreachable
         except OSError as exc:
-            # ICMP errors (port unreachable) surface here on some systems.
-            logger.debug("UDP receive error: %s", exc)
+            if exc.errno in _UNREACHABLE:
+                unreachable = exc
+            else:
+                logger.debug("UDP receive error: %s", exc)
             continue
         receive(data, addr, now)
+    return unreachable
 
 
-def send_datagrams(sock: socket.socket, datagrams: Iterable[tuple[bytes, NetworkAddress]]) -> int:
-    """Send each datagram; returns how many were dropped (QUIC retransmits them)."""
+def send_datagrams(
+    sock: socket.socket, datagrams: Iterable[tuple[bytes, NetworkAddress]]
+) -> tuple[int, OSError | None]:
+    """Send each datagram: how many were dropped (QUIC retransmits them), and the last
+    error that says the peer cannot be reached (see :func:`receive_batch`), or None."""
     dropped = 0
+    unreachable: OSError | None = None
     for data, addr in datagrams:
         try:
             sock.sendto(data, addr)
         except (BlockingIOError, InterruptedError):
             dropped += 1
         except OSError as exc:
-            if exc.errno not in _UNREACHABLE:
+            if exc.errno in _UNREACHABLE:
+                unreachable = exc
+            else:
                 logger.warning("UDP send to %s failed: %s", addr, exc)
             dropped += 1
-    return dropped
+    return dropped, unreachable

@@ -877,8 +877,9 @@ def test_client_missing_option_is_one_line(lab: Lab) -> None:
 
 def test_client_unreachable_driver_gives_up(unreachable_client: Background) -> None:
     result = unreachable_client.finish(timeout=30)
-    assert "no answer" in assert_one_line_error(result, 4)
-    assert unreachable_client.seconds < 20
+    assert "nothing answers" in assert_one_line_error(result, 4)
+    print(f"\naggregator not running: reported after {unreachable_client.seconds:.2f} s")
+    assert unreachable_client.seconds < 5  # ICMP port unreachable, not the 10 s timeout
 
 
 def test_client_authentication_and_certificate_failures(lab: Lab, website: Website) -> None:
@@ -975,3 +976,30 @@ def test_loop_uvloop_without_uvloop_is_one_line(lab: Lab) -> None:
     assert "uvloop is not installed" in assert_one_line_error(result, 2)
     result = lab.run(*_client_args(lab), env={"SNOCAT_LOOP": "uvloop"})
     assert "uvloop is not installed" in assert_one_line_error(result, 2)
+
+
+# 12. A dead aggregator, noticed by a client that is downloading ------------------
+
+
+def test_a_killed_aggregator_is_noticed_within_seconds_mid_download(
+    lab: Lab, website: Website
+) -> None:
+    """kill -9 of the aggregator while a visitor's download is under way: the client
+    notices within a few seconds (its probes go unanswered), not at the 30 s idle
+    timeout, and says so.  The figure is printed; the bound is generous."""
+    aggregator = start_server(lab, idle_timeout=30.0)
+    client = start_client(lab, aggregator, website.port, "--json", "--idle-timeout", "30")
+    port = int(client.wait_event("port_granted")["port"])  # type: ignore[call-overload]
+    with socket.create_connection((HOST, port), timeout=STEP_TIMEOUT) as visitor:
+        visitor.sendall(b"GET /big.bin HTTP/1.0\r\n\r\n")
+        assert visitor.recv(1024).startswith(b"HTTP/1.0 200")  # the download is running
+        lines = len(client.stdout)
+        killed_at = time.monotonic()
+        aggregator.process.kill()
+        closed = client.wait_event("tunnel_closed", after=lines, timeout=30)
+        noticed = time.monotonic() - killed_at
+    print(f"\naggregator killed mid-download: the client noticed after {noticed:.2f} s")
+    assert "no answer from the peer" in str(closed["reason"])
+    assert noticed < 10.0
+    client.wait_event("reconnecting", after=lines)
+    assert client.stop(signal.SIGTERM) < 10

@@ -983,6 +983,51 @@ def test_an_open_but_quiet_stream_costs_a_few_probes_then_the_keepalive() -> Non
     assert sim.client_app.closed is None and sim.server_app.closed is None
 
 
+@pytest.mark.parametrize("direction", ["download", "upload"])
+def test_a_client_with_open_streams_notices_a_dead_aggregator_within_5_s(direction: str) -> None:
+    # The aggregator vanishes mid-transfer (its process killed: nothing comes back, not
+    # even an ICMP error here).  Without the rule the client waited for the 30 s idle
+    # timeout; with it, a probe unanswered for probe_answer_timeout closes the tunnel.
+    sim = connected(link=Link(delay=0.005))
+    stream_id = open_stream(sim, sim.client)
+    sender = sim.server_tunnel if direction == "download" else sim.client
+    sender.send_data(stream_id, payload(200_000, seed=3))
+    sim.flush()
+    sim.run_for(0.2)
+    sim.link.loss = 1.0
+    died_at = sim.now
+    if direction == "upload":
+        sim.client.send_data(stream_id, payload(50_000, seed=4))
+        sim.flush()
+    sim.run_until(lambda: sim.client_app.closed is not None, timeout=30)
+    assert sim.now - died_at < 5.0
+    closed = sim.client_app.closed
+    assert closed is not None and "no answer from the peer" in closed.reason
+    assert sim.client_app.first(ConnectionTerminated) is not None
+
+
+def test_an_idle_client_notices_a_dead_aggregator_within_its_idle_timeout() -> None:
+    # No streams open: no extra probes are spent; the keep-alive (15 s) going
+    # unanswered is the sign.  Without the rule, the PING itself restarted the idle
+    # timer (RFC 9000 10.1) and a dead aggregator was noticed after 45 s.
+    sim = connected(link=Link(delay=0.005))
+    sim.run_for(1.0)
+    sim.link.loss = 1.0
+    died_at = sim.now
+    sim.run_until(lambda: sim.client_app.closed is not None, timeout=60)
+    assert 15.0 <= sim.now - died_at < 30.0
+
+
+def test_a_quiet_stream_on_a_lossy_path_is_not_taken_for_a_dead_aggregator() -> None:
+    # 20 % loss each way: a probe or its ACK is often lost, but aioquic retransmits the
+    # PING within the answer timeout, so a live aggregator is never given up on.
+    sim = connected(link=Link(delay=0.02, jitter=0.01))
+    open_stream(sim, sim.client)
+    sim.link.loss = 0.2
+    sim.run_for(300.0)
+    assert sim.client_app.closed is None and sim.server_app.closed is None
+
+
 def test_without_keepalive_an_idle_tunnel_times_out() -> None:
     sim = connected(keepalive_interval=None, server_keepalive_interval=None)
     idle_since = sim.now

@@ -36,6 +36,7 @@ __all__ = [
     "local_socket_failure",
     "lost_tunnel",
     "no_answer",
+    "unreachable",
     "unresolvable",
 ]
 
@@ -134,6 +135,19 @@ def no_answer(server_label: str, detail: str) -> AttemptEnd:
         fatal=False,
         kind=ErrorKind.CONNECT,
         message=f"{reason}: is the aggregator running there, and is UDP allowed through?",
+        reason=reason,
+        no_answer=True,
+    )
+
+
+def unreachable(server_label: str, detail: str) -> AttemptEnd:
+    """The network said that nothing listens at ``server_label`` (an ICMP port or
+    host unreachable, before any answer): worth another attempt, the next address."""
+    reason = f"nothing answers at {server_label}: {detail}"
+    return AttemptEnd(
+        fatal=False,
+        kind=ErrorKind.CONNECT,
+        message=f"{reason}; is the aggregator running there (its --quic address)?",
         reason=reason,
         no_answer=True,
     )

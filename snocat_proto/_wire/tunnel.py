@@ -165,6 +165,8 @@ class TunnelConnection:
         self._rejection_code = int(CloseCode.AUTHENTICATION_FAILED)
         self._keepalive_at: float | None = None
         self._probe_interval = self._limits.silence_probe_interval
+        #: (Connect side) When the probe or keep-alive now unanswered went out.
+        self._probe_sent_at: float | None = None
         self._ping_uid = 0
         self._streams: dict[int, _Stream] = {}
         # Indexes of the streams, so that per-datagram work never scans them all:
@@ -258,6 +260,7 @@ class TunnelConnection:
         self._buffers_changed()
         self._process()
         self._arm_keepalive(now)
+        self._probe_sent_at = None  # the peer is there
         if not self._streams and self._state is TunnelState.AUTHENTICATED:
             # Nothing to batch acknowledgements with (typically a keep-alive PING):
             # answer in this flush rather than after a timer of its own.
@@ -279,8 +282,16 @@ class TunnelConnection:
             deadlines.append(self._auth_deadline)
         elif self._state is TunnelState.AUTHENTICATED:
             deadlines.append(self._keepalive_at)
+            deadlines.append(self._peer_gone_at())
             deadlines.extend(s.deadline for s in self._by_state[StreamState.NEGOTIATING])
         return min((d for d in deadlines if d is not None), default=None)
+
+    def _peer_gone_at(self) -> float | None:
+        """(Connect side) When the peer counts as gone: a probe or keep-alive that
+        nothing, retransmissions included, answered in time."""
+        if self._probe_sent_at is None:
+            return None
+        return self._probe_sent_at + self._limits.probe_answer_timeout
 
     def handle_timer(self, now: float) -> None:
         self._now = now
@@ -307,10 +318,19 @@ class TunnelConnection:
                     and now >= stream.deadline
                 ):
                     self._abort(stream, StreamCode.TIMEOUT, "stream negotiation timed out")
-            if self._keepalive_at is not None and now >= self._keepalive_at:
+            gone_at = self._peer_gone_at()
+            if gone_at is not None and now >= gone_at:
+                self.close(
+                    CloseCode.NORMAL,
+                    f"no answer from the peer to a keep-alive within "
+                    f"{self._limits.probe_answer_timeout:g} s",
+                )
+            elif self._keepalive_at is not None and now >= self._keepalive_at:
                 self._ping_uid += 1
                 self._quic.send_ping(self._ping_uid)
                 self._keepalive_at = None
+                if self._role is Role.CONNECT and self._probe_sent_at is None:
+                    self._probe_sent_at = now
                 assert self._keepalive_interval is not None  # armed only when it is set
                 self._probe_interval = min(2 * self._probe_interval, self._keepalive_interval)
         self._process()
