@@ -49,6 +49,7 @@ from snocat_proto._wire.errors import (
     RemoteProtocolError,
     UnsupportedVersion,
 )
+from snocat_proto._wire.features import FEATURES, parse_features
 from snocat_proto._wire.framing import FrameDecoder, encode_frame
 from snocat_proto._wire.limits import Limits
 from snocat_proto._wire.negotiation import (
@@ -506,7 +507,11 @@ def fuzz_token_listener(data: bytes) -> None:
         expected = token_mac(SECRET, NONCE, name)
         assert hmac.compare_digest(bytes.fromhex(response["mac"]), expected)
         assert choice >= 0.7 or name == NAME
-        assert results == [b'{"ok":true}']
+        # The agreed additions: those the response offered that this side speaks.
+        agreed = sorted(parse_features(response.get("features")) & FEATURES)
+        assert [json.loads(r) for r in results] == [
+            {"ok": True, "features": agreed} if agreed else {"ok": True}
+        ]
     elif results:
         assert len(results) == 1 and len(results[0]) <= limits.max_auth_message_size
         assert json.loads(results[0])["ok"] is False
@@ -538,7 +543,11 @@ def fuzz_token_connector(data: bytes) -> None:
         return
     (frame,) = _parse_frames(output)
     response = json.loads(frame)
-    assert response == {"name": NAME, "mac": token_mac(SECRET, nonce, NAME).hex()}
+    assert response == {
+        "name": NAME,
+        "mac": token_mac(SECRET, nonce, NAME).hex(),
+        "features": sorted(FEATURES),
+    }
     if _terminal(events) == "Authenticated":
         (result,) = _parse_frames(data[HELLO_SIZE:])[:1]
         assert json.loads(result)["ok"] is True
@@ -555,9 +564,9 @@ def _events(events: list[ProxymeEvent]) -> list[object]:
 
 
 def _proxyme_server_outcome(
-    plan: Plan, limits: Limits, grant: bool, withdraw: bool, eof: bool
+    plan: Plan, limits: Limits, grant: bool, withdraw: bool, eof: bool, options: bool
 ) -> tuple[object, ...]:
-    machine = ProxymeServer(limits=limits)
+    machine = ProxymeServer(limits=limits, options=options)
     output = bytearray()
     seen: list[ProxymeEvent] = []
     pending: list[ProxymeEvent] = []
@@ -568,7 +577,11 @@ def _proxyme_server_outcome(
             if isinstance(event, SubjectReceived):
                 assert isinstance(event.subject, str)
                 event.subject.encode("utf-8")
-                output.extend(machine.grant(["[::]:8080"]) if grant else machine.deny())
+                assert event.port is None or (options and 1 <= event.port <= 65535)
+                if grant:
+                    output.extend(machine.grant(["[::]:8080"]))
+                else:
+                    output.extend(machine.deny("no port for you", retry=False))
                 if grant and withdraw:
                     output.extend(machine.release_ack())
             elif isinstance(event, ReleaseRequested) and machine.granted:
@@ -594,13 +607,17 @@ def _proxyme_server_outcome(
 
 
 def fuzz_proxyme_server(data: bytes) -> None:
-    """The aggregator's side of ``proxyme``.  Oracle: a subject is reported only for a
-    JSON string frame within the limit; the release is acknowledged at most once."""
+    """The aggregator's side of ``proxyme``, with and without ``proxyme-options``.
+    Oracle: a subject is reported only for a JSON string frame (or, with options, an
+    object) within the limit; a port only with options; a reason never without them;
+    the release is acknowledged at most once."""
     rng = rng_for(data)
     limits = _pick_limits(rng)
     grant, withdraw, eof = (rng.random() < 0.7), (rng.random() < 0.2), (rng.random() < 0.5)
+    options = rng.random() < 0.5
     outcomes = [
-        _proxyme_server_outcome(plan, limits, grant, withdraw, eof) for plan in plans(data, rng)
+        _proxyme_server_outcome(plan, limits, grant, withdraw, eof, options)
+        for plan in plans(data, rng)
     ]
     _same_for_every_split(outcomes, "proxyme server")
     outcome = outcomes[0]
@@ -611,14 +628,18 @@ def fuzz_proxyme_server(data: bytes) -> None:
     if events and events[0][0] == "SubjectReceived":
         (subject,) = _parse_frames(data)[:1]
         assert len(subject) <= limits.max_proxyme_subject_size
-        assert isinstance(json.loads(subject), str)
-    assert output.count(bytes(8)) <= 1 + output.count(b"null")
+        value = json.loads(subject)
+        assert isinstance(value, str) or (options and isinstance(value, dict))
+    if not options:
+        assert b"denied" not in output
+    assert output.count(bytes(8)) <= 1 + output.count(b"null") + output.count(b"denied")
 
 
 def _proxyme_client_outcome(
-    plan: Plan, limits: Limits, release: bool, eof: bool
+    plan: Plan, limits: Limits, release: bool, eof: bool, options: bool
 ) -> tuple[object, ...]:
-    machine = ProxymeClient(limits=limits)
+    asks = options and limits.max_proxyme_subject_size >= len(b'{"port":8085}')
+    machine = ProxymeClient(limits=limits, options=options, public_port=8085 if asks else None)
     output = bytearray(machine.initial_data())
     seen: list[ProxymeEvent] = []
     asked = False
@@ -639,18 +660,25 @@ def _proxyme_client_outcome(
     for event in seen:
         if isinstance(event, Granted):
             assert all(isinstance(a, str) for a in event.addresses)
+        elif isinstance(event, Denied):
+            assert options or (event.reason, event.retry) == ("", True)
+            assert len(event.reason) <= limits.max_reason_length
+            assert event.reason.isprintable() or not event.reason
         else:
-            assert isinstance(event, Denied | Released)
+            assert isinstance(event, Released)
     return ("ok", _events(seen), bytes(output), machine.granted)
 
 
 def fuzz_proxyme_client(data: bytes) -> None:
-    """The client's side of ``proxyme``.  Oracle: granted only on a JSON list of
-    strings within the frame limit; released at most once."""
+    """The client's side of ``proxyme``, with and without ``proxyme-options``.  Oracle:
+    granted only on a JSON list of strings within the frame limit; a denial's reason
+    only with options, printable and bounded; released at most once."""
     rng = rng_for(data)
     limits = _pick_limits(rng)
-    release, eof = (rng.random() < 0.5), (rng.random() < 0.5)
-    outcomes = [_proxyme_client_outcome(plan, limits, release, eof) for plan in plans(data, rng)]
+    release, eof, options = (rng.random() < 0.5), (rng.random() < 0.5), (rng.random() < 0.5)
+    outcomes = [
+        _proxyme_client_outcome(plan, limits, release, eof, options) for plan in plans(data, rng)
+    ]
     _same_for_every_split(outcomes, "proxyme client")
     outcome = outcomes[0]
     if outcome[0] == "failed":

@@ -274,6 +274,8 @@ def seeds() -> dict[str, dict[str, bytes]]:
         },
         "token_connector": {
             "hello-ok": TOKEN_HELLO + encode_frame(b'{"ok":true}'),
+            "hello-ok-features": TOKEN_HELLO
+            + encode_frame(b'{"ok":true,"features":["proxyme-options","later"]}'),
             "hello-refused": TOKEN_HELLO
             + encode_frame(b'{"ok":false,"reason":"unknown tunnel name or wrong token"}'),
             "hello-bad-result": TOKEN_HELLO + encode_frame(b"[1]"),
@@ -288,6 +290,9 @@ def seeds() -> dict[str, dict[str, bytes]]:
             "subject-too-large": encode_frame(b'"' + b"a" * 300 + b'"'),
             "surrogate": encode_frame(b'"\\ud800"'),
             "release-too-long": encode_frame(b'""') + bytes(9),
+            "options-port": encode_frame(b'{"port":8085}'),
+            "options-bad-port": encode_frame(b'{"port":70000}'),
+            "options-port-then-release": encode_frame(b'{"port":8081,"x":1}') + bytes(8),
         },
         "proxyme_client": {
             "reference-grant": encode_frame(GRANT),
@@ -297,6 +302,9 @@ def seeds() -> dict[str, dict[str, bytes]]:
             "nan": encode_frame(b"[NaN]"),
             "ack-plus-extra": encode_frame(GRANT) + bytes(9),
             "deep": encode_frame(b"[" * 5000),
+            "options-denied": encode_frame(b'{"denied":"port 8085 is in use","retry":false}'),
+            "options-bad-denial": encode_frame(b'{"denied":7}'),
+            "options-control-reason": encode_frame(b'{"denied":"a\\u001bb"}'),
         },
         "endpoint_datagrams": {
             # options byte, then records: control(1) length(2) payload.

@@ -19,13 +19,18 @@ and the pump.
 
 Decisions the brief leaves open:
 
+* Every target gets a public port of its own (one ``proxyme`` exchange each), or the
+  one ``ClientConfig.public_ports`` asks for (with an aggregator that offers
+  ``proxyme-options``; a port it cannot give is a refusal, never another port).
 * A ``proxyme`` denial (JSON ``null``: the aggregator's range is full) keeps the
   tunnel, which still serves what the aggregator routes to it, and the request is
   repeated with the same backoff as reconnects, until a port is granted.  A port the
-  aggregator withdraws is requested again the same way.
-* The client is *ready* once the first tunnel is authenticated and the first
-  ``proxyme`` answer arrived, granted or not, so a full aggregator does not hang the
-  caller: read :attr:`ClientCore.granted` or wait with ``wait_granted()``.
+  aggregator withdraws is requested again the same way.  Without ``reconnect``, or
+  when the aggregator says asking again cannot help, a denial ends the client with
+  :class:`PortRefusedError`.
+* The client is *ready* once the first tunnel is authenticated and every target's
+  first ``proxyme`` answer arrived, granted or not, so a full aggregator does not hang
+  the caller: read :attr:`ClientCore.grants` or wait with ``wait_granted()``.
 * With ``reconnect=False`` a tunnel lost after authentication ends the client with
   :class:`TunnelClosedError`; one lost before it, with :class:`ConnectError`.
 * A pinned fingerprint is checked as the handshake completes, before the client
@@ -54,6 +59,7 @@ from snocat_proto._service.attempts import (
     local_socket_failure,
     lost_tunnel,
     no_answer,
+    port_refused,
     unreachable,
     unresolvable,
 )
@@ -66,8 +72,10 @@ from snocat_proto._wire.codes import CloseCode, StreamCode
 from snocat_proto._wire.endpoint import ClientEndpoint
 from snocat_proto._wire.errors import LocalProtocolError, ProtocolError
 from snocat_proto._wire.events import ConnectionTerminated
+from snocat_proto._wire.features import PROXYME_OPTIONS
 from snocat_proto._wire.network import NetworkAddress, format_address
 from snocat_proto._wire.proxyme import ProxymeClient, ProxymeRequest
+from snocat_proto._wire.targets import ProxyTcpTarget
 from snocat_proto._wire.tunnel import TunnelConnection, TunnelState
 
 from ._backend import (
@@ -89,6 +97,7 @@ from ._dial import connect_target
 from ._errors import (
     AuthenticationError,
     ConnectError,
+    PortRefusedError,
     SnocatError,
     StreamRefusedError,
     TunnelClosedError,
@@ -104,6 +113,10 @@ P = ParamSpec("P")
 logger = logging.getLogger(f"{LOG_PREFIX}.client")
 
 _SHUTDOWN_REASON = "client shutting down"
+NO_PORT_REQUESTS = (
+    "the aggregator cannot be asked for a given public port: it does not offer "
+    "proxyme-options (a snocat 0.8 aggregator, or one with SimpleAck)"
+)
 #: How long a stopping session waits for its services beyond ``close_timeout``.
 TASK_JOIN_TIMEOUT = 5.0
 
@@ -114,6 +127,8 @@ def attempt_error(end: AttemptEnd) -> SnocatError:
         return AuthenticationError(end.message)
     if end.kind is ErrorKind.TUNNEL_CLOSED:
         return TunnelClosedError(end.code, end.close_reason)
+    if end.kind is ErrorKind.PORT:
+        return PortRefusedError(end.message)
     return ConnectError(end.message)
 
 
@@ -134,10 +149,14 @@ class _Session:
         #: What the network said before the handshake (nothing listens there), if it did.
         self.unreachable: str | None = None
         self.pin_problem: str | None = None
-        self.first_answer = False
+        #: The targets whose first port request was answered.
+        self.answered: set[ProxyTcpTarget] = set()
+        #: Why a target cannot have its port (this ends the client), if it cannot.
+        self.refusal: AttemptEnd | None = None
         #: The session is ending: no new services, no new port requests.
         self.stopping = False
-        self.proxyme: tuple[ProxymeClient, TunnelStream] | None = None
+        #: The ``proxyme`` exchange of each target while it is open.
+        self.proxyme: dict[ProxyTcpTarget, tuple[ProxymeClient, TunnelStream]] = {}
 
 
 class ClientCore(ClientEvents[_Session, TunnelStream]):
@@ -146,8 +165,8 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
         self.activity = ActivityFeed(config.limits.max_subscriber_backlog)
-        #: The public address(es) the aggregator listens on for us; None while not granted.
-        self.granted: tuple[str, ...] | None = None
+        #: The public address(es) the aggregator listens on for each target, while granted.
+        self.grants: dict[ProxyTcpTarget, tuple[str, ...]] = {}
         self._allow = AllowList(config.targets)
         #: Guards everything below, the core and the streams (a no-op on an event loop).
         self._lock = Lock()
@@ -163,15 +182,14 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
     # Public API ----------------------------------------------------------------
 
     def wait_granted(self, timeout: float | None = None) -> tuple[str, ...]:
-        """The public address(es), once the aggregator has granted a port.
+        """The public address(es) of the first target, once every target has a port
+        (all of them are in :attr:`grants`).
 
         Raises :class:`TunnelClosedError` if the client stops first, ``TimeoutError``
         after ``timeout`` seconds."""
-        self._changed.wait_for(
-            lambda: self.granted is not None or self._done or self._stop, timeout
-        )
+        self._changed.wait_for(lambda: self._all_granted() or self._done or self._stop, timeout)
         with self._lock:
-            if self.granted is not None:
+            if self._all_granted() and self.granted is not None:
                 return self.granted
             if self._done or self._stop:
                 raise TunnelClosedError(CloseCode.NORMAL, "the client has stopped")
@@ -228,6 +246,9 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
             if self._changed.wait_for(lambda: self._stop, delay):
                 return
 
+    def _all_granted(self) -> bool:
+        return all(target in self.grants for target in self.config.targets)
+
     def _request_stop(self) -> None:
         with self._lock:
             self._stop = True
@@ -237,7 +258,7 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
         """The client has stopped: nothing granted any more, the feed ends."""
         with self._lock:
             self._done = True
-            self._set_granted(None)
+            self.grants.clear()
             self._changed.notify_all()
         self.activity.close()
 
@@ -302,7 +323,8 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
             with self._lock:
                 if self._session is session:
                     self._session = None
-                self._set_granted(None)
+                self.grants.clear()
+                self._changed.notify_all()
         return outcome
 
     def _supervise(self, session: _Session, on_ready: Callable[[], None]) -> AttemptEnd | None:
@@ -338,17 +360,28 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
             )
         if config.request_port:
             assert session.services is not None
-            session.services.spawn(self._proxyme_loop, session, name="proxyme")
+            for target in config.targets:
+                session.services.spawn(self._proxyme_loop, session, target, name="proxyme")
             # Bounded: an aggregator that never answers must not hold up the caller.
             self._changed.wait_for(
-                lambda: session.first_answer or session.closed is not None or self._stop,
+                lambda: (
+                    session.answered.issuperset(config.targets)
+                    or session.closed is not None
+                    or session.refusal is not None
+                    or self._stop
+                ),
                 config.connect_timeout,
             )
-        if session.closed is None and not self._stop:
+        if session.closed is None and session.refusal is None and not self._stop:
             on_ready()
-        self._changed.wait_for(lambda: session.closed is not None or self._stop)
-        if self._stop or session.closed is None:
+        self._changed.wait_for(
+            lambda: session.closed is not None or session.refusal is not None or self._stop
+        )
+        if self._stop:
             return None
+        if session.refusal is not None:
+            return session.refusal
+        assert session.closed is not None
         return lost_tunnel(session.closed)
 
     def _end_session(self, session: _Session) -> None:
@@ -372,20 +405,20 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
                 )
 
     def _goodbye(self, session: _Session, deadline: float) -> None:
-        """Give the port back (waiting for the acknowledgement), then close the tunnel."""
+        """Give the ports back (waiting for the acknowledgements), then close the tunnel."""
         tunnel = session.tunnel
         with self._lock:
-            proxyme = session.proxyme if session.closed is None else None
-        if proxyme is not None:
-            client, stream = proxyme
-            with self._lock:
-                release = client.release() if client.granted else None
-            if release is not None and send_within(stream, release, deadline - current_time()):
-                # The proxyme task reads the acknowledgement, and then it ends.
-                self._changed.wait_for(
-                    lambda: not client.granted or session.closed is not None,
-                    max(0.0, deadline - current_time()),
-                )
+            exchanges = list(session.proxyme.values()) if session.closed is None else []
+            releases = [(c, s, c.release() if c.granted else None) for c, s in exchanges]
+        for _, stream, release in releases:
+            if release is not None:
+                send_within(stream, release, deadline - current_time())
+        # The proxyme tasks read the acknowledgements, and then they end.
+        self._changed.wait_for(
+            lambda: not any(c.granted for c, _ in exchanges) or session.closed is not None,
+            max(0.0, deadline - current_time()),
+        )
+        for client, stream, _ in releases:
             if not client.granted:
                 stream.close()
             else:
@@ -425,67 +458,94 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
             session.unreachable = error.strerror or str(error)
             self._changed.notify_all()
 
-    def _answered(self, session: _Session) -> None:
+    def _answered(self, session: _Session, target: ProxyTcpTarget) -> None:
         with self._lock:
-            if not session.first_answer:
-                session.first_answer = True
+            if target not in session.answered:
+                session.answered.add(target)
                 self._changed.notify_all()
 
-    def _set_granted(self, addresses: tuple[str, ...] | None) -> None:
+    def _refused(self, session: _Session, target: ProxyTcpTarget, reason: str) -> None:
         with self._lock:
-            self.granted = addresses
+            if session.refusal is None:
+                session.refusal = port_refused(target, reason)
+                self._changed.notify_all()
+
+    def _set_granted(self, target: ProxyTcpTarget, addresses: tuple[str, ...] | None) -> None:
+        with self._lock:
+            if addresses is None:
+                self.grants.pop(target, None)
+            else:
+                self.grants[target] = addresses
             self._changed.notify_all()
 
     # proxyme (the session's proxyme task) ------------------------------------------
 
-    def _session_over(self, session: _Session) -> bool:
-        with self._lock:
-            return self._stop or session.stopping or session.closed is not None
-
-    def _proxyme_loop(self, session: _Session) -> None:
-        """Request the port; after a denial or a withdrawal, ask again with backoff."""
+    def _proxyme_loop(self, session: _Session, target: ProxyTcpTarget) -> None:
+        """Request ``target``'s port; after a denial or a withdrawal, ask again with backoff."""
         config = self.config
         retry = Backoff(config.backoff_initial, config.backoff_max)
         while not self._session_over(session):
-            if self._request_port(session):
+            if self._request_port(session, target):
                 retry.reset()
             self._changed.wait_for(lambda: self._session_over(session), retry.next_delay())
 
-    def _request_port(self, session: _Session) -> bool:
-        """One ``proxyme`` exchange, kept open while the port is ours; True if it was granted."""
-        target = self.config.targets[0]
+    def _session_over(self, session: _Session) -> bool:
+        with self._lock:
+            return (
+                self._stop
+                or session.stopping
+                or session.closed is not None
+                or session.refusal is not None
+            )
+
+    def _request_port(self, session: _Session, target: ProxyTcpTarget) -> bool:
+        """One ``proxyme`` exchange for ``target``, kept open while the port is ours;
+        True if it was granted."""
+        wanted = self.config.public_ports.get(target)
+        options = PROXYME_OPTIONS in session.tunnel.features
+        if wanted is not None and not options:
+            self._refused(session, target, NO_PORT_REQUESTS)
+            self._port_denied(session, target, NO_PORT_REQUESTS)
+            return False
         request = ProxymeRequest(host=target.connect_host(), port=target.port)
         try:
             stream = session.host.open_stream(session.tunnel, request.to_address())
         except StreamRefusedError as exc:
-            self._port_denied(session, f"the aggregator refused the proxyme request: {exc.reason}")
+            reason = f"the aggregator refused the proxyme request: {exc.reason}"
+            self._port_denied(session, target, reason)
             return False
         except (TunnelClosedError, LocalProtocolError):
             return False
-        client = ProxymeClient(limits=self.config.limits)
+        client = ProxymeClient(limits=self.config.limits, options=options, public_port=wanted)
         with self._lock:
             if session.stopping:
                 stream.reset(StreamCode.CANCELLED)
                 return False
-            session.proxyme = (client, stream)
+            session.proxyme[target] = (client, stream)
             initial = client.initial_data()
         try:
             stream.sendall(initial)
-            granted = self._read_proxyme(session, client, stream)
+            granted = self._read_proxyme(session, target, client, stream)
         except BROKEN_OR_REFUSED as exc:
             stream.reset(StreamCode.CANCELLED)
             granted = client.granted
             with self._lock:
                 if session.closed is None and not session.stopping:
-                    self._proxyme_failed(session, f"the proxyme stream failed: {exc}")
+                    self._proxyme_failed(session, target, f"the proxyme stream failed: {exc}")
         with self._lock:
-            session.proxyme = None
+            session.proxyme.pop(target, None)
             self._changed.notify_all()
         with shield():
             stream.close()  # after a denial or a release: the exchange is over
         return granted
 
-    def _read_proxyme(self, session: _Session, client: ProxymeClient, stream: TunnelStream) -> bool:
+    def _read_proxyme(
+        self,
+        session: _Session,
+        target: ProxyTcpTarget,
+        client: ProxymeClient,
+        stream: TunnelStream,
+    ) -> bool:
         """Feed the ``proxyme`` stream to ``client`` until denied or released.
 
         Returns whether a port was granted on the way."""
@@ -500,11 +560,11 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
                     events = client.receive_data(data) if data else client.receive_eof()
                 except ProtocolError as exc:
                     stream.reset(StreamCode.PROTOCOL_VIOLATION)
-                    self._proxyme_failed(session, f"bad proxyme answer: {exc.reason}")
+                    self._proxyme_failed(session, target, f"bad proxyme answer: {exc.reason}")
                     return was_granted
                 if not data and not events:
                     return was_granted
-                was_granted, over = self._follow_proxyme(session, events, was_granted)
+                was_granted, over = self._follow_proxyme(session, target, events, was_granted)
                 if over:
                     return was_granted
 

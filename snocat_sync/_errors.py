@@ -69,3 +69,8 @@ class FeedOverflowError(SnocatError):
             "subscribe again (or read faster)"
         )
         self.limit = limit
+
+
+class PortRefusedError(SnocatError):
+    """The aggregator could not give a target the public port it needs (none free,
+    or the one asked for is taken or outside its range), and the client gave up."""

@@ -31,6 +31,7 @@ from snocat_proto._service import notices
 from snocat_proto._service.aggregator import (
     PORT_TAKEN_ERRNOS,
     Aggregator,
+    PortRefusal,
     TunnelSession,
     TunnelStatus,
     server_endpoint,
@@ -48,6 +49,7 @@ from snocat_proto._wire.auth import (
 from snocat_proto._wire.codes import CloseCode, StreamCode
 from snocat_proto._wire.endpoint import ServerEndpoint
 from snocat_proto._wire.errors import LocalProtocolError, ProtocolError
+from snocat_proto._wire.features import PROXYME_OPTIONS
 from snocat_proto._wire.network import format_address
 from snocat_proto._wire.proxyme import (
     ProxymeEvent,
@@ -328,7 +330,8 @@ class ServerCore(ServerEvents[_Session, TunnelStream]):
     def _serve_proxyme(
         self, session: _Session, stream: TunnelStream, request: ProxymeRequest
     ) -> None:
-        machine = ProxymeServer(limits=self.config.limits)
+        options = PROXYME_OPTIONS in session.tunnel.features
+        machine = ProxymeServer(limits=self.config.limits, options=options)
         pending: list[ProxymeEvent] = []
         lease: _Lease | None = None
         try:
@@ -336,12 +339,13 @@ class ServerCore(ServerEvents[_Session, TunnelStream]):
             if not isinstance(event, SubjectReceived):
                 stream.reset(StreamCode.PROTOCOL_VIOLATION)
                 return
-            lease, reason = self._lease_port(session, request)
-            if lease is None:
-                stream.sendall(machine.deny())
-                self._report(notices.port_denied, session, reason)
+            leased = self._lease_port(session, request, event.port)
+            if isinstance(leased, PortRefusal):
+                stream.sendall(machine.deny(leased.reason, retry=leased.retry))
+                self._report(notices.port_denied, session, request, leased.reason)
                 stream.close()
                 return
+            lease = leased
             stream.sendall(machine.grant(lease.addresses))
             self._port_granted(session, lease)
             event = _next_proxyme_event(stream, machine, pending)
@@ -363,15 +367,17 @@ class ServerCore(ServerEvents[_Session, TunnelStream]):
                 with shield():
                     self._stop_lease(session, lease)
 
-    def _lease_port(self, session: _Session, request: ProxymeRequest) -> tuple[_Lease | None, str]:
-        """Allocate a port and bind its listener; ``(None, reason)`` if there is none."""
+    def _lease_port(
+        self, session: _Session, request: ProxymeRequest, wanted: int | None
+    ) -> _Lease | PortRefusal:
+        """Allocate a port (``wanted``, if the client asked for one) and bind it."""
         refused: set[int] = set()
         bind_host = self.config.tcp_bind or None
         while True:
             with self._lock:
-                port = self._books.allocate_port(session, current_time(), refused)
-                if port is None:
-                    return None, self._books.no_port_reason(refused)
+                port = self._books.allocate_port(session, request, current_time(), refused, wanted)
+            if isinstance(port, PortRefusal):
+                return port
             try:
                 listener = Listener.open(bind_host, port)
             except OSError as exc:
@@ -382,18 +388,18 @@ class ServerCore(ServerEvents[_Session, TunnelStream]):
                     refused.add(port)
                     continue
                 logger.warning("cannot listen on %s port %d: %s", bind_host or "*", port, exc)
-                return None, f"cannot listen on port {port}: {exc.strerror or exc}"
+                return PortRefusal(f"cannot listen on port {port}: {exc.strerror or exc}", True)
             except BaseException:
                 with self._lock:
                     self._books.port_unavailable(port)
                 raise
-            return _Lease(listener, request), ""
+            return _Lease(listener, request)
 
     def _port_granted(self, session: _Session, lease: _Lease) -> None:
         """The grant is on its way: book the port and start accepting on it."""
         with self._lock:
             session.leases[lease.port] = lease
-            self._books.port_granted(session, lease.port)
+            self._books.port_granted(session, lease.port, lease.request)
             accepting = self._books.accepting and not session.closed
         self._report(notices.port_granted, session, lease.port, lease.addresses, lease.request)
         if accepting:

@@ -33,6 +33,7 @@ from snocat_anyio._dial import connect_target
 from snocat_anyio._errors import (
     AuthenticationError,
     ConnectError,
+    PortRefusedError,
     StreamRefusedError,
     TunnelClosedError,
 )
@@ -617,6 +618,89 @@ async def test_a_denied_port_keeps_the_tunnel_and_is_asked_for_again(
                 assert public_port(beta) == port
                 await exchange(port, 5000, 5000)
                 await beta.aclose()
+
+
+async def test_every_target_gets_its_own_port_and_each_keeps_it(server_identity: Any) -> None:
+    """Two --target flags: two public ports, each forwarding to its own target; after a
+    reconnect each target gets its own port back (sticky per name and target)."""
+    async with (
+        aggregator(server_identity) as server,
+        tcp_target() as web,
+        tcp_target() as ssh,
+    ):
+        config = client_config(server, server_identity, (web, ssh))
+        async with running_client(config) as client:
+            with anyio.fail_after(STEP):
+                await client.wait_granted()
+            ports = {target: _port_of(client.grants[target]) for target in (web, ssh)}
+            assert len(set(ports.values())) == 2
+            assert server.ports_in_use == set(ports.values())
+            for seed, port in enumerate(ports.values()):
+                await exchange(port, 300_000, 200_000, seed=seed)
+        assert not server.ports_in_use
+        async with running_client(replace(config, targets=(ssh, web))) as again:
+            with anyio.fail_after(STEP):
+                await again.wait_granted()
+            assert {t: _port_of(again.grants[t]) for t in (web, ssh)} == ports
+
+
+async def test_a_public_port_asked_for_is_the_one_granted(server_identity: Any) -> None:
+    ports = free_port_range(4)
+    wanted = ports.start + 3
+    async with aggregator(server_identity, port_range=ports) as server, tcp_target() as target:
+        config = client_config(server, server_identity, (target,), public_ports={target: wanted})
+        async with running_client(config) as client:
+            assert public_port(client) == wanted
+            await exchange(wanted, 100_000, 100_000)
+
+
+async def test_a_port_outside_the_range_is_refused_at_once_even_with_reconnect(
+    server_identity: Any,
+) -> None:
+    ports = free_port_range(2)
+    async with aggregator(server_identity, port_range=ports) as server, tcp_target() as target:
+        config = client_config(
+            server, server_identity, (target,), public_ports={target: ports.end + 1}
+        )
+        with (
+            anyio.fail_after(STEP),
+            pytest.raises(PortRefusedError, match=rf"outside this aggregator's range {ports}"),
+        ):
+            await TunnelClient(config).run()
+        assert not server.tunnels()  # the client said goodbye
+
+
+async def test_without_reconnect_a_full_range_ends_the_client(server_identity: Any) -> None:
+    async with (
+        aggregator(server_identity, port_range=free_port_range(1)) as server,
+        tcp_target() as target,
+        running_client(client_config(server, server_identity, (target,))),
+    ):
+        config = client_config(
+            server, server_identity, (target,), credentials=BETA, reconnect=False
+        )
+        with anyio.fail_after(STEP), pytest.raises(PortRefusedError, match="no free port"):
+            await TunnelClient(config).run()
+
+
+async def test_a_port_cannot_be_asked_of_an_aggregator_without_options(
+    server_identity: Any,
+) -> None:
+    """A SimpleAck aggregator (as snocat 0.8 is) cannot be asked for a port: the client
+    says so instead of taking another one."""
+    async with (
+        aggregator(server_identity, auth="simple-ack") as server,
+        tcp_target() as target,
+    ):
+        config = client_config(
+            server,
+            server_identity,
+            (target,),
+            credentials=ClientCredentials.simple_ack(),
+            public_ports={target: 8085},
+        )
+        with anyio.fail_after(STEP), pytest.raises(PortRefusedError, match="proxyme-options"):
+            await TunnelClient(config).run()
 
 
 # The rest of the API ----------------------------------------------------------------

@@ -49,6 +49,7 @@ from snocat_proto._wire.events import (
     StreamRequested,
     TunnelEvent,
 )
+from snocat_proto._wire.features import FEATURES, PROXYME_OPTIONS
 from snocat_proto._wire.limits import Limits
 from snocat_proto._wire.network import format_address
 from snocat_proto._wire.proxyme import (
@@ -222,9 +223,12 @@ class Peer:
     async def open_stream(self, address: RouteAddress) -> TunnelStream:
         return await self.host.open_stream(self.tunnel, address)
 
-    async def request_port(self, request: ProxymeRequest = TARGET) -> PortHandle:
+    async def request_port(
+        self, request: ProxymeRequest = TARGET, *, public_port: int | None = None
+    ) -> PortHandle:
         stream = await self.open_stream(request.to_address())
-        machine = ProxymeClient(limits=LIMITS)
+        options = PROXYME_OPTIONS in self.tunnel.features
+        machine = ProxymeClient(limits=LIMITS, options=options, public_port=public_port)
         await stream.send(machine.initial_data())
         events = await read_proxyme(stream, machine)
         assert len(events) == 1
@@ -281,6 +285,7 @@ async def connect(
     *,
     handler: Handler | None = echo,
     wait: bool = True,
+    features: frozenset[str] = FEATURES,
 ) -> AsyncIterator[Peer]:
     """A peer connected to ``server`` (authenticated, or closed, once this yields)."""
     if credentials is None:
@@ -290,7 +295,7 @@ async def connect(
     tunnel = TunnelConnection.connect(
         configuration,
         address=server.quic_address,
-        authenticator=connect_authenticator(credentials, limits=LIMITS),
+        authenticator=connect_authenticator(credentials, limits=LIMITS, features=features),
         limits=LIMITS,
         now=anyio.current_time(),
     )
@@ -703,17 +708,43 @@ async def test_a_reconnecting_name_gets_its_port_back(server_identity: Any) -> N
                 assert (await gamma_peer.request_port()).port == start
 
 
-async def test_exhausted_range_answers_null(server_identity: Any) -> None:
+@pytest.mark.parametrize("features", [frozenset(), FEATURES], ids=["0.8-peer", "options"])
+async def test_exhausted_range_answers_null(server_identity: Any, features: frozenset[str]) -> None:
+    """A full range: the 0.8 denial (JSON null) to a peer that agreed on no additions,
+    a reason to one that agreed on proxyme-options."""
     async with running(server_identity, port_range=free_port_range(1)) as server:
         feed = server.activity.subscribe()
-        async with connect(server, server_identity) as peer:
+        async with connect(server, server_identity, features=features) as peer:
             granted = await peer.request_port()
             assert isinstance(granted.event, Granted)
             denied = await peer.request_port()
             assert isinstance(denied.event, Denied)
+            if features:
+                assert "no free port" in denied.event.reason and denied.event.retry
+            else:
+                assert denied.event == Denied()
             [activity_denied] = [a for a in drain(feed) if isinstance(a, activity.PortDenied)]
             assert activity_denied.name == "alpha"
+            assert activity_denied.target == "127.0.0.1:5000"
             assert server.ports_in_use == {granted.port}
+
+
+async def test_a_port_asked_for_is_granted_or_refused_with_a_reason(server_identity: Any) -> None:
+    ports = free_port_range(3)
+    async with (
+        running(server_identity, port_range=ports) as server,
+        connect(server, server_identity) as peer,
+    ):
+        wanted = ports.start + 2
+        granted = await peer.request_port(public_port=wanted)
+        assert isinstance(granted.event, Granted) and granted.port == wanted
+        taken = await peer.request_port(ProxymeRequest("127.0.0.1", 5001), public_port=wanted)
+        assert taken.event == Denied(f"port {wanted} is in use by another tunnel", True)
+        outside = await peer.request_port(public_port=ports.end + 1)
+        assert outside.event == Denied(
+            f"port {ports.end + 1} is outside this aggregator's range {ports}", False
+        )
+        assert server.ports_in_use == {wanted}
 
 
 async def test_bad_proxyme_request_is_refused(server_identity: Any) -> None:

@@ -40,6 +40,7 @@ from snocat_proto._wire.auth import (
     validate_tunnel_name,
 )
 from snocat_proto._wire.errors import LocalProtocolError
+from snocat_proto._wire.features import FEATURES
 from snocat_proto._wire.limits import Limits
 
 LIMITS = Limits()
@@ -194,9 +195,19 @@ def pump(
 
 
 def token_pair(
-    name: str = NAME, secret: bytes = SECRET, limits: Limits = LIMITS
+    name: str = NAME,
+    secret: bytes = SECRET,
+    limits: Limits = LIMITS,
+    *,
+    features: frozenset[str] = frozenset(),
+    listener_features: frozenset[str] | None = None,
 ) -> tuple[TokenListener, TokenConnector]:
-    return TokenListener(NONCE, limits=limits), TokenConnector(name, secret, limits=limits)
+    """A listener and a connector; by default offering no wire additions, so their
+    bytes are the base exchange (docs/protocol.md 3.1)."""
+    listener = TokenListener(
+        NONCE, limits=limits, features=features if listener_features is None else listener_features
+    )
+    return listener, TokenConnector(name, secret, limits=limits, features=features)
 
 
 # --------------------------------------------------------------------------- SimpleAck bytes
@@ -356,6 +367,68 @@ def test_token_wire_bytes_are_exact() -> None:
     connector.receive_data(OK_RESULT)
     assert drain(connector) == [Authenticated(name=NAME)]
     assert listener.is_finished and connector.is_finished
+
+
+def test_wire_additions_are_agreed_in_the_token_exchange() -> None:
+    """The connector lists what it speaks, the listener answers with what both do
+    (docs/protocol.md 3.12); both report the same set."""
+    listener, connector = token_pair(features=FEATURES)
+    connector.receive_data(listener.data_to_send())
+    response = connector.data_to_send()
+    mac = expected_mac(SECRET, NONCE, NAME)
+    body = b'{"name":"edge-01","mac":"' + mac.encode() + b'","features":["proxyme-options"]}'
+    assert response == len(body).to_bytes(4, "big") + body
+    listener.receive_data(response)
+    drain(listener)
+    listener.supply_credential(SECRET)
+    result = b'{"ok":true,"features":["proxyme-options"]}'
+    assert listener.data_to_send() == len(result).to_bytes(4, "big") + result
+    assert drain(listener) == [Authenticated(name=NAME, features=FEATURES)]
+    connector.receive_data(len(result).to_bytes(4, "big") + result)
+    assert drain(connector) == [Authenticated(name=NAME, features=FEATURES)]
+
+
+@pytest.mark.parametrize(
+    ("offered", "supported", "agreed"),
+    [
+        (frozenset({"proxyme-options", "x-later"}), FEATURES, FEATURES),  # only common ones
+        (FEATURES, frozenset(), frozenset()),  # an older aggregator: the base bytes
+        (frozenset(), FEATURES, frozenset()),  # an older client: nothing is offered
+    ],
+)
+def test_only_what_both_sides_speak_is_agreed(
+    offered: frozenset[str], supported: frozenset[str], agreed: frozenset[str]
+) -> None:
+    outcome = pump(*token_pair(features=offered, listener_features=supported))
+    assert outcome.listener_events[-1] == Authenticated(name=NAME, features=agreed)
+    assert outcome.connector_events == [Authenticated(name=NAME, features=agreed)]
+    if not agreed:
+        assert outcome.listener_sent == TOKEN_HELLO + OK_RESULT
+
+
+def test_an_aggregator_cannot_turn_on_what_the_client_did_not_offer() -> None:
+    _, connector = token_pair(features=frozenset())
+    connector.receive_data(TOKEN_HELLO)
+    connector.data_to_send()
+    result = b'{"ok":true,"features":["proxyme-options"]}'
+    connector.receive_data(len(result).to_bytes(4, "big") + result)
+    assert drain(connector) == [Authenticated(name=NAME, features=frozenset())]
+
+
+@pytest.mark.parametrize(
+    "member",
+    ['"proxyme-options"', "[1]", '["' + "x" * 65 + '"]', "[" + ",".join(['"a"'] * 33) + "]"],
+)
+def test_a_malformed_features_member_counts_as_none(member: str) -> None:
+    listener, _ = token_pair(listener_features=FEATURES)
+    listener.data_to_send()
+    mac = expected_mac(SECRET, NONCE, NAME)
+    body = ('{"name":"edge-01","mac":"' + mac + '","features":' + member + "}").encode()
+    listener.receive_data(len(body).to_bytes(4, "big") + body)
+    drain(listener)
+    listener.supply_credential(SECRET)
+    assert listener.data_to_send() == OK_RESULT
+    assert drain(listener) == [Authenticated(name=NAME, features=frozenset())]
 
 
 def test_token_pair_authenticates() -> None:
@@ -806,7 +879,8 @@ def test_factories_build_the_right_authenticators() -> None:
     assert isinstance(simple_c, SimpleAckConnector)
     assert isinstance(token_c, TokenConnector)
     outcome = pump(TokenListener(NONCE, limits=LIMITS), token_c)
-    assert outcome.connector_events == [Authenticated(name=NAME)]
+    # Both sides offer every addition this implementation speaks, by default.
+    assert outcome.connector_events == [Authenticated(name=NAME, features=FEATURES)]
 
 
 @pytest.mark.parametrize(

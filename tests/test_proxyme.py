@@ -562,3 +562,74 @@ def test_server_arbitrary_bytes_with_grant(data: bytes, cuts: list[int]) -> None
     # checked here (run() lets nothing but RemoteProtocolError through).
     for chunks in chunkings(data, cuts):
         run(ProxymeServer, chunks, True)
+
+
+# proxyme-options (negotiated; docs/protocol.md 3.13) ----------------------------------
+
+
+def test_options_ask_for_a_port_and_say_why_a_denial_came() -> None:
+    client = ProxymeClient(limits=LIMITS, options=True, public_port=8085)
+    server = ProxymeServer(limits=LIMITS, options=True)
+    initial = client.initial_data()
+    assert initial == encode_frame(b'{"port":8085}')
+    for chunks in chunkings(initial, [1, 5]):
+        again = ProxymeServer(limits=LIMITS, options=True)
+        assert feed(again, chunks) == [SubjectReceived("", 8085)]
+    assert server.receive_data(initial) == [SubjectReceived("", 8085)]
+    denial = server.deny("port 8085 is in use by another tunnel", retry=False)
+    body = b'{"denied":"port 8085 is in use by another tunnel","retry":false}'
+    assert denial == encode_frame(body)
+    assert client.receive_data(denial) == [Denied("port 8085 is in use by another tunnel", False)]
+
+
+def test_options_without_a_port_keep_the_base_bytes() -> None:
+    client = ProxymeClient(limits=LIMITS, options=True)
+    server = ProxymeServer(limits=LIMITS, options=True)
+    assert client.initial_data() == encode_frame(b'""')
+    assert server.receive_data(encode_frame(b'""')) == [SubjectReceived("")]
+    assert server.deny() == encode_frame(b"null")  # no reason: the 0.8 denial
+
+
+def test_without_options_a_port_request_is_never_sent_nor_taken() -> None:
+    with pytest.raises(LocalProtocolError, match="proxyme-options"):
+        ProxymeClient(limits=LIMITS, public_port=8085)
+    server = ProxymeServer(limits=LIMITS)
+    with pytest.raises(RemoteProtocolError, match="JSON string"):
+        server.receive_data(encode_frame(b'{"port":8085}'))
+    quiet = ProxymeServer(limits=LIMITS)
+    quiet.receive_data(encode_frame(b'""'))
+    assert quiet.deny("a reason a 0.8 client could not read") == encode_frame(b"null")
+    client = ProxymeClient(limits=LIMITS)
+    client.initial_data()
+    with pytest.raises(RemoteProtocolError):
+        client.receive_data(encode_frame(b'{"denied":"x","retry":true}'))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b'{"port":0}', b'{"port":65536}', b'{"port":"80"}', b'{"port":true}', b'{"port":1.5}'],
+)
+def test_a_bad_port_request_is_a_protocol_error(payload: bytes) -> None:
+    with pytest.raises(RemoteProtocolError, match="port number"):
+        ProxymeServer(limits=LIMITS, options=True).receive_data(encode_frame(payload))
+
+
+@pytest.mark.parametrize(
+    "payload", [b'{"denied":1}', b'{"retry":false}', b'{"denied":"x","retry":"no"}']
+)
+def test_a_bad_denial_object_is_a_protocol_error(payload: bytes) -> None:
+    client = ProxymeClient(limits=LIMITS, options=True)
+    client.initial_data()
+    with pytest.raises(RemoteProtocolError, match="denial"):
+        client.receive_data(encode_frame(payload))
+
+
+def test_a_denial_reason_is_printable_and_bounded() -> None:
+    server = ProxymeServer(limits=LIMITS, options=True)
+    server.receive_data(encode_frame(b'""'))
+    frame = server.deny("bad\x1b[31m" + "x" * 500)
+    client = ProxymeClient(limits=LIMITS, options=True)
+    client.initial_data()
+    (denied,) = client.receive_data(frame)
+    assert isinstance(denied, Denied)
+    assert denied.reason.startswith("bad?[31m") and len(denied.reason) == LIMITS.max_reason_length

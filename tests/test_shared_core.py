@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from snocat_proto._service.aggregator import (
     Aggregator,
+    PortRefusal,
     RouteKind,
     TunnelSession,
     endpoint_capacity,
@@ -43,6 +44,7 @@ from snocat_proto._wire.events import (
     StreamWritable,
 )
 from snocat_proto._wire.network import port_of
+from snocat_proto._wire.proxyme import ProxymeRequest
 from snocat_proto._wire.targets import ProxyTcpTarget
 from snocat_proto._wire.tunnel import TunnelConnection
 
@@ -374,28 +376,53 @@ class TestAggregator:
         session = agg.session(fake_tunnel(), 0)
         agg.decide_credential(session, lookup_failed=False)
         agg.on_authenticated(session, name="a", scheme="token", wall_time=0)
-        assert agg.allocate_port(session, 0, {8080}) == 8081  # 8080: the OS refused it
-        agg.port_granted(session, 8081)
+        web, ssh = ProxymeRequest("127.0.0.1", 80), ProxymeRequest("127.0.0.1", 22)
+        assert agg.allocate_port(session, web, 0, {8080}) == 8081  # 8080: the OS refused it
+        agg.port_granted(session, 8081, web)
         assert agg.registry.by_port(8081) is not None
         assert agg.statuses()[0].ports == (8081,)
         assert agg.port_released(session, 8081, 1.0)
         assert not agg.ports_in_use
         assert agg.registry.by_port(8081) is None
-        # The same name gets its port back (sticky), unless it is taken or too late.
-        assert agg.allocate_port(session, 2.0, set()) == 8081
+        # The same name gets its port back for the same target (sticky), unless it is
+        # taken or too late; another target of the name gets another port.
+        assert agg.allocate_port(session, ssh, 2.0, set()) == 8080
+        agg.port_unavailable(8080)
+        assert agg.allocate_port(session, web, 2.0, set()) == 8081
         agg.port_unavailable(8081)
-        assert agg.allocate_port(session, 20.0, set()) == 8080
-        assert agg.allocate_port(session, 20.0, set()) == 8081
-        assert agg.allocate_port(session, 20.0, set()) == 8082
-        assert agg.allocate_port(session, 20.0, set()) is None
-        assert agg.no_port_reason(set()) == "no free port in 8080:8082"
-        assert "1 refused by the OS" in agg.no_port_reason({1})
+        assert agg.allocate_port(session, web, 20.0, set()) == 8080
+        assert agg.allocate_port(session, web, 20.0, set()) == 8081
+        assert agg.allocate_port(session, web, 20.0, set()) == 8082
+        assert agg.allocate_port(session, web, 20.0, set()) == PortRefusal(
+            "no free port in 8080:8082", retry=True
+        )
+        refusal = agg.allocate_port(session, web, 20.0, {1})
+        assert isinstance(refusal, PortRefusal) and "1 refused by the OS" in refusal.reason
         # A port released that was never granted (denied before the grant went out).
         assert not agg.port_released(session, 8082, 21.0)
         assert agg.finish("stopped") == frozenset({8080, 8081})
         assert not agg.ports_in_use and not len(agg.registry)
-        assert agg.allocate_port(session, 22.0, set()) is None
-        assert agg.no_port_reason(set()) == "the aggregator is shutting down"
+        assert agg.allocate_port(session, web, 22.0, set()) == PortRefusal(
+            "the aggregator is shutting down", retry=True
+        )
+
+    def test_a_port_asked_for_is_granted_only_if_in_range_and_free(self) -> None:
+        agg = books()
+        session = agg.session(fake_tunnel(), 0)
+        agg.decide_credential(session, lookup_failed=False)
+        agg.on_authenticated(session, name="a", scheme="token", wall_time=0)
+        web = ProxymeRequest("127.0.0.1", 80)
+        assert agg.allocate_port(session, web, 0, set(), wanted=8082) == 8082
+        assert agg.allocate_port(session, web, 0, set(), wanted=8082) == PortRefusal(
+            "port 8082 is in use by another tunnel", retry=True
+        )
+        assert agg.allocate_port(session, web, 0, set(), wanted=9000) == PortRefusal(
+            "port 9000 is outside this aggregator's range 8080:8082", retry=False
+        )
+        assert agg.allocate_port(session, web, 0, {8081}, wanted=8081) == PortRefusal(
+            "port 8081 cannot be bound on the aggregator", retry=True
+        )
+        assert agg.allocate_port(session, web, 0, set()) == 8080  # the rest as before
 
     def test_status_counts_the_bytes_of_tracked_streams(self) -> None:
         agg = books()

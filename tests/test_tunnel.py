@@ -61,6 +61,7 @@ from snocat_proto._wire.events import (
     StreamWritable,
     TunnelEvent,
 )
+from snocat_proto._wire.features import FEATURES
 from snocat_proto._wire.framing import encode_frame
 from snocat_proto._wire.limits import Limits
 from snocat_proto._wire.negotiation import HEADER
@@ -153,6 +154,7 @@ def test_simple_ack_names_the_server_tunnel_by_client_address() -> None:
     (client_auth,) = sim.client_app.of_type(AuthenticationCompleted)
     assert server_auth == AuthenticationCompleted(name=CLIENT_NAME, scheme="simple-ack")
     assert client_auth == AuthenticationCompleted(name="", scheme="simple-ack")
+    assert sim.client.features == sim.server_tunnel.features == frozenset()  # 0.8: none
     assert sim.server_tunnel.name == CLIENT_NAME
     assert sim.client.name == ""
     assert sim.client.state is sim.server_tunnel.state is TunnelState.AUTHENTICATED
@@ -165,9 +167,10 @@ def test_token_authentication_succeeds_with_the_right_secret() -> None:
     sim.server_app.credentials = {"alpha": SECRET}
     sim.run_until(lambda: both_authenticated(sim), timeout=10)
     assert sim.server_app.of_type(CredentialRequired) == [CredentialRequired(name="alpha")]
-    expected = AuthenticationCompleted(name="alpha", scheme="token")
+    expected = AuthenticationCompleted(name="alpha", scheme="token", features=FEATURES)
     assert sim.server_app.of_type(AuthenticationCompleted) == [expected]
     assert sim.client_app.of_type(AuthenticationCompleted) == [expected]
+    assert sim.client.features == sim.server_tunnel.features == FEATURES
     assert "s3cret" not in repr(sim.server_app.events) + repr(sim.client_app.events)
     # And the tunnel carries streams.
     stream_id = open_stream(sim, sim.client)

@@ -78,6 +78,8 @@ class PortDenied(Activity):
     tunnel_id: str
     name: str
     reason: str
+    #: What the public port was asked for (``HOST:PORT``).
+    target: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -46,6 +46,7 @@ __all__ = [
     "SHUTTING_DOWN",
     "Aggregator",
     "CloseVerdict",
+    "PortRefusal",
     "RouteDecision",
     "RouteKind",
     "TunnelSession",
@@ -133,8 +134,8 @@ class TunnelSession:
         self.admitted = False
         self.registered = False
         self.closed = False
-        #: Public ports granted to this tunnel.
-        self.ports: set[int] = set()
+        #: Public ports granted to this tunnel, and the request each serves.
+        self.ports: dict[int, ProxymeRequest] = {}
         self.streams: set[StreamHandle] = set()
         self.done_bytes_in = 0
         self.done_bytes_out = 0
@@ -162,6 +163,22 @@ S = TypeVar("S", bound=TunnelSession)
 H = TypeVar("H")
 #: Builds a binding's session: ``(tunnel, tunnel_id, peer, connected_at)``.
 SessionFactory = Callable[[TunnelConnection, str, str, float], S]
+
+
+@dataclass(frozen=True, slots=True)
+class PortRefusal:
+    """Why a port request is denied (told to the client with ``proxyme-options``), and
+    whether asking again can help (a port in use may be free later; one outside the
+    range never is)."""
+
+    reason: str
+    retry: bool
+
+
+def _sticky_key(session: TunnelSession, request: ProxymeRequest) -> str:
+    """Sticky ports are remembered per tunnel name and target: a client with several
+    targets gets each one's port back."""
+    return f"{session.label} {request.target()}"
 
 
 class RouteKind(Enum):
@@ -376,33 +393,49 @@ class Aggregator(Generic[S]):
     def ports_in_use(self) -> frozenset[int]:
         return self._allocator.allocated
 
-    def allocate_port(self, session: S, now: float, exclude: set[int]) -> int | None:
-        """A port to bind for ``session`` (its old one if free), or None if none is left.
+    def allocate_port(
+        self,
+        session: S,
+        request: ProxymeRequest,
+        now: float,
+        exclude: set[int],
+        wanted: int | None = None,
+    ) -> int | PortRefusal:
+        """A port to bind for ``request`` of ``session``, or why there is none.
 
-        Pass the ports the operating system refused as ``exclude``; give every port
-        that could not be bound back with :meth:`port_unavailable`."""
+        ``wanted``: the port the client asked for (``proxyme-options``), granted only
+        if it is in range and free.  Otherwise the port this name had for this target
+        before, if it is free (sticky ports), else the lowest free one.  Pass the ports
+        the operating system refused as ``exclude``; give every port that could not be
+        bound back with :meth:`port_unavailable`."""
         if not self.accepting:
-            return None
-        preferred = self._sticky.recall(session.label, now)
+            return PortRefusal(SHUTTING_DOWN, retry=True)
+        port_range = self.config.port_range
+        if wanted is not None:
+            if wanted not in port_range:
+                return PortRefusal(
+                    f"port {wanted} is outside this aggregator's range {port_range}", retry=False
+                )
+            if wanted in exclude:
+                return PortRefusal(f"port {wanted} cannot be bound on the aggregator", retry=True)
+            if self._allocator.is_allocated(wanted):
+                return PortRefusal(f"port {wanted} is in use by another tunnel", retry=True)
+            self._allocator.claim(wanted)
+            return wanted
+        preferred = self._sticky.recall(_sticky_key(session, request), now)
         try:
             return self._allocator.allocate(preferred=preferred, exclude=exclude)
         except PortsExhausted:
-            return None
-
-    def no_port_reason(self, exclude: set[int]) -> str:
-        """Why :meth:`allocate_port` returned None."""
-        if not self.accepting:
-            return SHUTTING_DOWN
-        detail = f" ({len(exclude)} refused by the OS)" if exclude else ""
-        return f"no free port in {self.config.port_range}{detail}"
+            detail = f" ({len(exclude)} refused by the OS)" if exclude else ""
+            return PortRefusal(f"no free port in {port_range}{detail}", retry=True)
 
     def port_unavailable(self, port: int) -> None:
         """The port could not be bound: it goes back to the allocator."""
         self._allocator.release(port)
 
-    def port_granted(self, session: S, port: int) -> None:
+    def port_granted(self, session: S, port: int, request: ProxymeRequest) -> None:
         """The port's listener is bound and the grant is on its way to the client."""
-        session.ports.add(port)
+        session.ports[port] = request
         self._update_record_ports(session)
 
     def port_released(self, session: S, port: int, now: float) -> bool:
@@ -411,11 +444,11 @@ class Aggregator(Generic[S]):
         False if it was never granted (denied before the grant went out)."""
         if self._allocator.is_allocated(port):
             self._allocator.release(port)
-        if port not in session.ports:
+        request = session.ports.pop(port, None)
+        if request is None:
             return False
-        session.ports.discard(port)
         self._sticky.handle_timer(now)
-        self._sticky.remember(session.label, port, now)
+        self._sticky.remember(_sticky_key(session, request), port, now)
         self._update_record_ports(session)
         return True
 

@@ -36,6 +36,7 @@ __all__ = [
     "local_socket_failure",
     "lost_tunnel",
     "no_answer",
+    "port_refused",
     "unreachable",
     "unresolvable",
 ]
@@ -71,6 +72,8 @@ def connect_tunnel(config: ClientConfig, address: NetworkAddress, now: float) ->
 class ErrorKind(Enum):
     """Which error a binding raises for an :class:`AttemptEnd`."""
 
+    #: The aggregator cannot give a target the public port it needs.
+    PORT = auto()
     #: The credential was refused, or the schemes differ.
     AUTHENTICATION = auto()
     #: The aggregator was not reached or not trusted.
@@ -138,6 +141,12 @@ def no_answer(server_label: str, detail: str) -> AttemptEnd:
         reason=reason,
         no_answer=True,
     )
+
+
+def port_refused(target: object, reason: str) -> AttemptEnd:
+    """The aggregator denied ``target`` its public port and waiting cannot help (the
+    port asked for is outside its range, or the client does not retry)."""
+    return _fatal(ErrorKind.PORT, f"no public port for {target}: {reason}")
 
 
 def unreachable(server_label: str, detail: str) -> AttemptEnd:

@@ -24,6 +24,7 @@ from .._wire.events import (
     TunnelEvent,
 )
 from .._wire.proxyme import Denied, Granted, ProxymeEvent, Released
+from .._wire.targets import ProxyTcpTarget
 from .._wire.tunnel import TunnelConnection
 from .attempts import enforce_pin
 from .config import ClientConfig
@@ -64,9 +65,14 @@ class ClientEvents(ABC, Generic[A, T]):
     """Base of a binding's client: handles the pump's events (see the module docstring)."""
 
     config: ClientConfig
-    #: The public address(es) the aggregator listens on for us; None while not granted.
-    granted: tuple[str, ...] | None
+    #: The public address(es) the aggregator listens on for each target, while granted.
+    grants: dict[ProxyTcpTarget, tuple[str, ...]]
     _session: A | None
+
+    @property
+    def granted(self) -> tuple[str, ...] | None:
+        """The public address(es) of the first target; None while it has no port."""
+        return self.grants.get(self.config.targets[0])
 
     # What the binding does ------------------------------------------------------
 
@@ -89,12 +95,16 @@ class ClientEvents(ABC, Generic[A, T]):
         """Wake whoever waits for the attempt's state to change."""
 
     @abstractmethod
-    def _set_granted(self, addresses: tuple[str, ...] | None) -> None:
-        """Record (and announce to waiters) the granted addresses, or None."""
+    def _set_granted(self, target: ProxyTcpTarget, addresses: tuple[str, ...] | None) -> None:
+        """Record (and announce to waiters) the addresses granted for ``target``, or None."""
 
     @abstractmethod
-    def _answered(self, session: A) -> None:
-        """The aggregator answered the first port request of ``session``."""
+    def _answered(self, session: A, target: ProxyTcpTarget) -> None:
+        """The aggregator answered the first port request of ``target`` on ``session``."""
+
+    @abstractmethod
+    def _refused(self, session: A, target: ProxyTcpTarget, reason: str) -> None:
+        """``target`` cannot get its public port and waiting cannot help: end the client."""
 
     @abstractmethod
     def _failed(self, message: str, *args: object) -> None:
@@ -135,8 +145,9 @@ class ClientEvents(ABC, Generic[A, T]):
             self._report(tunnel_authenticated, session, event, log=False)
         elif isinstance(event, ConnectionTerminated):
             session.closed = event
-            if self.granted is not None and session is self._session:
-                self._port_gone(session)
+            if session is self._session:
+                for target in list(self.grants):
+                    self._port_gone(session, target)
             self._report(tunnel_closed, session, event, log=False)
         else:
             return
@@ -145,40 +156,47 @@ class ClientEvents(ABC, Generic[A, T]):
     # The proxyme answers ----------------------------------------------------------
 
     def _follow_proxyme(
-        self, session: A, events: Iterable[ProxymeEvent], was_granted: bool
+        self,
+        session: A,
+        target: ProxyTcpTarget,
+        events: Iterable[ProxymeEvent],
+        was_granted: bool,
     ) -> tuple[bool, bool]:
-        """Act on the aggregator's ``proxyme`` answers: ``(was_granted, over)``, whether
-        a port was granted on the way and whether the exchange is over."""
+        """Act on the aggregator's ``proxyme`` answers for ``target``: ``(was_granted,
+        over)``, whether a port was granted on the way and whether the exchange is over."""
         for event in events:
             if isinstance(event, Granted):
                 was_granted = True
-                self._port_granted(session, event.addresses)
+                self._port_granted(session, target, event.addresses)
             elif isinstance(event, Denied):
-                self._port_denied(session, NO_FREE_PORT)
+                reason = event.reason or NO_FREE_PORT
+                if not event.retry or not self.config.reconnect:
+                    self._refused(session, target, reason)
+                self._port_denied(session, target, reason)
                 return False, True
             elif isinstance(event, Released):
-                self._port_gone(session)
+                self._port_gone(session, target)
                 self._state_changed(session)
                 return was_granted, True
         return was_granted, False
 
-    def _proxyme_failed(self, session: A, reason: str) -> None:
+    def _proxyme_failed(self, session: A, target: ProxyTcpTarget, reason: str) -> None:
         """The ``proxyme`` exchange broke: no port, and the one we had is gone."""
-        self._port_denied(session, reason)
-        self._port_gone(session)
+        self._port_denied(session, target, reason)
+        self._port_gone(session, target)
 
-    def _port_granted(self, session: A, addresses: tuple[str, ...]) -> None:
-        self._set_granted(addresses)
-        self._answered(session)
-        self._report(client_port_granted, session, addresses, self.config.targets[0])
+    def _port_granted(self, session: A, target: ProxyTcpTarget, addresses: tuple[str, ...]) -> None:
+        self._set_granted(target, addresses)
+        self._answered(session, target)
+        self._report(client_port_granted, session, addresses, target)
 
-    def _port_gone(self, session: A) -> None:
-        granted = self.granted
+    def _port_gone(self, session: A, target: ProxyTcpTarget) -> None:
+        granted = self.grants.get(target)
         if granted is None:
             return
-        self._set_granted(None)
+        self._set_granted(target, None)
         self._report(client_port_released, session, granted)
 
-    def _port_denied(self, session: A, reason: str) -> None:
-        self._report(client_port_denied, session, reason)
-        self._answered(session)
+    def _port_denied(self, session: A, target: ProxyTcpTarget, reason: str) -> None:
+        self._report(client_port_denied, session, reason, target)
+        self._answered(session, target)

@@ -107,15 +107,20 @@ class ClientConfig:
     server_port: int
     #: The TLS name the aggregator's certificate must carry (``--san``).
     server_name: str
-    #: The only targets forwarded to (the allow-list); ``targets[0]`` is requested via proxyme.
+    #: The only targets forwarded to (the allow-list); each gets a public port through
+    #: ``proxyme`` (with ``request_port``).
     targets: tuple[ProxyTcpTarget, ...]
     credentials: ClientCredentials
     #: Trusted CA / certificate PEM; None means the system's roots.
     authority_pem: bytes | None = None
     #: A SHA-256 pin of the aggregator's certificate; chain verification is then skipped.
     fingerprint: str | None = None
-    #: Ask the aggregator for a public port for ``targets[0]``.
+    #: Ask the aggregator for a public port for every target.
     request_port: bool = True
+    #: The public port to ask for, by target (the others get the lowest free, or the
+    #: one they had).  Needs an aggregator that offers ``proxyme-options``; a port it
+    #: cannot give is a refusal (:class:`PortRefusedError`), never another port.
+    public_ports: Mapping[ProxyTcpTarget, int] = field(default_factory=dict)
     reconnect: bool = True
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
@@ -137,6 +142,16 @@ class ClientConfig:
     def __post_init__(self) -> None:
         if not self.targets:
             raise ValueError("a client needs at least one target")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError("each target may be given once")
+        for target, port in self.public_ports.items():
+            if target not in self.targets:
+                raise ValueError(f"public_ports names {target}, which is not a target")
+            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                raise ValueError(f"the public port for {target} must be in 1..65535, not {port!r}")
+        ports = list(self.public_ports.values())
+        if len(set(ports)) != len(ports):
+            raise ValueError("two targets ask for the same public port")
         if not 0 < self.server_port <= 65535:
             raise ValueError(f"server port must be in 1..65535, not {self.server_port}")
         for name in ("connect_timeout", "target_connect_timeout", "close_timeout", "idle_timeout"):

@@ -186,11 +186,17 @@ def port_granted(
     )
 
 
-def port_denied(at: float, session: TunnelSession, reason: str) -> Notice:
+def port_denied(at: float, session: TunnelSession, request: ProxymeRequest, reason: str) -> Notice:
     return Notice(
-        activity.PortDenied(at=at, tunnel_id=session.tunnel_id, name=session.label, reason=reason),
-        "tunnel %s (%s): port denied: %s",
-        (session.tunnel_id, session.label, reason),
+        activity.PortDenied(
+            at=at,
+            tunnel_id=session.tunnel_id,
+            name=session.label,
+            reason=reason,
+            target=str(request.target()),
+        ),
+        "tunnel %s (%s): port for %s denied: %s",
+        (session.tunnel_id, session.label, request.target(), reason),
     )
 
 
@@ -342,13 +348,17 @@ def client_port_released(at: float, session: Tunnel, addresses: tuple[str, ...])
     )
 
 
-def client_port_denied(at: float, session: Tunnel, reason: str) -> Notice:
+def client_port_denied(at: float, session: Tunnel, reason: str, target: object) -> Notice:
     return Notice(
         activity.PortDenied(
-            at=at, tunnel_id=session.tunnel_id, name=session.name or "", reason=reason
+            at=at,
+            tunnel_id=session.tunnel_id,
+            name=session.name or "",
+            reason=reason,
+            target=str(target),
         ),
-        "no public port: %s",
-        (reason,),
+        "no public port for %s: %s",
+        (target, reason),
         Severity.WARNING,
     )
 

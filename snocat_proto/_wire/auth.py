@@ -37,6 +37,7 @@ from enum import Enum, auto
 from typing import ClassVar, Final
 
 from .errors import FrameTooLarge, LocalProtocolError
+from .features import FEATURES, parse_features
 from .framing import FrameDecoder, encode_frame
 from .limits import DEFAULT_MAX_REASON_LENGTH, DEFAULT_MAX_TUNNEL_NAME_LENGTH, Limits
 
@@ -137,9 +138,11 @@ class SecretRequired(AuthEvent):
 class Authenticated(AuthEvent):
     """Terminal: the peer is who it claims. ``name`` is the token's tunnel name; under
     SimpleAck it is the ``peer_name`` given to the listener, and ``""`` on the Connect
-    side (SimpleAck tells the client nothing about itself)."""
+    side (SimpleAck tells the client nothing about itself).  ``features``: the wire
+    additions both sides agreed on (:mod:`~snocat_proto._wire.features`)."""
 
     name: str
+    features: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -218,9 +221,14 @@ def _decode_json_object(payload: bytes) -> dict[str, object] | None:
     return value if isinstance(value, dict) else None
 
 
-def _result_payload(reason: str | None, limits: Limits) -> bytes:
-    """``{"ok":true}``, or ``{"ok":false,"reason":...}`` cut to fit ``limit`` bytes."""
+def _result_payload(
+    reason: str | None, limits: Limits, features: frozenset[str] = frozenset()
+) -> bytes:
+    """``{"ok":true}`` (with the agreed ``features``, if any), or
+    ``{"ok":false,"reason":...}`` cut to fit ``limit`` bytes."""
     if reason is None:
+        if features:
+            return _encode_json({"ok": True, "features": sorted(features)})
         return _encode_json({"ok": True})
     reason = _sanitize(reason, limits.max_reason_length)
     payload = _encode_json({"ok": False, "reason": reason})
@@ -305,8 +313,8 @@ class Authenticator(ABC):
             self._received += decoder.take_remainder()
         return payload
 
-    def _succeed(self, name: str) -> None:
-        self._finish(Authenticated(name=name))
+    def _succeed(self, name: str, features: frozenset[str] = frozenset()) -> None:
+        self._finish(Authenticated(name=name, features=features))
 
     def _fail(self, reason: str) -> None:
         self._finish(Rejected(reason=reason))
@@ -460,12 +468,16 @@ class TokenListener(Authenticator):
 
     scheme: ClassVar[str] = SCHEME_TOKEN
 
-    def __init__(self, nonce: bytes, *, limits: Limits) -> None:
+    def __init__(
+        self, nonce: bytes, *, limits: Limits, features: frozenset[str] = FEATURES
+    ) -> None:
         super().__init__()
         if not isinstance(nonce, bytes) or len(nonce) != NONCE_SIZE:
             raise LocalProtocolError(f"the token nonce must be {NONCE_SIZE} bytes")
         self._nonce = nonce
         self._limits = limits
+        self._features = features
+        self._offered: frozenset[str] = frozenset()
         self._frames = FrameDecoder(limits.max_auth_message_size)
         self._state = _TokenListenerState.AWAITING_RESPONSE
         self._claimed_name: str | None = None
@@ -494,8 +506,9 @@ class TokenListener(Authenticator):
         matches = hmac.compare_digest(expected, self._claimed_mac)
         self._state = _TokenListenerState.DONE
         if matches and secret is not None:
-            self._outgoing += encode_frame(_result_payload(None, self._limits))
-            self._succeed(name)
+            agreed = self._offered & self._features
+            self._outgoing += encode_frame(_result_payload(None, self._limits, agreed))
+            self._succeed(name, agreed)
         else:
             self._refuse(
                 _PEER_VISIBLE_CREDENTIAL_FAILURE,
@@ -577,7 +590,7 @@ class TokenListener(Authenticator):
                 "client, or a broken one",
             )
             return
-        self._claimed_name, self._claimed_mac = parsed
+        self._claimed_name, self._claimed_mac, self._offered = parsed
         self._credential_requested = True
         self._state = _TokenListenerState.AWAITING_CREDENTIAL
         self._events.append(SecretRequired(name=self._claimed_name))
@@ -595,8 +608,10 @@ class TokenListener(Authenticator):
         # AWAITING_CREDENTIAL: the client has said everything; the result can still go out.
 
 
-def _parse_token_response(payload: bytes, limits: Limits) -> tuple[str, bytes] | str:
-    """``(name, mac)`` from a response payload, or what is wrong with it."""
+def _parse_token_response(
+    payload: bytes, limits: Limits
+) -> tuple[str, bytes, frozenset[str]] | str:
+    """``(name, mac, offered features)`` from a response payload, or what is wrong."""
     message = _decode_json_object(payload)
     if message is None:
         return "is not a UTF-8 JSON object"
@@ -610,7 +625,7 @@ def _parse_token_response(payload: bytes, limits: Limits) -> tuple[str, bytes] |
         validate_tunnel_name(name, limits.max_tunnel_name_length)
     except LocalProtocolError as error:
         return f"claims an invalid tunnel name: {error.reason}"
-    return name, bytes.fromhex(mac)
+    return name, bytes.fromhex(mac), parse_features(message.get("features"))
 
 
 class _TokenConnectorState(Enum):
@@ -627,12 +642,20 @@ class TokenConnector(Authenticator):
 
     scheme: ClassVar[str] = SCHEME_TOKEN
 
-    def __init__(self, name: str, secret: bytes, *, limits: Limits) -> None:
+    def __init__(
+        self,
+        name: str,
+        secret: bytes,
+        *,
+        limits: Limits,
+        features: frozenset[str] = FEATURES,
+    ) -> None:
         super().__init__()
         validate_tunnel_name(name, limits.max_tunnel_name_length)
         if not isinstance(secret, bytes) or not secret:
             raise LocalProtocolError("a token secret must be non-empty bytes")
-        sample = _encode_json({"name": name, "mac": "0" * _MAC_HEX_LENGTH})
+        self._features = features
+        sample = self._response("0" * _MAC_HEX_LENGTH, name)
         if len(sample) > limits.max_auth_message_size:
             raise LocalProtocolError(
                 f"the token response for this name takes {len(sample)} bytes, more than "
@@ -643,6 +666,12 @@ class TokenConnector(Authenticator):
         self._limits = limits
         self._frames = FrameDecoder(limits.max_auth_message_size)
         self._state = _TokenConnectorState.AWAITING_HELLO
+
+    def _response(self, mac: str, name: str) -> bytes:
+        message: dict[str, object] = {"name": name, "mac": mac}
+        if self._features:
+            message["features"] = sorted(self._features)
+        return _encode_json(message)
 
     def _finish(self, event: AuthEvent) -> None:
         self._secret = b""  # whatever the outcome, the secret is needed no longer
@@ -673,7 +702,7 @@ class TokenConnector(Authenticator):
             nonce = hello[len(_TOKEN_HELLO_HEADER) :]
             mac = token_mac(self._secret, nonce, self._name).hex()
             self._secret = b""  # one hello per exchange: the secret is needed no longer
-            self._outgoing += encode_frame(_encode_json({"name": self._name, "mac": mac}))
+            self._outgoing += encode_frame(self._response(mac, self._name))
             self._state = _TokenConnectorState.AWAITING_RESULT
         elif hello_text == _TOKEN_WIRE_NAME_BYTES:
             self._state = _TokenConnectorState.DONE
@@ -698,7 +727,9 @@ class TokenConnector(Authenticator):
         result = _decode_json_object(payload)
         ok = None if result is None else result.get("ok")
         if ok is True:
-            self._succeed(self._name)
+            assert result is not None
+            # Only what we offered: an aggregator cannot turn on what we do not speak.
+            self._succeed(self._name, parse_features(result.get("features")) & self._features)
         elif ok is False:
             assert result is not None
             reason = result.get("reason")
@@ -770,7 +801,12 @@ def _unknown_scheme(scheme: object) -> str:
 
 
 def listen_authenticator(
-    scheme: str, *, peer_name: str, nonce: bytes, limits: Limits
+    scheme: str,
+    *,
+    peer_name: str,
+    nonce: bytes,
+    limits: Limits,
+    features: frozenset[str] = FEATURES,
 ) -> Authenticator:
     """The Listen side's authenticator for ``scheme``; its hello is ready to send.
 
@@ -779,15 +815,19 @@ def listen_authenticator(
     if scheme == SCHEME_SIMPLE_ACK:
         return SimpleAckListener(peer_name)
     if scheme == SCHEME_TOKEN:
-        return TokenListener(nonce, limits=limits)
+        return TokenListener(nonce, limits=limits, features=features)
     raise LocalProtocolError(_unknown_scheme(scheme))
 
 
-def connect_authenticator(credentials: ClientCredentials, *, limits: Limits) -> Authenticator:
+def connect_authenticator(
+    credentials: ClientCredentials, *, limits: Limits, features: frozenset[str] = FEATURES
+) -> Authenticator:
     """The Connect side's authenticator for ``credentials``."""
     if credentials.scheme == SCHEME_TOKEN:
         assert credentials.name is not None and credentials.secret is not None
-        return TokenConnector(credentials.name, credentials.secret, limits=limits)
+        return TokenConnector(
+            credentials.name, credentials.secret, limits=limits, features=features
+        )
     if credentials.scheme == SCHEME_SIMPLE_ACK:
         return SimpleAckConnector()
     raise LocalProtocolError(_unknown_scheme(credentials.scheme))

@@ -38,10 +38,12 @@ class AuthenticationCompleted(TunnelEvent):
 
     ``name`` is the authenticated identity: the token's tunnel name, or under the
     SimpleAck compat scheme the peer's socket address (on the Listen side) or ``""``
-    (on the Connect side, which SimpleAck tells nothing)."""
+    (on the Connect side, which SimpleAck tells nothing).  ``features`` are the wire
+    additions both sides agreed on (always none with SimpleAck, so with snocat 0.8)."""
 
     name: str
     scheme: str
+    features: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -14,6 +14,12 @@ Wire (snocat 0.8), after NYAN negotiation of ``/proxyme/0.0.1/<host>/<port>``
 3. release: the client sends 8 bytes (any 8 bytes count) or ends its send side;
    the server stops listening, frees the port and answers with 8 zero bytes.
 
+**Addition (not in snocat 0.8), negotiated** (``proxyme-options``, see
+:mod:`~snocat_proto._wire.features`): the subject may be a JSON object asking for a
+public port, ``{"port": 8085}``, and a denial may be an object saying why and whether
+asking again can help, ``{"denied": "port 8085 is in use", "retry": true}``.  Neither
+is ever sent to a peer that did not agree to it.
+
 Choices the reference leaves open, decided here:
 
 * Client: 8 bytes from the server after a grant mean the port is gone, whether or
@@ -163,7 +169,11 @@ class Granted(ProxymeEvent):
 
 @dataclass(frozen=True, slots=True)
 class Denied(ProxymeEvent):
-    """Client: the server refused to give us a port (JSON ``null``)."""
+    """Client: the server refused to give us a port (JSON ``null``; with
+    ``proxyme-options`` it may say why, and whether asking again can help)."""
+
+    reason: str = ""
+    retry: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,9 +183,11 @@ class Released(ProxymeEvent):
 
 @dataclass(frozen=True, slots=True)
 class SubjectReceived(ProxymeEvent):
-    """Server: the client's subject arrived; now call ``grant()`` or ``deny()``."""
+    """Server: the client's subject arrived; now call ``grant()`` or ``deny()``.
+    ``port``: the public port it asks for (``proxyme-options`` only), else None."""
 
     subject: str
+    port: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +220,18 @@ def _is_clean_text(value: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _check_port(port: object, what: str) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise LocalProtocolError(f"{what} must be a port number in 1..65535, not {port!r}")
+
+
+def _clean_reason(reason: str, limit: int) -> str:
+    """A denial's reason is shown to the client's operator: printable, at most
+    ``Limits.max_reason_length`` characters."""
+    cleaned = "".join(c if c.isprintable() else "?" for c in reason)
+    return cleaned[:limit]
 
 
 def _dump_json(value: object, what: str) -> bytes:
@@ -259,12 +283,38 @@ class ProxymeClient:
     :meth:`release` when done and wait for :class:`Released`.
     """
 
-    __slots__ = ("_ack_received", "_eof", "_frames", "_initial_sent", "_state", "_subject")
+    __slots__ = (
+        "_ack_received",
+        "_eof",
+        "_frames",
+        "_initial_sent",
+        "_max_reason",
+        "_options",
+        "_state",
+        "_subject",
+    )
 
-    def __init__(self, subject: str = "", *, limits: Limits) -> None:
+    def __init__(
+        self,
+        subject: str = "",
+        *,
+        limits: Limits,
+        options: bool = False,
+        public_port: int | None = None,
+    ) -> None:
+        """``options``: the tunnel agreed on ``proxyme-options``; only then may
+        ``public_port`` ask for a given public port."""
         if not isinstance(subject, str):
             raise LocalProtocolError(f"subject must be str, not {type(subject).__name__}")
-        payload = _dump_json(subject, "the proxyme subject")
+        if public_port is not None:
+            if not options:
+                raise LocalProtocolError("asking for a public port needs proxyme-options")
+            _check_port(public_port, "the public port asked for")
+            payload = _dump_json({"port": public_port}, "the proxyme subject")
+        else:
+            payload = _dump_json(subject, "the proxyme subject")
+        self._options = options
+        self._max_reason = limits.max_reason_length
         if len(payload) > limits.max_proxyme_subject_size:
             raise LocalProtocolError(
                 f"the proxyme subject is {len(payload)} bytes as JSON; "
@@ -358,6 +408,14 @@ class ProxymeClient:
         if value is None:
             self._advance(_ClientInput.PEER_DENY)
             return Denied()
+        if self._options and isinstance(value, dict):
+            reason, retry = value.get("denied"), value.get("retry", True)
+            if not isinstance(reason, str) or not _is_clean_text(reason):
+                raise RemoteProtocolError('a proxyme denial object needs a "denied" string')
+            if not isinstance(retry, bool):
+                raise RemoteProtocolError('a proxyme denial\'s "retry" must be true or false')
+            self._advance(_ClientInput.PEER_DENY)
+            return Denied(_clean_reason(reason, self._max_reason), retry)
         if not isinstance(value, list) or not all(
             isinstance(item, str) and _is_clean_text(item) for item in value
         ):
@@ -426,9 +484,21 @@ class ProxymeServer:
     :meth:`release_ack`.
     """
 
-    __slots__ = ("_eof", "_frames", "_max_response", "_release_received", "_state")
+    __slots__ = (
+        "_eof",
+        "_frames",
+        "_max_reason",
+        "_max_response",
+        "_options",
+        "_release_received",
+        "_state",
+    )
 
-    def __init__(self, *, limits: Limits) -> None:
+    def __init__(self, *, limits: Limits, options: bool = False) -> None:
+        """``options``: the tunnel agreed on ``proxyme-options`` (port requests in the
+        subject, reasons in a denial)."""
+        self._options = options
+        self._max_reason = limits.max_reason_length
         self._frames = FrameDecoder(limits.max_proxyme_subject_size)
         self._max_response = limits.max_frame_size
         self._release_received = 0
@@ -456,10 +526,14 @@ class ProxymeServer:
         self._decide(_ServerInput.GRANT)
         return encode_frame(payload)
 
-    def deny(self) -> bytes:
-        """The refusal frame (JSON ``null``)."""
+    def deny(self, reason: str = "", *, retry: bool = True) -> bytes:
+        """The refusal frame: JSON ``null``, or with ``proxyme-options`` an object with
+        ``reason`` and whether asking again can help."""
         self._decide(_ServerInput.DENY)
-        return encode_frame(b"null")
+        if not (self._options and reason):
+            return encode_frame(b"null")
+        shown = _clean_reason(reason, self._max_reason)
+        return encode_frame(_dump_json({"denied": shown, "retry": retry}, "the denial"))
 
     def release_ack(self) -> bytes:
         """The 8 zero bytes that say the port is freed (after a request, or to withdraw)."""
@@ -536,6 +610,15 @@ class ProxymeServer:
 
     def _subject(self, payload: bytes) -> SubjectReceived:
         value = _load_json(payload, "the proxyme subject")
+        if self._options and isinstance(value, dict):
+            port = value.get("port")
+            if port is not None:
+                try:
+                    _check_port(port, "the public port asked for")
+                except LocalProtocolError as exc:
+                    raise RemoteProtocolError(exc.reason) from None
+            self._advance(_ServerInput.PEER_SUBJECT)
+            return SubjectReceived("", port if isinstance(port, int) else None)
         if not isinstance(value, str) or not _is_clean_text(value):
             raise RemoteProtocolError("the proxyme subject must be a JSON string")
         self._advance(_ServerInput.PEER_SUBJECT)

@@ -157,6 +157,8 @@ class TunnelConnection:
         self._now = now
         self._state = TunnelState.HANDSHAKING
         self._name: str | None = None
+        #: The wire additions both sides agreed on (set once authenticated).
+        self._features: frozenset[str] = frozenset()
         self._auth_deadline: float | None = now + limits.auth_timeout
         self._auth_received = 0
         #: The auth channel's offset up to which credit was returned.
@@ -241,6 +243,12 @@ class TunnelConnection:
     def is_terminated(self) -> bool:
         """The engine has finished closing: no more datagrams, timers or events follow."""
         return self._quic.is_terminated and not self._events
+
+    @property
+    def features(self) -> frozenset[str]:
+        """The wire additions both sides agreed on (none before authentication, and
+        none with a snocat 0.8 peer)."""
+        return self._features
 
     @property
     def host_connection_id(self) -> bytes:
@@ -659,11 +667,11 @@ class TunnelConnection:
             if isinstance(event, SecretRequired):
                 self._emit(events.CredentialRequired(name=event.name))
             elif isinstance(event, Authenticated):
-                self._on_authenticated(event.name)
+                self._on_authenticated(event.name, event.features)
             elif isinstance(event, Rejected):
                 self.close(self._rejection_code, event.reason)
 
-    def _on_authenticated(self, name: str) -> None:
+    def _on_authenticated(self, name: str, features: frozenset[str]) -> None:
         if self._state is not TunnelState.AUTHENTICATING:
             return
         self._state = TunnelState.AUTHENTICATED
@@ -683,7 +691,12 @@ class TunnelConnection:
             connection_window=self._limits.tunnel_receive_window,
             max_streams=self._limits.max_streams_per_tunnel,
         )
-        self._emit(events.AuthenticationCompleted(name=name, scheme=self._authenticator.scheme))
+        self._features = features
+        self._emit(
+            events.AuthenticationCompleted(
+                name=name, scheme=self._authenticator.scheme, features=features
+            )
+        )
         for stream in list(self._streams.values()):
             if stream.state is StreamState.HELD:
                 self._release_held(stream)
