@@ -2,6 +2,14 @@
 
 Pure computation over PEM bytes; reading and writing files is the adapters' job,
 so every binding and the CLI share this one module.
+
+What :func:`generate_self_signed` makes, and why (docs/security.md, "Certificates"):
+a self-signed **end-entity** certificate, the kind rcgen makes for snocat 0.8, which a
+client takes as its own trust anchor (``--authority``) or pins (``--fingerprint``).
+Strict verifiers hold the server's certificate to the rules for an end entity, even
+when it is also the anchor: webpki (snocat-cli 0.8, over rustls) refuses one that
+says ``cA=TRUE`` with ``CaUsedAsEndEntity``, and so does
+``cryptography.x509.verification``.
 """
 
 from __future__ import annotations
@@ -14,53 +22,112 @@ from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .engine import QuicConfiguration
 from .errors import LocalProtocolError
 
-#: How long a generated certificate is valid.
+#: How long a generated certificate is valid: 825 days, the longest Apple's
+#: platforms accept for a TLS server certificate.
 DEFAULT_VALIDITY = datetime.timedelta(days=825)
+
+#: A new certificate is valid from this long before ``now``, for peers whose clocks
+#: are a little behind.
+CLOCK_SKEW = datetime.timedelta(minutes=5)
+
+#: The private keys aioquic can sign a TLS 1.3 handshake with.
+IdentityKey = (
+    ec.EllipticCurvePrivateKey
+    | rsa.RSAPrivateKey
+    | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey
+)
 
 
 def generate_self_signed(
     names: Sequence[str], *, now: datetime.datetime, validity: datetime.timedelta = DEFAULT_VALIDITY
 ) -> tuple[bytes, bytes]:
-    """A fresh ECDSA P-256 key and a self-signed certificate for ``names``.
+    """A fresh ECDSA P-256 key and a self-signed end-entity certificate for ``names``.
 
-    Returns ``(certificate_pem, private_key_pem)``.  Names that parse as IP
-    addresses become IP SANs, the rest DNS SANs; the first is the common name.
+    Returns ``(certificate_pem, private_key_pem)``, the key in PKCS#8.  Names that
+    parse as IP addresses become IP SANs, the rest DNS SANs; the first is also the
+    common name.
     """
     if not names:
         raise LocalProtocolError("a certificate needs at least one name (--san)")
+    sans = [_general_name(name) for name in names]
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0][:64])])
-    sans: list[x509.GeneralName] = []
-    for name in names:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            sans.append(x509.DNSName(name))
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + validity)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    certificate_pem = certificate.public_bytes(serialization.Encoding.PEM)
+    certificate = _end_entity(key, subject, sans, now=now, validity=validity)
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    return certificate_pem, key_pem
+    return certificate.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def _end_entity(
+    key: IdentityKey,
+    subject: x509.Name,
+    sans: Sequence[x509.GeneralName],
+    *,
+    now: datetime.datetime,
+    validity: datetime.timedelta,
+) -> x509.Certificate:
+    # Each extension is what a strict verifier of a server's certificate asks for
+    # (webpki, and cryptography.x509.verification's CA/B Forum profile), none more.
+    public_key = key.public_key()
+    usage = x509.KeyUsage(
+        digital_signature=True,  # the TLS 1.3 CertificateVerify; never keyCertSign
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + validity)
+        # Clients match the server name against the SANs only (webpki never reads CN).
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(usage, critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        # cryptography's profile requires it in an end entity, self-signed or not.
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(public_key), critical=False
+        )
+    )
+    signing_hash = (
+        None
+        if isinstance(key, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey)
+        else hashes.SHA256()
+    )
+    return builder.sign(key, signing_hash)
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    if not name or not name.isascii():
+        raise LocalProtocolError(
+            f"{name!r} is neither an IP address nor an ASCII DNS name "
+            "(write an international name in its xn-- form)"
+        )
+    return x509.DNSName(name)
 
 
 def fingerprint(certificate: x509.Certificate) -> str:
