@@ -58,6 +58,7 @@ from snocat_proto._wire.certificates import (
     fingerprint,
     generate_self_signed,
     load_certificate_chain,
+    load_identity,
     parse_fingerprint,
 )
 from snocat_proto._wire.errors import LocalProtocolError
@@ -676,6 +677,15 @@ def server(
             )
     certificate_pem = _read_file(cert_path, "certificate file")
     key_pem = _read_file(key_path, "private key file")
+    try:
+        chain, _ = load_identity(
+            certificate_pem,
+            key_pem,
+            certificate_source=f"certificate file {cert_path}",
+            key_source=f"private key file {key_path}",
+        )
+    except LocalProtocolError as exc:
+        raise UsageProblem(exc.reason) from None
     tokens: dict[str, bytes] = {}
     if token_auth:
         if tokens_path is None:
@@ -713,7 +723,7 @@ def server(
         )
     except (ValueError, LocalProtocolError) as exc:
         raise UsageProblem(getattr(exc, "reason", str(exc))) from None
-    digest = fingerprint(load_certificate_chain(certificate_pem)[0])
+    digest = fingerprint(chain[0])
 
     async def main() -> None:
         server = TunnelServer(config)
@@ -868,9 +878,9 @@ def client(
     if authority is not None:
         authority_pem = _read_file(authority, "authority file")
         try:
-            load_certificate_chain(authority_pem)
+            load_certificate_chain(authority_pem, source=f"--authority {authority}")
         except LocalProtocolError as exc:
-            raise UsageProblem(f"--authority {authority}: {exc.reason}") from None
+            raise UsageProblem(exc.reason) from None
     if auth == SCHEME_TOKEN:
         token = load_client_token(token_file)
         if token is None:

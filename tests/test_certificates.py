@@ -5,7 +5,8 @@ snocat-cli 0.8 (rustls over webpki) refused our old certificate, a self-signed C
 must be an end entity, even when the client takes that same certificate as its trust
 anchor.  ``cryptography.x509.verification`` applies the same rule (and the CA/B
 Forum profile besides), so it stands in for webpki here; ``old_style_certificate``
-builds the old shape to show that these tests fail on it.
+builds the old shape to show that these tests fail on it.  The messages a user sees
+for a name mismatch or a file that is not a PEM certificate are checked here too.
 """
 
 from __future__ import annotations
@@ -25,17 +26,26 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from snocat_anyio import ClientConfig, ConnectError, ServerConfig, TunnelClient, TunnelServer
+from snocat_proto._service.attempts import CRYPTO_ERROR_FIRST, diagnose_early_close
 from snocat_proto._service.ports import PortRange
 from snocat_proto._wire.auth import ClientCredentials
 from snocat_proto._wire.certificates import (
     DEFAULT_VALIDITY,
+    describe_verification_failure,
     generate_self_signed,
+    load_certificate_chain,
+    load_identity,
+    load_private_key,
 )
 from snocat_proto._wire.errors import LocalProtocolError
+from snocat_proto._wire.events import ConnectionTerminated
 from snocat_proto._wire.targets import ProxyTcpTarget
 
 NOW = datetime.datetime(2030, 6, 1, 12, 0, tzinfo=datetime.UTC)
 NAMES = ["localhost", "aggregator.example.org", "127.0.0.1", "::1"]
+
+#: The TLS alert aioquic closes with when it refuses a peer's certificate.
+BAD_CERTIFICATE = 42
 
 
 def subject_of(name: str) -> x509.DNSName | x509.IPAddress:
@@ -234,3 +244,107 @@ async def test_a_client_trusting_the_certificate_connects_by_ip_and_refuses_anot
             with pytest.raises(ConnectError, match="not trusted"):
                 await client(other_pem).run()
             await server.shutdown(grace=0.2)
+
+
+# Messages ---------------------------------------------------------------------------
+
+
+def _aioquic_refusal(certificate_pem: bytes, name: str) -> str:
+    """aioquic's own words for refusing ``certificate_pem`` as ``name``."""
+    certificate = x509.load_pem_x509_certificate(certificate_pem)
+    with pytest.raises(AlertBadCertificate) as refused:
+        verify_certificate(certificate, [], name, cadata=certificate_pem)
+    return str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("names", "wanted", "expected"),
+    [
+        (["localhost"], "elsewhere.example", "issued for localhost, not for 'elsewhere.example'"),
+        (
+            ["localhost", "127.0.0.1", "::1"],
+            "127.0.0.2",
+            "issued for localhost, 127.0.0.1 and ::1, not for '127.0.0.2'",
+        ),
+    ],
+)
+def test_a_name_mismatch_is_a_plain_sentence(names: list[str], wanted: str, expected: str) -> None:
+    certificate_pem, _ = generate_self_signed(names, now=datetime.datetime.now(datetime.UTC))
+    reason = _aioquic_refusal(certificate_pem, wanted)
+    assert "Pattern(" in reason  # aioquic's wording: if this fails, it changed
+    plain = describe_verification_failure(reason)
+    assert plain == f"the certificate is {expected}"
+
+    closed = ConnectionTerminated(
+        code=CRYPTO_ERROR_FIRST + BAD_CERTIFICATE, reason=reason, by_peer=False, application=False
+    )
+    end = diagnose_early_close(
+        closed,
+        handshake_done=False,
+        pin_problem=None,
+        server_label="127.0.0.1:9090",
+        server_name=wanted,
+    )
+    assert end.fatal and expected in end.message
+    assert "Pattern" not in end.message and "b'" not in end.message
+
+
+def test_other_verification_failures_keep_their_words() -> None:
+    for reason in ["self-signed certificate", "Certificate is no longer valid", ""]:
+        assert describe_verification_failure(reason) == reason
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"", "junk.pem is empty"),
+        (b"hello\n", "junk.pem holds no PEM certificate"),
+        (b"key", "junk.pem holds a private key, not a certificate"),
+        (b"der", "junk.pem is in DER form, not PEM"),
+        (b"cut", "junk.pem holds a damaged PEM certificate"),
+        (b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "damaged"),
+    ],
+    ids=["empty", "junk", "key", "der", "cut", "not-x509"],
+)
+def test_a_file_that_is_not_a_pem_certificate_is_named_in_a_plain_sentence(
+    data: bytes, expected: str
+) -> None:
+    certificate_pem, key_pem = generate_self_signed(["localhost"], now=NOW)
+    data = {
+        b"key": key_pem,
+        b"der": x509.load_pem_x509_certificate(certificate_pem).public_bytes(
+            serialization.Encoding.DER
+        ),
+        b"cut": certificate_pem[:200],
+    }.get(data, data)
+    with pytest.raises(LocalProtocolError) as refused:
+        load_certificate_chain(data, source="junk.pem")
+    assert expected in refused.value.reason
+    assert "MalformedFraming" not in refused.value.reason
+    assert "cryptography.io" not in refused.value.reason
+
+
+def test_a_file_that_is_not_a_usable_private_key_is_named_in_a_plain_sentence() -> None:
+    certificate_pem, key_pem = generate_self_signed(["localhost"], now=NOW)
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    encrypted = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"password"),
+    )
+    cases = {
+        b"hello": "key.pem holds no PEM private key",
+        certificate_pem: "key.pem holds a certificate, not a private key",
+        encrypted: "key.pem is encrypted",
+        b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n": "damaged",
+    }
+    for data, expected in cases.items():
+        with pytest.raises(LocalProtocolError) as refused:
+            load_private_key(data, source="key.pem")
+        assert expected in refused.value.reason
+        assert "MalformedFraming" not in refused.value.reason
+    _, other_key = generate_self_signed(["localhost"], now=NOW)
+    with pytest.raises(LocalProtocolError, match=r"^key\.pem does not belong to cert\.pem$"):
+        load_identity(
+            certificate_pem, other_key, certificate_source="cert.pem", key_source="key.pem"
+        )

@@ -1,7 +1,8 @@
-"""Certificates as bytes: generating, fingerprinting and installing them.
+"""Certificates as bytes: generating, fingerprinting, loading and installing them.
 
 Pure computation over PEM bytes; reading and writing files is the adapters' job,
-so every binding and the CLI share this one module.
+so every binding and the CLI share this one module.  The ``source`` a loader takes
+is how its messages name the data (the file's name, in the CLI).
 
 What :func:`generate_self_signed` makes, and why (docs/security.md, "Certificates"):
 a self-signed **end-entity** certificate, the kind rcgen makes for snocat 0.8, which a
@@ -17,6 +18,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
+import re
 import ssl
 from collections.abc import Sequence
 
@@ -43,6 +45,12 @@ IdentityKey = (
     | ed25519.Ed25519PrivateKey
     | ed448.Ed448PrivateKey
 )
+
+_PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+#: The end of a PKCS#8 (``PRIVATE KEY``), SEC1 (``EC ...``) or PKCS#1 (``RSA ...``) label.
+_PEM_PRIVATE_KEY = b"PRIVATE KEY-----"
+#: The first byte of a DER certificate (a SEQUENCE): a file that is not PEM at all.
+_DER_SEQUENCE = 0x30
 
 
 def generate_self_signed(
@@ -149,31 +157,87 @@ def parse_fingerprint(text: str) -> str:
     return ":".join(digits[i : i + 2] for i in range(0, 64, 2))
 
 
-def load_certificate_chain(pem: bytes) -> list[x509.Certificate]:
+def load_certificate_chain(
+    pem: bytes, *, source: str = "the certificate data"
+) -> list[x509.Certificate]:
+    """Every certificate in ``pem``, the server's own first; a plain sentence if none."""
+    # cryptography words every failure as "Unable to load PEM file. See <FAQ> ...
+    # MalformedFraming": say instead what the data is.
+    if _PEM_CERTIFICATE not in pem:
+        if not pem.strip():
+            raise LocalProtocolError(f"{source} is empty: expected a PEM certificate")
+        if _PEM_PRIVATE_KEY in pem:
+            raise LocalProtocolError(f"{source} holds a private key, not a certificate")
+        if pem[0] == _DER_SEQUENCE:
+            raise LocalProtocolError(
+                f"{source} is in DER form, not PEM: convert it with "
+                "'openssl x509 -inform der -in FILE -out FILE.pem'"
+            )
+        raise LocalProtocolError(
+            f"{source} holds no PEM certificate (a '-----BEGIN CERTIFICATE-----' block)"
+        )
     try:
         chain = x509.load_pem_x509_certificates(pem)
-    except ValueError as exc:
-        raise LocalProtocolError(f"not a PEM certificate: {exc}") from None
-    if not chain:
-        raise LocalProtocolError("no certificate found in the PEM data")
+    except ValueError:
+        raise LocalProtocolError(
+            f"{source} holds a damaged PEM certificate "
+            "(cut short, bad base64, or not an X.509 certificate inside)"
+        ) from None
     return chain
+
+
+def load_private_key(pem: bytes, *, source: str = "the private key") -> IdentityKey:
+    """The unencrypted PEM private key in ``pem``; a plain sentence if there is none."""
+    if _PEM_PRIVATE_KEY not in pem:
+        if _PEM_CERTIFICATE in pem:
+            raise LocalProtocolError(f"{source} holds a certificate, not a private key")
+        raise LocalProtocolError(
+            f"{source} holds no PEM private key (a '-----BEGIN PRIVATE KEY-----' block)"
+        )
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except TypeError:
+        raise LocalProtocolError(
+            f"{source} is encrypted; give an unencrypted key "
+            "('openssl pkey -in FILE -out PLAIN' decrypts it)"
+        ) from None
+    except ValueError:
+        raise LocalProtocolError(
+            f"{source} holds a damaged PEM private key "
+            "(cut short, bad base64, or a kind of key that cannot be read)"
+        ) from None
+    if not isinstance(key, IdentityKey):
+        raise LocalProtocolError(
+            f"{source} holds a {type(key).__name__.removeprefix('_')}, which cannot sign a "
+            "TLS 1.3 handshake (use an EC, RSA or Ed25519 key)"
+        )
+    return key
+
+
+def load_identity(
+    certificate_pem: bytes,
+    key_pem: bytes,
+    *,
+    certificate_source: str = "the certificate",
+    key_source: str = "the private key",
+) -> tuple[list[x509.Certificate], IdentityKey]:
+    """A server's certificate chain and its key, checked to belong together."""
+    chain = load_certificate_chain(certificate_pem, source=certificate_source)
+    key = load_private_key(key_pem, source=key_source)
+    if key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) != chain[0].public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ):
+        raise LocalProtocolError(f"{key_source} does not belong to {certificate_source}")
+    return chain, key
 
 
 def install_identity(
     configuration: QuicConfiguration, certificate_pem: bytes, key_pem: bytes
 ) -> str:
     """Give a server configuration its certificate and key; returns the fingerprint."""
-    chain = load_certificate_chain(certificate_pem)
-    try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError) as exc:
-        raise LocalProtocolError(f"not a usable PEM private key: {exc}") from None
-    if key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ) != chain[0].public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ):
-        raise LocalProtocolError("the private key does not belong to the certificate")
+    chain, key = load_identity(certificate_pem, key_pem)
     configuration.certificate = chain[0]
     configuration.certificate_chain = chain[1:]
     configuration.private_key = key
@@ -187,9 +251,34 @@ def install_trust(
 
     With a pinned fingerprint the chain is not verified (the tunnel checks the pin
     after the handshake); otherwise ``authority_pem`` or the system's roots are used.
+    aioquic gives ``authority_pem`` to OpenSSL as trust anchors: a self-signed
+    certificate found there is its own whole chain.
     """
     if pinned is not None:
         configuration.verify_mode = ssl.CERT_NONE
     elif authority_pem is not None:
-        load_certificate_chain(authority_pem)
+        load_certificate_chain(authority_pem, source="the authority certificate")
         configuration.cadata = authority_pem
+
+
+# aioquic's tls.verify_certificate words a name mismatch with the reprs of
+# service_identity's patterns: "hostname 'x' doesn't match DNSPattern(pattern=b'a')",
+# or "... doesn't match either of DNSPattern(...), IPAddressPattern(pattern=
+# IPv4Address('127.0.0.1'))".  tests/test_certificates.py fails if that wording moves.
+_NAME_MISMATCH = re.compile(r"hostname (?P<wanted>'[^']*'|\"[^\"]*\") doesn't match (?P<has>.*)")
+_PATTERN_NAME = re.compile(
+    r"DNSPattern\(pattern=b'(?P<dns>[^']*)'\)"
+    r"|IPAddressPattern\(pattern=IPv[46]Address\('(?P<ip>[^']*)'\)\)"
+)
+
+
+def describe_verification_failure(reason: str) -> str:
+    """aioquic's reason for refusing a peer's certificate, as a plain sentence."""
+    mismatch = _NAME_MISMATCH.search(reason)
+    if mismatch is None:
+        return reason
+    names = [m.group("dns") or m.group("ip") for m in _PATTERN_NAME.finditer(mismatch["has"])]
+    if not names:
+        return f"the certificate is not issued for {mismatch['wanted']}"
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return f"the certificate is issued for {listed}, not for {mismatch['wanted']}"
