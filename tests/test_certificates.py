@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import random
 import socket
+from pathlib import Path
 
 import anyio
 import pytest
@@ -26,16 +28,20 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from snocat_anyio import ClientConfig, ConnectError, ServerConfig, TunnelClient, TunnelServer
+from snocat_anyio.cli import OLD_CERTIFICATE_SUFFIX, ensure_server_state
 from snocat_proto._service.attempts import CRYPTO_ERROR_FIRST, diagnose_early_close
 from snocat_proto._service.ports import PortRange
 from snocat_proto._wire.auth import ClientCredentials
 from snocat_proto._wire.certificates import (
     DEFAULT_VALIDITY,
     describe_verification_failure,
+    fingerprint,
     generate_self_signed,
+    is_certificate_authority,
     load_certificate_chain,
     load_identity,
     load_private_key,
+    reissue_as_end_entity,
 )
 from snocat_proto._wire.errors import LocalProtocolError
 from snocat_proto._wire.events import ConnectionTerminated
@@ -139,6 +145,7 @@ def test_the_certificate_is_a_p256_end_entity_for_server_authentication() -> Non
     extensions = certificate.extensions
     constraints = extensions.get_extension_for_class(x509.BasicConstraints)
     assert constraints.value.ca is False and constraints.critical
+    assert not is_certificate_authority(certificate)
     usage = extensions.get_extension_for_class(x509.KeyUsage)
     assert usage.critical and usage.value.digital_signature
     assert not usage.value.key_cert_sign and not usage.value.crl_sign
@@ -244,6 +251,66 @@ async def test_a_client_trusting_the_certificate_connects_by_ip_and_refuses_anot
             with pytest.raises(ConnectError, match="not trusted"):
                 await client(other_pem).run()
             await server.shutdown(grace=0.2)
+
+
+# The state directory of ``snocat server`` ------------------------------------------
+
+
+def test_a_new_state_directory_gets_an_end_entity_certificate(tmp_path: Path) -> None:
+    state, created = ensure_server_state(tmp_path / "state", NAMES, token_auth=False)
+    assert created
+    certificate_pem = state.certificate.read_bytes()
+    for name in NAMES:
+        strictly_verify(certificate_pem, name)
+
+
+def test_an_old_ca_certificate_in_the_state_directory_is_reissued_with_its_key(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = tmp_path / "state"
+    directory.mkdir()
+    old_pem, key_pem = old_style_certificate(["localhost", "127.0.0.1"])
+    (directory / "server.pub.pem").write_bytes(old_pem)
+    (directory / "server.priv.pem").write_bytes(key_pem)
+    old_digest = fingerprint(x509.load_pem_x509_certificate(old_pem))
+
+    with caplog.at_level(logging.WARNING, logger="snocat"):
+        state, created = ensure_server_state(directory, ["other-host"], token_auth=False)
+    assert not created  # nothing new: the same identity, in the shape clients accept
+    new_pem = state.certificate.read_bytes()
+    new = x509.load_pem_x509_certificate(new_pem)
+    old = x509.load_pem_x509_certificate(old_pem)
+    strictly_verify(new_pem, "localhost")
+    strictly_verify(new_pem, "127.0.0.1")
+    assert state.private_key.read_bytes() == key_pem
+    assert new.subject == old.subject
+    assert new.extensions.get_extension_for_class(x509.SubjectAlternativeName).value == (
+        old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    )
+    # What webpki checks of a trust anchor (its subject and key): a snocat-cli given
+    # the old file as its authority accepts the new certificate.
+    new.verify_directly_issued_by(old)
+    assert (directory / f"server.pub.pem{OLD_CERTIFICATE_SUFFIX}").read_bytes() == old_pem
+    (record,) = [r for r in caplog.records if "re-issued" in r.getMessage()]
+    message = record.getMessage()
+    assert "CaUsedAsEndEntity" in message
+    assert old_digest in message and fingerprint(new) in message
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="snocat"):
+        ensure_server_state(directory, ["other-host"], token_auth=False)
+    assert state.certificate.read_bytes() == new_pem  # once only
+    assert not caplog.records
+
+
+def test_reissuing_keeps_nothing_but_the_key_and_names() -> None:
+    old_pem, key_pem = old_style_certificate(["localhost"])
+    new_pem = reissue_as_end_entity(old_pem, key_pem, now=NOW)
+    assert not is_certificate_authority(x509.load_pem_x509_certificate(new_pem))
+    assert is_certificate_authority(x509.load_pem_x509_certificate(old_pem))
+    _, other_key = generate_self_signed(["localhost"], now=NOW)
+    with pytest.raises(LocalProtocolError, match="does not belong"):
+        reissue_as_end_entity(old_pem, other_key, now=NOW)
 
 
 # Messages ---------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from test_certificates import old_style_certificate
 
 from snocat_anyio import cli as snocat_cli
 from snocat_proto._wire.certificates import (
@@ -783,6 +784,19 @@ def test_server_usage_errors(lab: Lab, extra: tuple[str, ...], expected: str) ->
     line = assert_one_line_error(result, 2)
     assert expected in line
     assert "cryptography.io" not in line and "MalformedFraming" not in line
+
+
+def test_server_warns_about_a_ca_certificate_it_is_given(lab: Lab) -> None:
+    """A certificate made by an older ``snocat cert``: served, but snocat-cli refuses it."""
+    certificate_pem, key_pem = old_style_certificate(["localhost"])
+    (lab.tmp_path / "certs").mkdir()
+    (lab.tmp_path / "certs" / "server.pub.pem").write_bytes(certificate_pem)
+    (lab.tmp_path / "certs" / "server.priv.pem").write_bytes(key_pem)
+    aggregator = start_server(lab)
+    aggregator.process.wait_line(
+        r"server\.pub\.pem is a CA certificate.*CaUsedAsEndEntity.*snocat cert", stream="stderr"
+    )
+    assert aggregator.process.stop() < 10
 
 
 def test_server_unreadable_key(lab: Lab) -> None:

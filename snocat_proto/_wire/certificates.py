@@ -76,6 +76,42 @@ def generate_self_signed(
     return certificate.public_bytes(serialization.Encoding.PEM), key_pem
 
 
+def reissue_as_end_entity(
+    certificate_pem: bytes,
+    key_pem: bytes,
+    *,
+    now: datetime.datetime,
+    validity: datetime.timedelta = DEFAULT_VALIDITY,
+) -> bytes:
+    """The certificate again, as a self-signed end entity: same subject, names and key.
+
+    For a certificate an older snocat made as a CA (``cA=TRUE``).  webpki takes only
+    a trust anchor's subject and key, so a snocat-cli given the old certificate as its
+    authority accepts the new one.  OpenSSL (aioquic) does not: it trusts a
+    self-signed certificate only if that very certificate is in its store; and a
+    pinned fingerprint is the hash of the certificate's bytes.  Our clients need the
+    new certificate or fingerprint.
+    """
+    chain, key = load_identity(certificate_pem, key_pem)
+    old = chain[0]
+    try:
+        sans = list(old.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        raise LocalProtocolError("the certificate names no subjectAltName to keep") from None
+    return _end_entity(key, old.subject, sans, now=now, validity=validity).public_bytes(
+        serialization.Encoding.PEM
+    )
+
+
+def is_certificate_authority(certificate: x509.Certificate) -> bool:
+    """Whether ``certificate`` says ``cA=TRUE``: strict clients refuse it as a server's."""
+    try:
+        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+    except x509.ExtensionNotFound:
+        return False
+    return constraints.value.ca
+
+
 def _end_entity(
     key: IdentityKey,
     subject: x509.Name,
