@@ -57,8 +57,11 @@ from snocat_proto._wire.auth import SCHEME_SIMPLE_ACK, SCHEME_TOKEN, ClientCrede
 from snocat_proto._wire.certificates import (
     fingerprint,
     generate_self_signed,
+    is_certificate_authority,
     load_certificate_chain,
+    load_identity,
     parse_fingerprint,
+    reissue_as_end_entity,
 )
 from snocat_proto._wire.errors import LocalProtocolError
 from snocat_proto._wire.handshake_rate import DEFAULT_HANDSHAKE_RATE, HandshakeRate
@@ -472,7 +475,10 @@ class ServerState:
 def ensure_server_state(
     directory: Path, names: list[str], *, token_auth: bool
 ) -> tuple[ServerState, bool]:
-    """Create the certificate (and a token) on first use; returns (paths, created_now)."""
+    """Create the certificate (and a token) on first use; returns (paths, created_now).
+
+    A CA certificate left by an older snocat is re-issued as an end entity
+    (:func:`_reissue_old_certificate`)."""
     state = ServerState(
         certificate=directory / "server.pub.pem",
         private_key=directory / "server.priv.pem",
@@ -488,6 +494,8 @@ def ensure_server_state(
             _write_private(state.private_key, key_pem)
             state.certificate.write_bytes(certificate_pem)
             created = True
+        else:
+            _reissue_old_certificate(state)
         if token_auth and not state.tokens.exists():
             line = {"client-1": secrets.token_urlsafe(24).encode()}
             _write_private(state.tokens, format_tokens(line).encode())
@@ -499,6 +507,41 @@ def ensure_server_state(
             f"cannot prepare the state directory {directory}: {exc.strerror or exc}"
         ) from None
     return state, created
+
+
+#: Where :func:`_reissue_old_certificate` keeps the certificate it replaced.
+OLD_CERTIFICATE_SUFFIX = ".ca-old"
+
+
+def _reissue_old_certificate(state: ServerState) -> None:
+    """Replace a state directory's CA certificate (snocat before the end-entity fix)
+    with an end-entity one, same key and names: snocat-cli 0.8 refuses the old one
+    (webpki: CaUsedAsEndEntity).  The old file stays beside it; docs/security.md."""
+    certificate_pem = state.certificate.read_bytes()
+    try:
+        chain = load_certificate_chain(certificate_pem, source=str(state.certificate))
+        if not is_certificate_authority(chain[0]):
+            return
+        new_pem = reissue_as_end_entity(certificate_pem, state.private_key.read_bytes(), now=_now())
+    except LocalProtocolError as exc:
+        # Leave it be: the server's own checks report a broken identity.
+        logger.warning("cannot re-issue the certificate in %s: %s", state.certificate, exc.reason)
+        return
+    backup = state.certificate.with_name(state.certificate.name + OLD_CERTIFICATE_SUFFIX)
+    backup.write_bytes(certificate_pem)
+    staged = state.certificate.with_name(state.certificate.name + ".new")
+    staged.write_bytes(new_pem)
+    staged.replace(state.certificate)
+    logger.warning(
+        "re-issued %s as an end-entity certificate (same key and names): it was a CA "
+        "certificate, which snocat-cli 0.8 clients refuse (CaUsedAsEndEntity); the old one "
+        "is kept as %s. Its SHA-256 fingerprint changed from %s to %s: give snocat clients "
+        "the new --fingerprint, or the new file with --authority",
+        state.certificate,
+        backup.name,
+        fingerprint(chain[0]),
+        fingerprint(load_certificate_chain(new_pem)[0]),
+    )
 
 
 def _certificate_names(host: str) -> list[str]:
@@ -676,6 +719,22 @@ def server(
             )
     certificate_pem = _read_file(cert_path, "certificate file")
     key_pem = _read_file(key_path, "private key file")
+    try:
+        chain, _ = load_identity(
+            certificate_pem,
+            key_pem,
+            certificate_source=f"certificate file {cert_path}",
+            key_source=f"private key file {key_path}",
+        )
+    except LocalProtocolError as exc:
+        raise UsageProblem(exc.reason) from None
+    if is_certificate_authority(chain[0]):
+        logger.warning(
+            "%s is a CA certificate (basicConstraints CA:TRUE): snocat-cli 0.8 clients "
+            "refuse it as the server's own (CaUsedAsEndEntity); `snocat cert` makes an "
+            "end-entity one",
+            cert_path,
+        )
     tokens: dict[str, bytes] = {}
     if token_auth:
         if tokens_path is None:
@@ -713,7 +772,7 @@ def server(
         )
     except (ValueError, LocalProtocolError) as exc:
         raise UsageProblem(getattr(exc, "reason", str(exc))) from None
-    digest = fingerprint(load_certificate_chain(certificate_pem)[0])
+    digest = fingerprint(chain[0])
 
     async def main() -> None:
         server = TunnelServer(config)
@@ -868,9 +927,9 @@ def client(
     if authority is not None:
         authority_pem = _read_file(authority, "authority file")
         try:
-            load_certificate_chain(authority_pem)
+            load_certificate_chain(authority_pem, source=f"--authority {authority}")
         except LocalProtocolError as exc:
-            raise UsageProblem(f"--authority {authority}: {exc.reason}") from None
+            raise UsageProblem(exc.reason) from None
     if auth == SCHEME_TOKEN:
         token = load_client_token(token_file)
         if token is None:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from test_certificates import old_style_certificate
 
 from snocat_anyio import cli as snocat_cli
 from snocat_proto._wire.certificates import (
@@ -770,13 +771,32 @@ def _server_args(lab: Lab, *extra: str) -> list[str]:
         (("--quic", "nowhere"), "--quic must be HOST:PORT"),
         (("--tokens", "bad.tokens"), "bad.tokens line 3"),
         (("--tokens", "missing.tokens"), "cannot read tokens file"),
+        (("--cert", "junk.pem"), "certificate file junk.pem holds no PEM certificate"),
+        (("--key", "junk.pem"), "private key file junk.pem holds no PEM private key"),
+        (("--cert", "certs/s.priv.pem"), "s.priv.pem holds a private key, not a certificate"),
     ],
     ids=lambda value: "-".join(value) if isinstance(value, tuple) else None,
 )
 def test_server_usage_errors(lab: Lab, extra: tuple[str, ...], expected: str) -> None:
     lab.tokens("bad.tokens", f"# ok\n{TOKEN}\nshort tooshort\n")
+    lab.tokens("junk.pem", "not a certificate\n")
     result = lab.run(*_server_args(lab, *extra))
-    assert expected in assert_one_line_error(result, 2)
+    line = assert_one_line_error(result, 2)
+    assert expected in line
+    assert "cryptography.io" not in line and "MalformedFraming" not in line
+
+
+def test_server_warns_about_a_ca_certificate_it_is_given(lab: Lab) -> None:
+    """A certificate made by an older ``snocat cert``: served, but snocat-cli refuses it."""
+    certificate_pem, key_pem = old_style_certificate(["localhost"])
+    (lab.tmp_path / "certs").mkdir()
+    (lab.tmp_path / "certs" / "server.pub.pem").write_bytes(certificate_pem)
+    (lab.tmp_path / "certs" / "server.priv.pem").write_bytes(key_pem)
+    aggregator = start_server(lab)
+    aggregator.process.wait_line(
+        r"server\.pub\.pem is a CA certificate.*CaUsedAsEndEntity.*snocat cert", stream="stderr"
+    )
+    assert aggregator.process.stop() < 10
 
 
 def test_server_unreadable_key(lab: Lab) -> None:
@@ -861,13 +881,17 @@ def _client_args(lab: Lab, *extra: str, aggregator: Aggregator | None = None) ->
         (("--target", "127.0.0.1:70000"), "--target '127.0.0.1:70000'"),
         (("--driver", "nowhere"), "--driver must be HOST:PORT"),
         (("--authority", "missing.pem"), "cannot read authority file"),
+        (("--authority", "junk.pem"), "--authority junk.pem holds no PEM certificate"),
         (("--auth", "magic"), "--auth"),
     ],
     ids=lambda value: "-".join(value) if isinstance(value, tuple) else None,
 )
 def test_client_usage_errors(lab: Lab, extra: tuple[str, ...], expected: str) -> None:
+    lab.tokens("junk.pem", "not a certificate\n")
     result = lab.run(*_client_args(lab, *extra))
-    assert expected in assert_one_line_error(result, 2)
+    line = assert_one_line_error(result, 2)
+    assert expected in line
+    assert "cryptography.io" not in line and "MalformedFraming" not in line
 
 
 def test_client_missing_option_is_one_line(lab: Lab) -> None:
@@ -889,6 +913,7 @@ def test_client_authentication_and_certificate_failures(lab: Lab, website: Websi
     unknown = lab.tokens("unknown.token", "gamma s3cret-s3cret-s3cret-1\n")
     cases = [
         (("--authority", str(other)), 4, "not trusted"),
+        (("--san", "elsewhere.example"), 4, "issued for localhost, not for 'elsewhere.example'"),
         (("--authority", "", "--fingerprint", "AB" * 32), 4, ":".join(["ab"] * 32)),
         (("--token-file", str(wrong)), 3, "authentication"),
         (("--token-file", str(unknown)), 3, "authentication"),

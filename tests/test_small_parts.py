@@ -114,7 +114,7 @@ class TestCertificates:
         config = quic_configuration(is_client=False, limits=Limits())
         with pytest.raises(LocalProtocolError, match="does not belong"):
             install_identity(config, cert_pem, other_key)
-        with pytest.raises(LocalProtocolError, match=r"not a PEM certificate|no certificate"):
+        with pytest.raises(LocalProtocolError, match="holds no PEM certificate"):
             install_identity(config, b"junk", other_key)
         with pytest.raises(LocalProtocolError, match="private key"):
             install_identity(config, cert_pem, b"junk")

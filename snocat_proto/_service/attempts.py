@@ -18,7 +18,12 @@ from dataclasses import dataclass
 from enum import Enum, auto
 
 from .._wire.auth import connect_authenticator
-from .._wire.certificates import fingerprint, install_trust, parse_fingerprint
+from .._wire.certificates import (
+    describe_verification_failure,
+    fingerprint,
+    install_trust,
+    parse_fingerprint,
+)
 from .._wire.codes import CloseCode
 from .._wire.engine import QuicErrorCode, quic_configuration
 from .._wire.events import ConnectionTerminated
@@ -186,7 +191,7 @@ def diagnose_early_close(
         return _fatal(ErrorKind.AUTHENTICATION, f"{who}: {reason}")
     if not closed.application and CRYPTO_ERROR_FIRST <= closed.code <= CRYPTO_ERROR_LAST:
         alert = closed.code - CRYPTO_ERROR_FIRST
-        detail = closed.reason or f"TLS alert {alert}"
+        detail = describe_verification_failure(closed.reason) or f"TLS alert {alert}"
         if closed.by_peer:
             return _fatal(
                 ErrorKind.CONNECT,

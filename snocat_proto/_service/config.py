@@ -164,7 +164,7 @@ class ClientConfig:
         if self.fingerprint is not None:
             parse_fingerprint(self.fingerprint)
         if self.authority_pem is not None:
-            load_certificate_chain(self.authority_pem)
+            load_certificate_chain(self.authority_pem, source="authority_pem")
         Backoff(self.backoff_initial, self.backoff_max)  # validates the pair
 
     @property
