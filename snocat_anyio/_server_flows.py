@@ -19,6 +19,7 @@ tunnel's name remembers it (sticky ports) for a reconnect.  The binding's public
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -30,6 +31,7 @@ from snocat_proto._service import notices
 from snocat_proto._service.aggregator import (
     PORT_TAKEN_ERRNOS,
     Aggregator,
+    PortPending,
     PortRefusal,
     TunnelSession,
     TunnelStatus,
@@ -151,6 +153,9 @@ class ServerCore(ServerEvents[_Session, TunnelStream]):
         self._group: Any = None
         self._services = 0
         self._services_changed = Condition(self._lock)
+        #: Notified whenever a port is released (and counted).
+        self._ports_changed = Condition(self._lock)
+        self._port_releases = 0
 
     # Public API ---------------------------------------------------------------
 
@@ -372,9 +377,25 @@ class ServerCore(ServerEvents[_Session, TunnelStream]):
         """Allocate a port (``wanted``, if the client asked for one) and bind it."""
         refused: set[int] = set()
         bind_host = self.config.tcp_bind or None
+        wait_until = current_time() + self.config.limits.takeover_port_wait
         while True:
             with self._lock:
-                port = self._books.allocate_port(session, request, current_time(), refused, wanted)
+                releases = self._port_releases
+                port = self._books.allocate_port(
+                    session,
+                    request,
+                    current_time(),
+                    refused,
+                    wanted,
+                    wait_for_takeover=current_time() < wait_until,
+                )
+            if isinstance(port, PortPending):
+                # The tunnel this one took over is closing its listener on our port.
+                await self._ports_changed.wait_for(
+                    functools.partial(self._ports_released_since, releases),
+                    wait_until - current_time(),
+                )
+                continue
             if isinstance(port, PortRefusal):
                 return port
             try:
@@ -412,8 +433,13 @@ class ServerCore(ServerEvents[_Session, TunnelStream]):
         with self._lock:
             session.leases.pop(lease.port, None)
             released = self._books.port_released(session, lease.port, current_time())
+            self._port_releases += 1
+            self._ports_changed.notify_all()
         if released:  # else never granted (denied before the grant went out)
             self._report(notices.port_released, session, lease.port)
+
+    def _ports_released_since(self, count: int) -> bool:
+        return self._port_releases != count
 
     def _accepted(self, session: _Session, lease: _Lease, client: socket.socket) -> None:
         """(Never blocks) A TCP connection arrived on ``lease``'s port."""

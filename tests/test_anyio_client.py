@@ -703,6 +703,34 @@ async def test_a_port_cannot_be_asked_of_an_aggregator_without_options(
             await TunnelClient(config).run()
 
 
+async def test_a_client_taken_over_stops_instead_of_taking_the_name_back(
+    server_identity: Any,
+) -> None:
+    """Two clients configured alike: the second takes the name over, the first stops
+    with the reason (reconnecting would start a tug of war)."""
+    async with aggregator(server_identity) as server, tcp_target() as target:
+        config = client_config(server, server_identity, (target,))
+        first = TunnelClient(config)
+        ended: list[BaseException] = []
+
+        async def run_first(*, task_status: Any) -> None:
+            try:
+                await first.run(task_status=task_status)
+            except Exception as exc:
+                ended.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(run_first)
+            port = public_port(first)
+            async with running_client(config) as second:
+                await wait_until(lambda: bool(ended))
+                (error,) = ended
+                assert isinstance(error, TunnelClosedError) and error.code == 0x18
+                assert "taken over" in error.reason
+                assert public_port(second) == port
+                await exchange(port, 100_000, 100_000)
+
+
 # The rest of the API ----------------------------------------------------------------
 
 

@@ -691,6 +691,41 @@ async def test_client_vanishing_frees_everything(server_identity: Any) -> None:
             assert (await other.request_port()).port == port
 
 
+async def test_a_restarted_client_takes_its_name_and_port_over_at_once(
+    server_identity: Any,
+) -> None:
+    """kill -9 of a client and a restart within the idle timeout: the old tunnel still
+    lingers (30 s here), but the newcomer under the same name takes it over: the old
+    one is closed with TAKEN_OVER and its port is the newcomer's at once (it was 8080 ->
+    8081, with two live tunnels sharing the name)."""
+    async with running(server_identity, idle_timeout=30.0) as server:
+        feed = server.activity.subscribe()
+        async with connect(server, server_identity) as old:
+            port = (await old.request_port()).port
+            old.abandon()  # gone without a word: the aggregator cannot know yet
+        with anyio.fail_after(8):
+            async with connect(server, server_identity) as new:
+                assert (await new.request_port()).port == port
+                assert [t.name for t in server.tunnels()] == ["alpha"]
+                closed = [a for a in drain(feed) if isinstance(a, activity.TunnelClosed)]
+                assert [c.code for c in closed] == [CloseCode.TAKEN_OVER]
+                assert "taken over" in closed[0].reason
+
+
+async def test_a_live_tunnel_taken_over_is_told_why(server_identity: Any) -> None:
+    async with (
+        running(server_identity) as server,
+        connect(server, server_identity) as first,
+    ):
+        port = (await first.request_port()).port
+        async with connect(server, server_identity) as second:
+            reason = await first.wait_closed()
+            assert (reason.code, reason.by_peer) == (CloseCode.TAKEN_OVER, True)
+            assert "another client authenticated as 'alpha'" in reason.reason
+            assert (await second.request_port()).port == port
+            assert len(server.registry) == 1
+
+
 async def test_a_reconnecting_name_gets_its_port_back(server_identity: Any) -> None:
     async with running(server_identity) as server:
         start = server.config.port_range.start
@@ -839,7 +874,9 @@ async def test_open_stream_reaches_the_newest_tunnel_of_a_name(server_identity: 
         async with connect(server, server_identity, handler=None) as older:
             await wait_until(lambda: len(server.registry) == 1)
             async with connect(server, server_identity) as newer:
-                await wait_until(lambda: len(server.registry) == 2)
+                # One name, one tunnel: the newer took the name over (3.15).
+                assert (await older.wait_closed()).code == CloseCode.TAKEN_OVER
+                await wait_until(lambda: len(server.registry) == 1)
                 stream = await server.open_stream("alpha", RouteAddress.of("svc"))
                 await stream.send(b"x" * 100_000)
                 await stream.send_eof()

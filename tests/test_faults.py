@@ -59,6 +59,7 @@ pytestmark = pytest.mark.anyio
 TOKENS = {
     "alpha": b"alpha-secret-0123456789abcdef",
     "beta": b"beta-secret-0123456789abcdef",
+    "gamma": b"gamma-secret-0123456789abcdef",
 }
 ALPHA = ClientCredentials.token("alpha", TOKENS["alpha"])
 #: How long one step may take before the test fails instead of hanging.
@@ -698,11 +699,9 @@ async def test_slowloris_peers_do_not_starve_an_honest_transfer(server_identity:
             RawPeer(
                 server,
                 server_identity,
-                connect_authenticator(
-                    ClientCredentials.token("beta", TOKENS["beta"]), limits=limits
-                ),
+                connect_authenticator(ClientCredentials.token(name, TOKENS[name]), limits=limits),
             )
-            for _ in range(2)
+            for name in ("beta", "gamma")  # two names: one name is one tunnel
         ]
         for peer in silent + stalling:
             peers.start_soon(peer.run)
@@ -729,7 +728,7 @@ async def test_slowloris_peers_do_not_starve_an_honest_transfer(server_identity:
             assert codes.count(StreamCode.TIMEOUT) == limits.max_pending_requests
             assert codes.count(StreamCode.LIMIT_EXCEEDED) == 100 - limits.max_pending_requests
             assert peer.closed is None  # a stream error never costs the tunnel
-        assert sorted(s.name for s in server.tunnels()) == ["alpha", "beta", "beta"]
+        assert sorted(s.name for s in server.tunnels()) == ["alpha", "beta", "gamma"]
         peers.cancel_scope.cancel()
 
 

@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum, auto
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 from .._wire.address import RouteAddress
 from .._wire.auth import SCHEME_TOKEN
@@ -42,10 +42,12 @@ from .stream_handle import StreamHandle
 __all__ = [
     "INTERNAL_ERROR",
     "NO_SERVICE",
+    "PORT_PENDING",
     "PORT_TAKEN_ERRNOS",
     "SHUTTING_DOWN",
     "Aggregator",
     "CloseVerdict",
+    "PortPending",
     "PortRefusal",
     "RouteDecision",
     "RouteKind",
@@ -66,6 +68,8 @@ CloseVerdict = tuple[CloseCode, str]
 #: How a binding closes a tunnel whose event handling failed (a bug).
 INTERNAL_ERROR: CloseVerdict = (CloseCode.INTERNAL_ERROR, "aggregator internal error")
 CREDENTIAL_LOOKUP_FAILED = "the aggregator could not check the credential; try again later"
+#: Told to a tunnel a newer one of the same name displaced.
+TAKEN_OVER_REASON = "another client authenticated as {name!r}; this tunnel was taken over"
 TOKEN_REVOKED = "the token of this tunnel name was revoked on the aggregator"
 TOKEN_CHANGED = "the token of this tunnel name was changed on the aggregator; use the new one"
 
@@ -132,6 +136,8 @@ class TunnelSession:
         self.scheme = ""
         #: Counted against ``max_tunnels`` (credential being checked, or authenticated).
         self.admitted = False
+        #: A newer tunnel of the same name displaced this one (its ports go to it).
+        self.taken_over = False
         self.registered = False
         self.closed = False
         #: Public ports granted to this tunnel, and the request each serves.
@@ -163,6 +169,15 @@ S = TypeVar("S", bound=TunnelSession)
 H = TypeVar("H")
 #: Builds a binding's session: ``(tunnel, tunnel_id, peer, connected_at)``.
 SessionFactory = Callable[[TunnelConnection, str, str, float], S]
+
+
+@dataclass(frozen=True, slots=True)
+class PortPending:
+    """(:meth:`Aggregator.allocate_port`) The port is being freed by a displaced tunnel
+    of the same name: ask again once a port is released."""
+
+
+PORT_PENDING: Final = PortPending()
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +234,8 @@ class Aggregator(Generic[S]):
         self._sticky = StickyPorts(remember_for=config.sticky_port_seconds)
         self._sessions: dict[TunnelConnection, S] = {}
         self._by_id: dict[str, S] = {}
+        #: Closed sessions that still hold ports (their listeners are closing).
+        self._closing: list[S] = []
 
     # Sessions -----------------------------------------------------------------
 
@@ -311,6 +328,24 @@ class Aggregator(Generic[S]):
         session.registered = True
         return None
 
+    def take_over(self, session: S) -> list[tuple[S, CloseVerdict]]:
+        """After ``session`` authenticated: the other live tunnels of its name, which it
+        displaces (one name, one tunnel), and how to close each.  Their ports stay
+        theirs until their listeners close; :meth:`allocate_port` makes the newcomer
+        wait for them (:data:`PORT_PENDING`) rather than take others."""
+        name = session.name
+        if name is None:
+            return []
+        displaced = [
+            other
+            for other in self._sessions.values()
+            if other is not session and other.name == name and not other.closed
+        ]
+        for other in displaced:
+            other.taken_over = True
+        reason = TAKEN_OVER_REASON.format(name=name)
+        return [(other, (CloseCode.TAKEN_OVER, reason)) for other in displaced]
+
     def on_closed(self, tunnel: TunnelConnection, reason: str) -> S | None:
         """Forget a closed tunnel; its session (None if it never completed a handshake).
 
@@ -323,6 +358,8 @@ class Aggregator(Generic[S]):
         session.closed = True
         session.prune_streams()
         self.registry.deregister(session.tunnel_id, reason)
+        if session.ports:
+            self._closing.append(session)
         return session
 
     def revoked(
@@ -400,7 +437,9 @@ class Aggregator(Generic[S]):
         now: float,
         exclude: set[int],
         wanted: int | None = None,
-    ) -> int | PortRefusal:
+        *,
+        wait_for_takeover: bool = True,
+    ) -> int | PortRefusal | PortPending:
         """A port to bind for ``request`` of ``session``, or why there is none.
 
         ``wanted``: the port the client asked for (``proxyme-options``), granted only
@@ -422,12 +461,26 @@ class Aggregator(Generic[S]):
                 return PortRefusal(f"port {wanted} is in use by another tunnel", retry=True)
             self._allocator.claim(wanted)
             return wanted
-        preferred = self._sticky.recall(_sticky_key(session, request), now)
+        key = _sticky_key(session, request)
+        if wait_for_takeover and any(
+            other.taken_over and any(_sticky_key(other, r) == key for r in other.ports.values())
+            for other in self._sessions_of_name(session)
+        ):
+            return PORT_PENDING  # the displaced tunnel's port: wait until it is free
+        preferred = self._sticky.recall(key, now)
         try:
             return self._allocator.allocate(preferred=preferred, exclude=exclude)
         except PortsExhausted:
             detail = f" ({len(exclude)} refused by the OS)" if exclude else ""
             return PortRefusal(f"no free port in {port_range}{detail}", retry=True)
+
+    def _sessions_of_name(self, session: S) -> list[S]:
+        """The other sessions (closing ones included) of ``session``'s name."""
+        return [
+            other
+            for other in self._closing + list(self._sessions.values())
+            if other is not session and other.name == session.name
+        ]
 
     def port_unavailable(self, port: int) -> None:
         """The port could not be bound: it goes back to the allocator."""
@@ -445,6 +498,8 @@ class Aggregator(Generic[S]):
         if self._allocator.is_allocated(port):
             self._allocator.release(port)
         request = session.ports.pop(port, None)
+        if session.closed and not session.ports and session in self._closing:
+            self._closing.remove(session)
         if request is None:
             return False
         self._sticky.handle_timer(now)
@@ -490,6 +545,7 @@ class Aggregator(Generic[S]):
             self.registry.deregister(record.tunnel_id, reason)
         self._sessions.clear()
         self._by_id.clear()
+        self._closing.clear()
         self.accepting = False
         leftover = self._allocator.allocated
         for port in leftover:

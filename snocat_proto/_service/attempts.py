@@ -14,7 +14,7 @@ completes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum, auto
 
 from .._wire.auth import connect_authenticator
@@ -229,12 +229,17 @@ def diagnose_early_close(
 
 def lost_tunnel(closed: ConnectionTerminated) -> AttemptEnd:
     """An authenticated tunnel closed: retryable, unless the aggregator withdrew the
-    credential (its token was revoked or changed), which another attempt cannot fix."""
+    credential (its token was revoked or changed) or another client took the name
+    over, which another attempt cannot fix."""
     if closed.application and closed.code == CloseCode.AUTHENTICATION_FAILED:
         return _fatal(
             ErrorKind.AUTHENTICATION,
             f"the aggregator withdrew this tunnel's credential: {closed.reason}",
         )
+    if closed.application and closed.code == CloseCode.TAKEN_OVER:
+        # Reconnecting would take the name back from the client that has it now.
+        end = _fatal(ErrorKind.TUNNEL_CLOSED, closed.reason)
+        return replace(end, code=closed.code, close_reason=closed.reason)
     return AttemptEnd(
         fatal=False,
         kind=ErrorKind.TUNNEL_CLOSED,

@@ -171,8 +171,11 @@ class ServerEvents(ABC, Generic[S, T]):
         verdict = self._books.on_authenticated(
             session, name=event.name, scheme=event.scheme, wall_time=self._wall_time()
         )
-        if not self._close_on(tunnel, verdict):
-            self._report(tunnel_authenticated, session, event)
+        if self._close_on(tunnel, verdict):
+            return
+        self._report(tunnel_authenticated, session, event)
+        for displaced, takeover in self._books.take_over(session):
+            self._close_on(displaced.tunnel, takeover)
 
     def _on_stream_requested(
         self, tunnel: TunnelConnection, event: StreamRequested, stream: T | None

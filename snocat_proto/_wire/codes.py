@@ -21,6 +21,8 @@ class CloseCode(IntEnum):
     SHUTTING_DOWN = 0x15
     REFUSED = 0x16
     INTERNAL_ERROR = 0x17
+    #: A newer tunnel authenticated under the same name took this one's place.
+    TAKEN_OVER = 0x18
 
 
 class StreamCode(IntEnum):

@@ -99,6 +99,9 @@ class Limits:
     # Endpoints and bindings -------------------------------------------------------
     #: Client addresses (IPv6: /64s) the handshake-rate table tracks at once.
     handshake_rate_sources: int = 65536
+    #: (Aggregator) Seconds a tunnel that took a name over waits for the old tunnel's
+    #: ports to be freed, so that it gets them, before it takes other ports.
+    takeover_port_wait: float = 5.0
     #: Datagrams a pump reads per wake-up before it flushes the core's output.
     udp_receive_batch: int = 64
     #: Events one subscriber (activity feed, registry) may leave unread; past it the
