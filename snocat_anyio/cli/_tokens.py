@@ -150,7 +150,7 @@ class TokenReloader:
                 continue
             await anyio.sleep(SETTLE_TIME)
             if self.sources.signature() == changed:
-                self.reload(f"{self.sources.describe()} changed")
+                self.reload("a tokens file changed")
 
 
 # Editing a tokens file -----------------------------------------------------------
