@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -28,6 +29,7 @@ from cli_harness import (  # noqa: F401 (fixtures)
     HOST,
     LOG_LINE,
     SCRIPT,
+    STEP_TIMEOUT,
     TOKEN,
     Aggregator,
     Background,
@@ -582,3 +584,88 @@ def test_loop_uvloop_without_uvloop_is_one_line(lab: Lab) -> None:
     assert "uvloop is not installed" in assert_one_line_error(result, 2)
     result = lab.run(*_client_args(lab), env={"SNOCAT_LOOP": "uvloop"})
     assert "uvloop is not installed" in assert_one_line_error(result, 2)
+
+
+# Messages: one reconnect line, a dead target, --log-file, --version ------------------
+
+
+def test_each_reconnect_is_told_once(lab: Lab, website: Website) -> None:
+    aggregator = start_server(lab)
+    client = start_client(lab, aggregator, website.port)
+    public_port(client)
+    assert aggregator.process.stop() < 10
+    wait_until(
+        lambda: len([line for line in client.stderr if "reconnecting in" in line]) >= 2,
+        STEP_TIMEOUT,
+        "two reconnect attempts",
+    )
+    # The client's log line says it; the CLI no longer prints the same on stdout.
+    assert not [line for line in client.stdout if "reconnecting" in line], client.describe()
+    assert client.stop() < 10
+
+
+def test_a_dead_target_is_told_once_and_when_it_answers(lab: Lab) -> None:
+    aggregator = start_server(lab)
+    target = free_tcp_port()
+    client = start_client(lab, aggregator, target)
+    public_port(client)
+    warning = client.wait_line(r"WARNING .*does not accept", stream="stderr").string
+    assert f"target {HOST}:{target} does not accept connections" in warning
+    assert "refused" in warning.lower()
+    time.sleep(7)  # rechecked twice while down: still one warning
+    assert len([line for line in client.stderr if "does not accept" in line]) == 1
+    with socket.socket() as listener:
+        listener.bind((HOST, target))
+        listener.listen()
+        client.wait_line(rf"target {HOST}:{target} answers now", stream="stderr")
+    assert client.stop() < 10
+
+    demo = lab.start(
+        "demo", "--target", f"{HOST}:{target}", "--ports", "{}:{}".format(*free_port_range())
+    )
+    demo.wait_line("connect to")
+    demo.wait_line(rf"WARNING .*target {HOST}:{target} does not accept", stream="stderr")
+    assert demo.stop() < 10
+
+
+def test_log_file_takes_the_logs_and_errors_still_print_one_line(
+    lab: Lab, website: Website
+) -> None:
+    server_log = lab.tmp_path / "server.log"
+    server_log.write_text("an earlier run\n")
+    aggregator = start_server(lab, "--log-file", str(server_log), json_mode=False)
+    client_log = lab.tmp_path / "client.log"
+    client = start_client(lab, aggregator, website.port, "--log-file", str(client_log))
+    public_port(client)
+    assert client.stop() < 10
+    assert aggregator.process.stop() < 10
+    assert aggregator.process.stderr == [] and client.stderr == [], client.describe()
+    lines = server_log.read_text().splitlines()
+    assert lines[0] == "an earlier run"  # appended
+    assert all(LOG_LINE.match(line) for line in lines[1:]), lines
+    assert any("listening on" in line for line in lines)
+    assert any("SIGTERM received" in line for line in lines)
+    client_lines = client_log.read_text().splitlines()
+    assert any("SIGTERM received" in line for line in client_lines), client_lines
+    assert all(LOG_LINE.match(line) for line in client_lines), client_lines
+
+    wrong = lab.tokens("wrong.token", "alpha wrong-wrong-wrong-wrong\n")
+    failed_log = lab.tmp_path / "failed.log"
+    args = _client_args(lab, "--token-file", str(wrong), "--log-file", str(failed_log))
+    args[args.index("--driver") + 1] = f"{HOST}:{aggregator.quic_port}"
+    args[args.index("--authority") + 1] = str(aggregator.certificate)
+    again = start_server(lab, quic_port=aggregator.quic_port)
+    result = lab.run(*args)
+    line = assert_one_line_error(result, 3)
+    assert "authentication" in line
+    logged = failed_log.read_text()
+    assert "ERROR snocat: " + line.removeprefix("error: ") in logged, logged
+    assert again.process.stop() < 10
+    unwritable = lab.run(*_client_args(lab, "--log-file", str(lab.tmp_path / "no" / "such.log")))
+    assert "cannot open --log-file" in assert_one_line_error(unwritable, 2)
+
+
+def test_version(lab: Lab) -> None:
+    result = lab.run("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"snocat, version {importlib.metadata.version('snocat')}\n"

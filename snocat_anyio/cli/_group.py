@@ -15,7 +15,7 @@ click.rich_click.USE_MARKDOWN = True
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="snocat")
+@click.version_option(package_name="snocat", prog_name="snocat")
 def cli() -> None:
     """Forward TCP over authenticated, encrypted QUIC tunnels (wire-compatible with snocat 0.8).
 

@@ -26,9 +26,22 @@ async def probe(target: ProxyTcpTarget, timeout: float = PROBE_TIMEOUT) -> str |
     except TimeoutError:
         return f"no answer within {timeout:g} s"
     except OSError as exc:
-        return exc.strerror or str(exc) or type(exc).__name__
+        return _reason(exc)
     await stream.aclose()
     return None
+
+
+def _reason(exc: BaseException) -> str:
+    """The first attempt's own error (anyio wraps them all in "All connection attempts
+    failed")."""
+    cause = exc.__cause__
+    while isinstance(cause, BaseExceptionGroup):
+        cause = cause.exceptions[0]
+    if isinstance(cause, OSError):
+        exc = cause
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 async def watch_targets(
