@@ -16,7 +16,6 @@ import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pyte
 import pytest
@@ -287,9 +286,3 @@ def test_plain_turns_the_table_off(lab: Lab, website: Website, terminal: Termina
         assert len(records) >= 2, "\n".join(lines)
     finally:
         stop(server)
-
-
-def test_no_table_when_not_on_a_terminal(lab: Lab, tmp_path: Path) -> None:
-    # Without a terminal (a pipe), the server never draws; see tests/test_cli.py.
-    result = lab.run("server", "--plain", "--help")
-    assert result.returncode == 0 and "--plain" in result.stdout

@@ -55,7 +55,11 @@ def add(name: str, tokens_path: Path | None) -> None:
     line = f"{name} {secrets.token_urlsafe(SECRET_BYTES)}\n"
     rewrite_tokens(path, lambda lines: [*lines, line])
     click.echo(line, nl=False)
-    click.echo(f"added {name} to {path} (mode 0600); the line above is shown only once", err=True)
+    click.echo(
+        f"added {name} to {path} (mode 0600); the 'NAME SECRET' line on stdout is the "
+        "client's --token-file, and is not shown again",
+        err=True,
+    )
 
 
 @token.command()
