@@ -28,7 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from snocat_anyio import ClientConfig, ConnectError, ServerConfig, TunnelClient, TunnelServer
-from snocat_anyio.cli import OLD_CERTIFICATE_SUFFIX, ensure_server_state
+from snocat_anyio.cli._server import OLD_CERTIFICATE_SUFFIX, ensure_server_state
 from snocat_proto._service.attempts import CRYPTO_ERROR_FIRST, diagnose_early_close
 from snocat_proto._service.ports import PortRange
 from snocat_proto._wire.auth import ClientCredentials

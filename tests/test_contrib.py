@@ -36,6 +36,8 @@ from typing import IO
 import pytest
 
 from snocat_anyio import cli as snocat_cli
+from snocat_anyio.cli import _common as cli_common
+from snocat_anyio.cli import _server as cli_server
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTRIB = ROOT / "contrib"
@@ -225,7 +227,7 @@ def test_server_unit_state_directory_is_the_cli_state_directory() -> None:
         for entry in value.split()
     )
     # %S is the root of state directories (/var/lib): the StateDirectory itself.
-    assert environment[snocat_cli.STATE_ENVIRONMENT] == "%S/snocat"
+    assert environment[cli_common.STATE_ENVIRONMENT] == "%S/snocat"
     assert last(SERVER_UNIT, "StateDirectoryMode") == "0700"  # the key, the tokens
 
 
@@ -290,7 +292,7 @@ def test_image_exposes_quic_over_udp_and_the_public_ports_over_tcp() -> None:
     argv = exec_form(arguments("CMD")[-1])
     quic_port = argv[argv.index("--quic") + 1].rpartition(":")[2]
     assert f"{quic_port}/udp" in exposed
-    (default_range,) = [p.default for p in snocat_cli.server.params if p.name == "ports_text"]
+    (default_range,) = [p.default for p in cli_server.server.params if p.name == "ports_text"]
     assert "--ports" not in argv  # so the CLI's default range is what is published
     start, _, end = str(default_range).partition(":")
     assert f"{start}-{end}/tcp" in exposed
@@ -333,7 +335,7 @@ def test_image_state_volume_and_stop_signal() -> None:
     environment = dict(
         entry.split("=", 1) for argument in arguments("ENV") for entry in shlex.split(argument)
     )
-    assert environment[snocat_cli.STATE_ENVIRONMENT] == "/var/lib/snocat"
+    assert environment[cli_common.STATE_ENVIRONMENT] == "/var/lib/snocat"
     assert "/var/lib/snocat" in {v for a in arguments("VOLUME") for v in exec_form(a)}
     assert arguments("STOPSIGNAL") == ["SIGTERM"]
 

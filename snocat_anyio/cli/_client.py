@@ -1,0 +1,214 @@
+"""``snocat client``: dial an aggregator and publish local targets."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import anyio
+import rich_click as click
+from rich.markup import escape
+
+from snocat_proto._service import activity
+from snocat_proto._service.config import ClientConfig
+from snocat_proto._service.tokens import parse_single_token
+from snocat_proto._wire.auth import SCHEME_SIMPLE_ACK, SCHEME_TOKEN, ClientCredentials
+from snocat_proto._wire.certificates import load_certificate_chain, parse_fingerprint
+from snocat_proto._wire.errors import LocalProtocolError
+from snocat_proto._wire.network import format_host_port
+from snocat_proto._wire.tunnel import CONNECT_KEEPALIVE_INTERVAL
+
+from .._client import TunnelClient
+from ._common import (
+    TOKEN_ENVIRONMENT,
+    UsageProblem,
+    console,
+    logger,
+    open_key_log,
+    parse_socket_address,
+    parse_target,
+    read_file,
+    warn_if_exposed,
+)
+from ._config import config_option
+from ._group import backend_option, cli, datagram_option, liveness_options
+from ._output import output_options, report, setup_logging
+from ._running import run, until_signalled
+from ._targets import watch_targets
+
+
+def load_client_token(token_file: Path | None) -> tuple[str, bytes] | None:
+    if token_file is not None:
+        text = read_file(token_file, "token file").decode("utf-8", "replace")
+        source = str(token_file)
+    elif os.environ.get(TOKEN_ENVIRONMENT):
+        text = os.environ[TOKEN_ENVIRONMENT]
+        source = f"${TOKEN_ENVIRONMENT}"
+    else:
+        return None
+    try:
+        token = parse_single_token(text, source=source)
+    except LocalProtocolError as exc:
+        raise UsageProblem(exc.reason) from None
+    if token_file is not None:
+        warn_if_exposed(token_file, "token file")
+    return token
+
+
+@cli.command()
+@config_option()
+@click.option("--driver", required=True, help="The aggregator's QUIC address, HOST:PORT.")
+@click.option(
+    "--san",
+    "server_name",
+    help="Name the aggregator's certificate must carry [default: the --driver host].",
+)
+@click.option(
+    "--target",
+    "targets",
+    required=True,
+    multiple=True,
+    help="HOST:PORT to forward to; only these are ever connected. The first is published.",
+)
+@click.option(
+    "--authority",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="PEM certificate(s) to trust for the aggregator [default: the system's roots].",
+)
+@click.option(
+    "--fingerprint",
+    "pin",
+    help="Trust exactly the aggregator certificate with this SHA-256 fingerprint.",
+)
+@click.option(
+    "--auth",
+    type=click.Choice([SCHEME_TOKEN, SCHEME_SIMPLE_ACK]),
+    default=SCHEME_TOKEN,
+    show_default=True,
+    help="Authentication scheme; simple-ack talks to snocat 0.8 aggregators.",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help=f"File with one `NAME SECRET` line [or ${TOKEN_ENVIRONMENT}='NAME SECRET'].",
+)
+@click.option(
+    "--reconnect/--no-reconnect",
+    default=True,
+    show_default=True,
+    help="Reconnect when the tunnel is lost.",
+)
+@click.option(
+    "--backoff-max",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Longest wait between reconnect attempts, in seconds.",
+)
+@liveness_options(keepalive=CONNECT_KEEPALIVE_INTERVAL, who="aggregator (keeps NAT mappings open)")
+@datagram_option
+@output_options
+@backend_option
+def client(
+    config_path: Path | None,
+    driver: str,
+    server_name: str | None,
+    targets: tuple[str, ...],
+    authority: Path | None,
+    pin: str | None,
+    auth: str,
+    token_file: Path | None,
+    reconnect: bool,
+    backoff_max: float,
+    idle_timeout: float,
+    keepalive: float,
+    max_datagram_size: int,
+    log_level: str,
+    log_file: Path | None,
+    json_mode: bool,
+    backend: str,
+    loop: str,
+) -> None:
+    """Dial an aggregator, publish a local target on a public port, and keep it up."""
+    setup_logging(log_level, log_file=log_file)
+    host, port = parse_socket_address(driver, what="--driver")
+    if port == 0:
+        raise UsageProblem("--driver needs a port, e.g. example.org:9090")
+    parsed_targets = tuple(parse_target(t) for t in targets)
+    if pin is not None:
+        try:
+            parse_fingerprint(pin)
+        except LocalProtocolError as exc:
+            raise UsageProblem(f"--fingerprint: {exc.reason}") from None
+    authority_pem = None
+    if authority is not None:
+        authority_pem = read_file(authority, "authority file")
+        try:
+            load_certificate_chain(authority_pem, source=f"--authority {authority}")
+        except LocalProtocolError as exc:
+            raise UsageProblem(exc.reason) from None
+    if auth == SCHEME_TOKEN:
+        token = load_client_token(token_file)
+        if token is None:
+            raise UsageProblem(
+                "token authentication needs --token-file FILE or "
+                f"{TOKEN_ENVIRONMENT}='NAME SECRET' "
+                "(or --auth simple-ack for a snocat 0.8 aggregator)"
+            )
+        credentials = ClientCredentials.token(*token)
+    else:
+        logger.warning("SimpleAck carries no credentials: anyone can pose as this client")
+        credentials = ClientCredentials.simple_ack()
+    try:
+        config = ClientConfig(
+            server_host=host,
+            server_port=port,
+            server_name=server_name or host,
+            targets=parsed_targets,
+            credentials=credentials,
+            authority_pem=authority_pem,
+            fingerprint=pin,
+            reconnect=reconnect,
+            backoff_max=backoff_max,
+            backoff_initial=min(0.5, backoff_max),
+            idle_timeout=idle_timeout,
+            keepalive_interval=keepalive or None,
+            max_datagram_size=max_datagram_size,
+            secrets_log_file=open_key_log(),
+        )
+    except (ValueError, LocalProtocolError) as exc:
+        raise UsageProblem(getattr(exc, "reason", str(exc))) from None
+
+    async def main() -> None:
+        tunnel_client = TunnelClient(config)
+        out = console(stderr=json_mode)
+
+        def show(record: activity.Activity) -> None:
+            # A reconnect is told once, by the client's own log line ("reconnecting in").
+            if isinstance(record, activity.PortGranted):
+                # Escaped: the addresses and reasons come from the aggregator.
+                addresses = escape(", ".join(record.addresses))
+                out.print(
+                    f"[bold green]public address:[/] [bold]{addresses}[/] "
+                    f"-> forwards to [bold]{parsed_targets[0]}[/]"
+                )
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                functools.partial(
+                    report,
+                    tunnel_client.activity.subscribe(),
+                    json_mode=json_mode,
+                    on_record=None if json_mode else show,
+                )
+            )
+            with anyio.CancelScope() as running:
+                await tg.start(until_signalled, running)
+                out.print(f"connecting to {format_host_port(host, port)} ...")
+                tg.start_soon(watch_targets, parsed_targets)
+                await tunnel_client.run()
+            await tunnel_client.aclose()
+            tg.cancel_scope.cancel()
+
+    run(main, backend, loop)

@@ -1,0 +1,204 @@
+"""README.md as written: its shell commands and its Python snippets, run as real
+processes.  The only changes made to them are the ports (the README's fixed 9090,
+8000 and 8080-8090 become free ones, as flags appended or text replaced), since other
+programs may hold those on a shared machine."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import shlex
+import signal
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from cli_harness import (  # noqa: F401 (fixtures)
+    HOST,
+    Lab,
+    Snocat,
+    Website,
+    free_port_range,
+    free_udp_port,
+    lab_fixture,
+    private_env,
+    website_fixture,
+)
+
+from snocat_anyio.cli import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def section(title: str) -> str:
+    """The text of the README section whose heading is ``title``, to the next heading
+    of the same or a higher level (a ``#`` inside a code block is no heading)."""
+    lines = README.splitlines(keepends=True)
+    fenced = False
+    start: int | None = None
+    level = 0
+    for number, line in enumerate(lines):
+        if line.startswith("```"):
+            fenced = not fenced
+            continue
+        heading = None if fenced else re.match(r"(#+) (.*)\n", line)
+        if heading is None:
+            continue
+        if start is None and heading.group(2) == title:
+            start, level = number + 1, len(heading.group(1))
+        elif start is not None and len(heading.group(1)) <= level:
+            return "".join(lines[start:number])
+    assert start is not None, title
+    return "".join(lines[start:])
+
+
+def code_blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+
+
+def shell_commands(block: str) -> list[str]:
+    """The commands of a shell block: continuation lines joined, comments dropped."""
+    commands, current = [], ""
+    for line in block.splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1]
+            continue
+        commands.append((current + line).strip())
+        current = ""
+    return commands
+
+
+@pytest.fixture
+def clone(lab: Lab) -> Path:
+    """A directory like a fresh clone after the README's one-command install: its
+    ``.venv`` is this test run's virtual environment."""
+    directory = lab.tmp_path / "clone"
+    directory.mkdir()
+    (directory / ".venv").symlink_to(Path(sys.prefix))
+    assert (directory / ".venv" / "bin" / "snocat").exists()
+    return directory
+
+
+def shell(lab: Lab, clone: Path, command: str) -> Snocat:
+    """``command`` run by bash in ``clone``, with a PATH that has no virtual environment
+    on it: the README's commands must not need an activated one."""
+    env = {**private_env(lab.tmp_path), "PATH": "/usr/bin:/bin"}
+    process = Snocat([command], env, clone, ["bash", "-c"])
+    lab.processes.append(process)
+    return process
+
+
+def finish(process: Snocat, timeout: float = 30) -> None:
+    status = process.popen.wait(timeout)
+    for reader in process._readers:
+        reader.join(5)
+    assert status == 0, process.describe()
+
+
+def test_three_terminals_and_the_python_snippets_as_written(
+    lab: Lab, clone: Path, website: Website
+) -> None:
+    commands = shell_commands(
+        code_blocks(section("Three terminals: a real aggregator and client"), "sh")[0]
+    )
+    assert [command.split()[0] for command in commands] == [
+        ".venv/bin/snocat",
+        "(umask",
+        ".venv/bin/snocat",
+        ".venv/bin/snocat",
+        "curl",
+    ], commands
+    certificate, token_add, server_command, client_command, curl = commands
+
+    # 1. The certificate and the token, exactly as written.
+    finish(shell(lab, clone, certificate))
+    finish(shell(lab, clone, token_add))
+    for name in ("agg.priv.pem", "tokens", "office-1.token"):
+        assert (clone / name).stat().st_mode & 0o777 == 0o600, name
+    line = (clone / "office-1.token").read_text()
+    assert line.startswith("office-1 ") and (clone / "tokens").read_text() == line
+
+    # 2. The aggregator, on free ports.
+    quic_port = free_udp_port()
+    ports = free_port_range()
+    server = shell(
+        lab, clone, f"exec {server_command} --quic {HOST}:{quic_port} --ports {ports[0]}:{ports[1]}"
+    )
+    server.wait_line("listening on")
+
+    # 3. The client, towards that port and the test's web server.
+    assert "127.0.0.1:9090" in client_command and "127.0.0.1:8000" in client_command
+    client = shell(
+        lab,
+        clone,
+        "exec "
+        + client_command.replace("127.0.0.1:9090", f"{HOST}:{quic_port}").replace(
+            "127.0.0.1:8000", f"{HOST}:{website.port}"
+        ),
+    )
+    port = int(client.wait_line(r"public address: 127\.0\.0\.1:(\d+)").group(1))
+    url = shlex.split(curl)[1]
+    assert url == "http://127.0.0.1:8080/"
+    connection = http.client.HTTPConnection(HOST, port, timeout=10)
+    connection.request("GET", "/")
+    assert connection.getresponse().status == 200
+    connection.close()
+    assert not any("WARNING" in text for text in server.stderr + client.stderr), (
+        server.describe() + client.describe()
+    )
+    client.send(signal.SIGTERM)
+    finish(client)
+
+    # The Python snippets, run beside that aggregator and stopped with Ctrl-C (SIGINT).
+    anyio_snippet = code_blocks(section("asyncio or trio (`snocat_anyio`)"), "python")[0]
+    sync_snippet = code_blocks(section("Without an event loop (`snocat_sync`)"), "python")[0]
+    trio_snippet = anyio_snippet.replace("anyio.run(main)", 'anyio.run(main, backend="trio")')
+    assert trio_snippet != anyio_snippet
+    for name, snippet in (("anyio", anyio_snippet), ("trio", trio_snippet), ("sync", sync_snippet)):
+        assert "server_port=9090" in snippet and '"127.0.0.1:8000"' in snippet, name
+        script = clone / f"{name}_snippet.py"
+        script.write_text(
+            snippet.replace("server_port=9090", f"server_port={quic_port}").replace(
+                '"127.0.0.1:8000"', f'"{HOST}:{website.port}"'
+            )
+        )
+        run = shell(lab, clone, f"exec .venv/bin/python {script.name}")
+        port = int(run.wait_line(r"public.*127\.0\.0\.1:(\d+)").group(1))
+        connection = http.client.HTTPConnection(HOST, port, timeout=10)
+        connection.request("GET", "/small.bin")
+        assert connection.getresponse().read() and True
+        connection.close()
+        run.send(signal.SIGINT)
+        finish(run)
+        assert not run.stderr, (name, run.describe())  # no KeyboardInterrupt traceback
+        # The client said goodbye: the aggregator saw it close, not time out.
+        server.wait_line("closed by the peer: code 0x0", stream="stderr")
+        server.stderr.clear()
+    server.send(signal.SIGTERM)
+    finish(server)
+
+
+def test_the_trio_extra_exists() -> None:
+    """The README's `pip install -e '.[trio]'` installs trio."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert any(req.startswith("trio") for req in project["optional-dependencies"]["trio"])
+    assert "'.[trio]'" in README
+
+
+@pytest.mark.parametrize("command", ["server", "client"])
+def test_the_options_table_lists_every_option(command: str) -> None:
+    table = section("Options")
+    part = table[table.index(f"`snocat {command}`") :]
+    part = part[: part.index("\n\n", part.index("|---|"))]
+    missing = [
+        opt
+        for param in cli.commands[command].params
+        if not getattr(param, "hidden", False)
+        for opt in param.opts
+        if opt.startswith("--") and opt not in ("--help",) and opt not in part
+    ]
+    assert not missing, missing
