@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cli_harness import (  # noqa: F401 (fixtures)
@@ -718,3 +719,69 @@ def test_version(lab: Lab) -> None:
     result = lab.run("--version")
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"snocat, version {importlib.metadata.version('snocat')}\n"
+
+
+# 13. Several targets, public ports asked for, refusals ------------------------------
+
+
+def test_every_target_gets_its_own_public_port(lab: Lab, website: Website) -> None:
+    """Two --target flags: two public ports, each printed with its target (only the
+    first was published before)."""
+    aggregator = start_server(lab)
+    client = lab.start(
+        *_client_args(lab, aggregator=aggregator)[:-2],
+        "--target",
+        f"{HOST}:{website.port}",
+        "--target",
+        f"localhost:{website.port}",
+    )
+    client.wait_line(r"public address: ")
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while len({m.group(2) for m in _grants(client)}) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    grants = {m.group(2): int(m.group(1)) for m in _grants(client)}
+    assert set(grants) == {f"{HOST}:{website.port}", f"localhost:{website.port}"}
+    assert len(set(grants.values())) == 2
+    for port in grants.values():
+        fetch_ok(port, website)
+    assert client.stop() < 10
+
+
+def _grants(client: Any) -> list[re.Match[str]]:
+    pattern = re.compile(r"public address: \S*:(\d+) -> forwards to (\S+)")
+    return [m for line in list(client.stdout) if (m := pattern.search(line))]
+
+
+def test_a_public_port_asked_for_is_given_or_refused_with_status_2(
+    lab: Lab, website: Website
+) -> None:
+    ports = free_port_range()
+    aggregator = start_server(lab, ports=ports)
+    wanted = ports[0] + 2
+    args = _client_args(lab, aggregator=aggregator)[:-2]
+    client = lab.start(*args, "--target", f"{wanted}={HOST}:{website.port}")
+    assert public_port(client) == wanted
+    fetch_ok(wanted, website)
+    assert client.stop() < 10
+    outside = lab.run(*args, "--target", f"{ports[1] + 1}={HOST}:{website.port}")
+    line = assert_one_line_error(outside, 2)
+    assert f"port {ports[1] + 1} is outside this aggregator's range" in line
+    bad = lab.run(*args, "--target", f"nope={HOST}:{website.port}")
+    assert "the public port before '='" in assert_one_line_error(bad, 2)
+
+
+def test_no_reconnect_with_no_free_port_exits_2_with_a_sentence(lab: Lab, website: Website) -> None:
+    """It retried forever with a warning every few seconds ('(null answer)')."""
+    port = free_port_range(1)
+    aggregator = start_server(lab, ports=port)
+    first = start_client(lab, aggregator, website.port)
+    public_port(first)
+    beta = lab.tokens("beta.token", "beta b3ta-b3ta-b3ta-b3ta-2\n")
+    args = _client_args(lab, aggregator=aggregator)
+    args[args.index("--token-file") + 1] = str(beta)
+    started = time.monotonic()
+    result = lab.run(*args, "--no-reconnect")
+    line = assert_one_line_error(result, 2)
+    assert f"no public port for {HOST}:" in line and "no free port in" in line
+    assert time.monotonic() - started < 15
+    assert first.stop() < 10

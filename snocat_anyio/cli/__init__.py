@@ -9,7 +9,8 @@ code  meaning
 ====  ==============================================================
 0     finished (including a graceful stop on Ctrl-C / SIGTERM)
 1     a runtime failure (a socket error, an unexpected exception)
-2     a usage or configuration error (flags, files, port range)
+2     a usage or configuration error (flags, files, port range, a public port
+      the aggregator cannot give: none free without --reconnect, or outside its range)
 3     authentication failed (wrong token, scheme mismatch, token revoked)
 4     the aggregator could not be reached or its certificate is not trusted
 ====  ==============================================================

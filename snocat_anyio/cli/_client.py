@@ -26,8 +26,8 @@ from ._common import (
     console,
     logger,
     open_key_log,
+    parse_publication,
     parse_socket_address,
-    parse_target,
     read_file,
     warn_if_exposed,
 )
@@ -69,7 +69,9 @@ def load_client_token(token_file: Path | None) -> tuple[str, bytes] | None:
     "targets",
     required=True,
     multiple=True,
-    help="HOST:PORT to forward to; only these are ever connected. The first is published.",
+    help="HOST:PORT to forward to; only these are ever connected. Each gets a public port "
+    "of its own; PUBLIC=HOST:PORT asks for that public port (a refusal if the aggregator "
+    "cannot give it). Repeat for more.",
 )
 @click.option(
     "--authority",
@@ -135,7 +137,13 @@ def client(
     host, port = parse_socket_address(driver, what="--driver")
     if port == 0:
         raise UsageProblem("--driver needs a port, e.g. example.org:9090")
-    parsed_targets = tuple(parse_target(t) for t in targets)
+    publications = [parse_publication(t) for t in targets]
+    parsed_targets = tuple(target for target, _ in publications)
+    if len(set(parsed_targets)) != len(parsed_targets):
+        raise UsageProblem("--target: each target may be given once")
+    public_ports = {target: public for target, public in publications if public is not None}
+    if len(set(public_ports.values())) != len(public_ports):
+        raise UsageProblem("--target: two targets ask for the same public port")
     if pin is not None:
         try:
             parse_fingerprint(pin)
@@ -166,6 +174,7 @@ def client(
             server_port=port,
             server_name=server_name or host,
             targets=parsed_targets,
+            public_ports=public_ports,
             credentials=credentials,
             authority_pem=authority_pem,
             fingerprint=pin,
@@ -191,7 +200,7 @@ def client(
                 addresses = escape(", ".join(record.addresses))
                 out.print(
                     f"[bold green]public address:[/] [bold]{addresses}[/] "
-                    f"-> forwards to [bold]{parsed_targets[0]}[/]"
+                    f"-> forwards to [bold]{escape(record.target)}[/]"
                 )
 
         async with anyio.create_task_group() as tg:

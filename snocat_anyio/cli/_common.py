@@ -99,6 +99,18 @@ def parse_target(text: str, *, what: str = "--target") -> ProxyTcpTarget:
         raise UsageProblem(f"{what} {text!r}: {exc.reason}") from None
 
 
+def parse_publication(text: str) -> tuple[ProxyTcpTarget, int | None]:
+    """``--target``: ``HOST:PORT``, or ``PUBLIC=HOST:PORT`` asking for a public port."""
+    public_text, sep, target_text = text.partition("=")
+    if not sep:
+        return parse_target(text), None
+    if not public_text.isdigit() or not 1 <= int(public_text) <= 65535:
+        raise UsageProblem(
+            f"--target {text!r}: the public port before '=' must be a number in 1..65535"
+        )
+    return parse_target(target_text), int(public_text)
+
+
 def read_file(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()

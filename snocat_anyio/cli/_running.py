@@ -11,7 +11,7 @@ import anyio.abc
 
 from snocat_proto._wire.errors import LocalProtocolError
 
-from .._errors import AuthenticationError, ConnectError, SnocatError
+from .._errors import AuthenticationError, ConnectError, PortRefusedError, SnocatError
 from ._common import (
     EXIT_AUTHENTICATION,
     EXIT_CONNECT,
@@ -50,6 +50,7 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 _EXIT_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (AuthenticationError, EXIT_AUTHENTICATION),
     (ConnectError, EXIT_CONNECT),
+    (PortRefusedError, EXIT_USAGE),
     (UsageProblem, EXIT_USAGE),
     (LocalProtocolError, EXIT_USAGE),
     (OSError, EXIT_RUNTIME),
