@@ -12,7 +12,7 @@ import hashlib
 import heapq
 import random
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -25,6 +25,7 @@ from snocat_proto._wire.address import RouteAddress
 from snocat_proto._wire.auth import Authenticator
 from snocat_proto._wire.endpoint import ServerEndpoint
 from snocat_proto._wire.engine import (
+    ALPN,
     NetworkAddress,
     QuicConfiguration,
     quic_configuration,
@@ -249,7 +250,7 @@ class Simulation:
     def __init__(
         self,
         *,
-        server_auth: Callable[[str], Authenticator],
+        server_auth: Callable[[str], Authenticator | Mapping[str, Authenticator]],
         client_auth: Authenticator,
         limits: Limits | None = None,
         client_limits: Limits | None = None,
@@ -263,15 +264,20 @@ class Simulation:
         max_tunnels: int | None = None,
         handshake_rate: HandshakeRate | None = DEFAULT_HANDSHAKE_RATE,
         client_token: bytes = b"",
+        client_alpn: Sequence[str] = (ALPN,),
+        server_alpn: Sequence[str] = (ALPN,),
     ) -> None:
         self.limits = limits or Limits()
+        self.client_alpn = client_alpn
         self.link = link or Link()
         self.rng = random.Random(seed)
         self.now = 1000.0
         self.keepalive_interval = keepalive_interval
         self.trust = trust
         self.server = ServerEndpoint(
-            server_configuration(self.limits, idle_timeout=server_idle_timeout),
+            server_configuration(
+                self.limits, idle_timeout=server_idle_timeout, alpn_protocols=server_alpn
+            ),
             authenticator_factory=server_auth,
             limits=self.limits,
             retry=retry,
@@ -302,7 +308,9 @@ class Simulation:
         token: bytes = b"",
     ) -> Client:
         limits = limits or self.limits
-        configuration = client_configuration(limits, trust=self.trust)
+        configuration = client_configuration(
+            limits, trust=self.trust, alpn_protocols=self.client_alpn
+        )
         configuration.token = token
         tunnel = TunnelConnection.connect(
             configuration,

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from enum import Enum, auto
 from typing import ClassVar, Final
 
+from cryptography import x509
+
 from .errors import FrameTooLarge, LocalProtocolError
 from .features import FEATURES, parse_features
 from .framing import FrameDecoder, encode_frame
@@ -261,6 +263,11 @@ class Authenticator(ABC):
     def is_finished(self) -> bool:
         """True once :class:`Authenticated` or :class:`Rejected` has been queued."""
         return self._finished
+
+    def handshake_done(self, *, peer_certificate: x509.Certificate | None) -> None:
+        """The QUIC handshake completed (before any byte of the exchange): a scheme
+        that binds its proof to the TLS session learns the peer's certificate here."""
+        return None  # the tunnel schemes bind nothing
 
     def data_to_send(self) -> bytes:
         """Drain the bytes to write to the auth stream."""

@@ -15,7 +15,7 @@ import heapq
 import itertools
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
 from .auth import Authenticator
@@ -40,7 +40,9 @@ from .network import format_address
 from .tunnel import LISTEN_KEEPALIVE_INTERVAL, Role, TunnelConnection
 
 #: Builds the Listen-side authenticator of a new tunnel from the peer's address text.
-AuthenticatorFactory = Callable[[str], Authenticator]
+#: Builds a new tunnel's authenticator from the peer's address text; or, where several
+#: ALPNs are offered, one per ALPN (the handshake picks).
+AuthenticatorFactory = Callable[[str], Authenticator | Mapping[str, Authenticator]]
 #: The reason phrase of the CONNECTION_REFUSED close sent to a source over its rate.
 TOO_MANY_HANDSHAKES = "too many new connections from this address; try again later"
 

@@ -11,7 +11,7 @@ fast sender grow memory without bound (aioquic issue 328 is the send-side twin).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,10 +116,12 @@ def quic_configuration(
     server_name: str | None = None,
     idle_timeout: float = 30.0,
     max_datagram_size: int = SMALLEST_MAX_DATAGRAM_SIZE,
+    alpn_protocols: Sequence[str] = (ALPN,),
 ) -> QuicConfiguration:
-    """A QUIC configuration with snocat's ALPN and windows; certificates are the caller's."""
+    """A QUIC configuration with snocat's ALPN (an aggregator node of a fleet also
+    offers the node-to-node one) and windows; certificates are the caller's."""
     return QuicConfiguration(
-        alpn_protocols=[ALPN],
+        alpn_protocols=list(alpn_protocols),
         supported_versions=[QuicProtocolVersion.VERSION_1],  # snocat 0.8 speaks v1 only
         is_client=is_client,
         server_name=server_name,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
@@ -142,14 +142,21 @@ class TunnelConnection:
         engine: QuicEngine,
         *,
         role: Role,
-        authenticator: Authenticator,
+        authenticator: Authenticator | Mapping[str, Authenticator],
         limits: Limits,
         now: float,
         keepalive_interval: float | None,
     ) -> None:
         self._quic = engine
         self._role = role
-        self._authenticator = authenticator
+        #: By ALPN: the handshake picks which one runs (a single one serves the ALPNs the
+        #: configuration offers, ``ms-snocat-1`` unless told otherwise).
+        self._authenticators: Mapping[str, Authenticator] = (
+            dict.fromkeys(engine.configuration.alpn_protocols or [ALPN], authenticator)
+            if isinstance(authenticator, Authenticator)
+            else authenticator
+        )
+        self._authenticator = next(iter(self._authenticators.values()))
         self._limits = limits
         #: As configured; the period in force is known once the peer's idle timeout is.
         self._keepalive_setting = keepalive_interval
@@ -546,9 +553,13 @@ class TunnelConnection:
         # Limits.auth_timeout counts from here; the handshake had its own auth_timeout.
         self._auth_deadline = self._now + self._limits.auth_timeout
         self._emit(events.HandshakeCompleted(alpn=event.alpn_protocol))
-        if event.alpn_protocol != ALPN:
-            self.close(CloseCode.PROTOCOL_VIOLATION, f"expected ALPN {ALPN}")
+        authenticator = self._authenticators.get(event.alpn_protocol or "")
+        if authenticator is None:
+            expected = " or ".join(self._authenticators)
+            self.close(CloseCode.PROTOCOL_VIOLATION, f"expected ALPN {expected}")
             return
+        self._authenticator = authenticator
+        authenticator.handshake_done(peer_certificate=self._quic.peer_certificate)
         # The Listen side's hello goes out on its first stream: the auth channel.
         assert self._role is Role.CONNECT or (
             self._quic.get_next_available_stream_id() == AUTH_STREAM_ID
