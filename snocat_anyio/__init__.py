@@ -10,9 +10,12 @@ ways.  The flows are written once for this binding and ``snocat_sync``
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from snocat_proto import (
     ClientConfig,
     ClientCredentials,
+    FleetConfig,
     Limits,
     PortRange,
     ProxyTcpTarget,
@@ -37,6 +40,19 @@ from ._feed import ActivityFeed, Subscription
 from ._server import Authenticate, RouteHandler, Router, TunnelServer
 from ._stream import TunnelStream
 
+if TYPE_CHECKING:
+    from ._fleet import FleetServer
+
+
+def __getattr__(name: str) -> Any:
+    # The fleet's store client (coredis) is imported only by those who use it.
+    if name == "FleetServer":
+        from ._fleet import FleetServer
+
+        return FleetServer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ActivityFeed",
     "Authenticate",
@@ -45,6 +61,8 @@ __all__ = [
     "ClientCredentials",
     "ConnectError",
     "FeedOverflowError",
+    "FleetConfig",
+    "FleetServer",
     "Limits",
     "PortRange",
     "PortRefusedError",

@@ -200,7 +200,7 @@ class ServerCore(ServerEvents[_Session, TunnelStream]):
         """Make the endpoint and bind the QUIC socket (raises what is misconfigured)."""
         config = self.config
         self._endpoint = server_endpoint(config, self._new_authenticator)
-        self._sock = bind_udp(config.quic_host, config.quic_port)
+        self._sock = bind_udp(config.quic_host, config.quic_port, reuse_port=config.quic_reuse_port)
         self._host = TunnelHost(
             self._endpoint,
             self._sock,
@@ -374,9 +374,36 @@ class ServerCore(ServerEvents[_Session, TunnelStream]):
     async def _lease_port(
         self, session: _Session, request: ProxymeRequest, wanted: int | None
     ) -> _Lease | PortRefusal:
-        """Allocate a port (``wanted``, if the client asked for one) and bind it."""
+        """Claim a port (``wanted``, if the client asked for one) and bind it."""
         refused: set[int] = set()
         bind_host = self.config.tcp_bind or None
+        while True:
+            port = await self._claim_port(session, request, wanted, refused)
+            if isinstance(port, PortRefusal):
+                return port
+            try:
+                listener = await Listener.open(bind_host, port)
+            except OSError as exc:
+                await self._unclaim_port(session, port)
+                if exc.errno in PORT_TAKEN_ERRNOS:
+                    logger.debug("port %d is not available: %s", port, exc)
+                    refused.add(port)
+                    continue
+                logger.warning("cannot listen on %s port %d: %s", bind_host or "*", port, exc)
+                return PortRefusal(f"cannot listen on port {port}: {exc.strerror or exc}", True)
+            except BaseException:
+                with shield():
+                    await self._unclaim_port(session, port)
+                raise
+            return _Lease(listener, request)
+
+    async def _claim_port(
+        self, session: _Session, request: ProxymeRequest, wanted: int | None, refused: set[int]
+    ) -> int | PortRefusal:
+        """A port for ``request`` (the binding's registry decides; here, the embedded
+        one): ``wanted`` if given, else the name's old one for this target, else the
+        lowest free; ports in ``refused`` could not be bound.  A tunnel that took the
+        name over first waits for the displaced one's port."""
         wait_until = current_time() + self.config.limits.takeover_port_wait
         while True:
             with self._lock:
@@ -389,31 +416,24 @@ class ServerCore(ServerEvents[_Session, TunnelStream]):
                     wanted,
                     wait_for_takeover=current_time() < wait_until,
                 )
-            if isinstance(port, PortPending):
-                # The tunnel this one took over is closing its listener on our port.
-                await self._ports_changed.wait_for(
-                    functools.partial(self._ports_released_since, releases),
-                    wait_until - current_time(),
-                )
-                continue
-            if isinstance(port, PortRefusal):
+            if not isinstance(port, PortPending):
                 return port
-            try:
-                listener = await Listener.open(bind_host, port)
-            except OSError as exc:
-                with self._lock:
-                    self._books.port_unavailable(port)
-                if exc.errno in PORT_TAKEN_ERRNOS:
-                    logger.debug("port %d is not available: %s", port, exc)
-                    refused.add(port)
-                    continue
-                logger.warning("cannot listen on %s port %d: %s", bind_host or "*", port, exc)
-                return PortRefusal(f"cannot listen on port {port}: {exc.strerror or exc}", True)
-            except BaseException:
-                with self._lock:
-                    self._books.port_unavailable(port)
-                raise
-            return _Lease(listener, request)
+            # The tunnel this one took over is closing its listener on our port.
+            await self._ports_changed.wait_for(
+                functools.partial(self._ports_released_since, releases),
+                wait_until - current_time(),
+            )
+
+    async def _unclaim_port(self, session: _Session, port: int) -> None:
+        """A claimed port could not be bound: give it back."""
+        with self._lock:
+            self._books.port_unavailable(port)
+
+    async def _release_port(self, session: _Session, port: int) -> bool:
+        """A granted port's listener is closed: free it (and remember it for the
+        name); False if it was never granted."""
+        with self._lock:
+            return self._books.port_released(session, port, current_time())
 
     def _port_granted(self, session: _Session, lease: _Lease) -> None:
         """The grant is on its way: book the port and start accepting on it."""
@@ -432,7 +452,8 @@ class ServerCore(ServerEvents[_Session, TunnelStream]):
         await lease.listener.aclose()
         with self._lock:
             session.leases.pop(lease.port, None)
-            released = self._books.port_released(session, lease.port, current_time())
+        released = await self._release_port(session, lease.port)
+        with self._lock:
             self._port_releases += 1
             self._ports_changed.notify_all()
         if released:  # else never granted (denied before the grant went out)

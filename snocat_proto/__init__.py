@@ -30,7 +30,7 @@ from ._service.activity import (
 )
 from ._service.aggregator import TunnelStatus, server_endpoint
 from ._service.attempts import connect_tunnel
-from ._service.config import ClientConfig, ServerConfig
+from ._service.config import ClientConfig, FleetConfig, ServerConfig
 from ._service.fanout import Fanout, Subscription
 from ._service.ports import PortRange
 from ._service.registry import (
@@ -90,6 +90,7 @@ __all__ = [
     "CredentialRequired",
     "DataReceived",
     "Fanout",
+    "FleetConfig",
     "FrameTooLarge",
     "HandshakeCompleted",
     "HandshakeRate",

@@ -73,7 +73,7 @@ from snocat_proto._wire.endpoint import ClientEndpoint
 from snocat_proto._wire.errors import LocalProtocolError, ProtocolError
 from snocat_proto._wire.events import ConnectionTerminated
 from snocat_proto._wire.features import PROXYME_OPTIONS
-from snocat_proto._wire.network import NetworkAddress, format_address
+from snocat_proto._wire.network import NetworkAddress, format_address, format_host_port
 from snocat_proto._wire.proxyme import ProxymeClient, ProxymeRequest
 from snocat_proto._wire.targets import ProxyTcpTarget
 from snocat_proto._wire.tunnel import TunnelConnection, TunnelState
@@ -149,6 +149,8 @@ class _Session:
         #: What the network said before the handshake (nothing listens there), if it did.
         self.unreachable: str | None = None
         self.pin_problem: str | None = None
+        #: The aggregator dialled (``--driver``), for messages.
+        self.label = peer
         #: The targets whose first port request was answered.
         self.answered: set[ProxyTcpTarget] = set()
         #: Why a target cannot have its port (this ends the client), if it cannot.
@@ -236,7 +238,10 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
                 return
             if outcome.fatal or not config.reconnect:
                 raise attempt_error(outcome)
-            if outcome.no_answer:
+            if outcome.no_answer or (
+                outcome.kind is ErrorKind.TUNNEL_CLOSED and len(config.servers) > 1
+            ):
+                # Next time the next address (or the next node of the fleet).
                 self._address_turn += 1
             delay = backoff.next_delay()
             logger.info("reconnecting in %.2f s: %s", delay, outcome.reason)
@@ -263,40 +268,54 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
         self.activity.close()
 
     def _attempt(self, on_ready: Callable[[], None]) -> AttemptEnd | None:
-        config = self.config
-        try:
-            infos = resolve(config.server_host, config.server_port)
-        except OSError as exc:
-            return unresolvable(config.server_host, str(exc))
-        if not infos:
-            return unresolvable(config.server_host, "no addresses")
-        # The first address, unless it did not answer last time (a name with both
-        # families, and an aggregator listening on one).
-        family, address = infos[self._address_turn % len(infos)]
+        # Every address of every aggregator, in order (a name with several addresses
+        # counts as a list); the first, unless it did not answer or its tunnel was
+        # lost last time (another node of the fleet, or the other address family).
+        candidates: list[tuple[str, socket.AddressFamily, NetworkAddress]] = []
+        problem: AttemptEnd | None = None
+        for host, port in self.config.servers:
+            try:
+                infos = resolve(host, port)
+            except OSError as exc:
+                problem = unresolvable(host, str(exc))
+                continue
+            if not infos:
+                problem = unresolvable(host, "no addresses")
+            label = format_host_port(host, port)
+            candidates += [(label, family, address) for family, address in infos]
+        if not candidates:
+            assert problem is not None
+            return problem
+        label, family, address = candidates[self._address_turn % len(candidates)]
         try:
             sock = bind_udp("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
         except OSError as exc:
-            return local_socket_failure(config.server_label, str(exc))
+            return local_socket_failure(label, str(exc))
         try:
             # Connected, the socket hears what the network says (an ICMP port
             # unreachable when nothing listens there) instead of waiting it out.
             sock.connect(address)
         except OSError as exc:
             sock.close()
-            return unreachable(config.server_label, exc.strerror or str(exc))
+            return unreachable(label, exc.strerror or str(exc))
         try:
-            return self._run_session(sock, address, on_ready)
+            return self._run_session(sock, label, address, on_ready)
         finally:
             sock.close()
 
     def _run_session(
-        self, sock: socket.socket, address: NetworkAddress, on_ready: Callable[[], None]
+        self,
+        sock: socket.socket,
+        label: str,
+        address: NetworkAddress,
+        on_ready: Callable[[], None],
     ) -> AttemptEnd | None:
         config = self.config
         with self._lock:
             tunnel = connect_tunnel(config, address, current_time())
             self._sessions_started += 1
             session = _Session(f"client-{self._sessions_started}", tunnel, format_address(address))
+            session.label = label
             session.host = TunnelHost(
                 ClientEndpoint(tunnel),
                 sock,
@@ -341,9 +360,9 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
         if self._stop:
             return None
         if session.unreachable is not None and not session.handshake_done:
-            return unreachable(config.server_label, session.unreachable)
+            return unreachable(session.label, session.unreachable)
         if not session.handshake_done and session.closed is None:
-            return no_answer(config.server_label, f"within {config.connect_timeout:g} s")
+            return no_answer(session.label, f"within {config.connect_timeout:g} s")
         # The core's auth_timeout bounds this wait.
         self._changed.wait_for(
             lambda: session.authenticated or session.closed is not None or self._stop
@@ -355,7 +374,7 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
                 session.closed,
                 handshake_done=session.handshake_done,
                 pin_problem=session.pin_problem,
-                server_label=config.server_label,
+                server_label=session.label,
                 server_name=config.server_name,
             )
         if config.request_port:

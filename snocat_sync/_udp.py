@@ -28,12 +28,15 @@ _UNREACHABLE = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
 Receiver = Callable[[bytes, NetworkAddress, float], None]
 
 
-def bind_udp(host: str, port: int) -> socket.socket:
-    """A non-blocking UDP socket bound to ``host:port`` (IPv4 or IPv6)."""
+def bind_udp(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking UDP socket bound to ``host:port`` (IPv4 or IPv6); with
+    ``reuse_port``, shared with other sockets that ask for it (``SO_REUSEPORT``)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
     except BaseException:
         sock.close()

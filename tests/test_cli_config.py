@@ -179,7 +179,7 @@ SERVER_BASE = 'cert = "certs/server.pub.pem"\nkey = "certs/server.priv.pem"\n'
         ("server", SERVER_BASE + "idle-timeout = true\n", "line 3: idle-timeout must be a number"),
         ("server", SERVER_BASE + 'auth = "magic"\n', "line 3: auth: 'magic' is not one of"),
         ("server", SERVER_BASE + "quic = \n", "line 3, column 8: not valid TOML"),
-        ("server", SERVER_BASE + "[fleet]\nsize = 3\n", "line 3: [fleet] is reserved"),
+        ("server", SERVER_BASE + "[fleet]\nsize = 3\n", "line 3: [fleet] is not a table"),
         (
             "server",
             SERVER_BASE + '[tokens]\nok = "s3cret-s3cret-s3cret"\nx = "short"\n',

@@ -153,7 +153,7 @@ def test_the_alpn_picks_the_scheme() -> None:
     assert client_auth == AuthenticationCompleted(name="node-a", scheme=SCHEME_FLEET)
     sim.run_until(lambda: bool(sim.server_app.of_type(AuthenticationCompleted)), timeout=10)
     (server_auth,) = sim.server_app.of_type(AuthenticationCompleted)
-    assert server_auth.scheme == SCHEME_FLEET and server_auth.name == "node-b"
+    assert server_auth == AuthenticationCompleted(name="node-b", scheme=SCHEME_FLEET)
 
 
 def test_a_stranger_on_the_fleet_alpn_is_refused() -> None:

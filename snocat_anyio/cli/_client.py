@@ -58,7 +58,14 @@ def load_client_token(token_file: Path | None) -> tuple[str, bytes] | None:
 
 @cli.command()
 @config_option()
-@click.option("--driver", required=True, help="The aggregator's QUIC address, HOST:PORT.")
+@click.option(
+    "--driver",
+    "drivers",
+    required=True,
+    multiple=True,
+    help="The aggregator's QUIC address, HOST:PORT. Repeat for the nodes of a fleet: the "
+    "client fails over to the next one (a name with several addresses counts as a list).",
+)
 @click.option(
     "--san",
     "server_name",
@@ -114,7 +121,7 @@ def load_client_token(token_file: Path | None) -> tuple[str, bytes] | None:
 @backend_option
 def client(
     config_path: Path | None,
-    driver: str,
+    drivers: tuple[str, ...],
     server_name: str | None,
     targets: tuple[str, ...],
     authority: Path | None,
@@ -134,9 +141,13 @@ def client(
 ) -> None:
     """Dial an aggregator, publish a local target on a public port, and keep it up."""
     setup_logging(log_level, log_file=log_file)
-    host, port = parse_socket_address(driver, what="--driver")
-    if port == 0:
-        raise UsageProblem("--driver needs a port, e.g. example.org:9090")
+    servers = []
+    for driver in drivers:
+        server = parse_socket_address(driver, what="--driver")
+        if server[1] == 0:
+            raise UsageProblem("--driver needs a port, e.g. example.org:9090")
+        servers.append(server)
+    (host, port), *more_servers = servers
     publications = [parse_publication(t) for t in targets]
     parsed_targets = tuple(target for target, _ in publications)
     if len(set(parsed_targets)) != len(parsed_targets):
@@ -172,6 +183,7 @@ def client(
         config = ClientConfig(
             server_host=host,
             server_port=port,
+            more_servers=tuple(more_servers),
             server_name=server_name or host,
             targets=parsed_targets,
             public_ports=public_ports,
@@ -214,7 +226,8 @@ def client(
             )
             with anyio.CancelScope() as running:
                 await tg.start(until_signalled, running)
-                out.print(f"connecting to {format_host_port(host, port)} ...")
+                dialled = " or ".join(format_host_port(*server) for server in servers)
+                out.print(f"connecting to {dialled} ...")
                 tg.start_soon(watch_targets, parsed_targets)
                 await tunnel_client.run()
             await tunnel_client.aclose()

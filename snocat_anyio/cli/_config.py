@@ -4,9 +4,9 @@ Each top-level key is a long option without its dashes (``max-tunnels = 1000``,
 ``target = ["127.0.0.1:8000"]``, ``reconnect = false``); the file's values become
 click's ``default_map``, so a flag on the command line beats the file, which beats
 the built-in default.  Paths are relative to the file's directory.  A command may
-accept tables too (the server's ``[tokens]``).  ``[fleet]`` is reserved for fleet
-settings of a later version; any other unknown key is an error.  Every error names
-the file, the line and the key.
+accept tables too (the server's ``[tokens]``).  A ``[fleet]`` table is refused with
+a pointer to the top-level fleet keys (``registry = ...``); any other unknown key is
+an error.  Every error names the file, the line and the key.
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ from ._common import UsageProblem, read_file
 
 #: Where the loaded file is kept for the command (``ctx.meta``).
 CONFIG_META = "snocat.config"
-#: Tables no command accepts yet, and why.
-RESERVED_TABLES = {"fleet": "is reserved for fleet settings of a later version of snocat"}
+#: Tables no command accepts, and why (what to write instead).
+RESERVED_TABLES = {
+    "fleet": "is not a table: the fleet's settings are top-level keys like the others "
+    "(registry, node, advertise, fleet-token-file, workers; see docs/fleet.md)"
+}
 _TABLE_HEADER = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(#.*)?$")
 _DECODE_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 

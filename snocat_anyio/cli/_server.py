@@ -6,6 +6,7 @@ import contextlib
 import errno
 import functools
 import ipaddress
+import os
 import secrets
 import signal
 import socket
@@ -56,6 +57,7 @@ from ._group import backend_option, cli, datagram_option, liveness_options
 from ._output import live_status, output_options, report, setup_logging
 from ._running import run, until_signalled
 from ._tokens import TokenReloader, TokenSources, config_tokens
+from ._workers import fleet_config, supervise_workers
 
 
 @dataclass(frozen=True)
@@ -222,8 +224,8 @@ def local_only(host: str) -> str | None:
 )
 @click.option(
     "--advertise",
-    help="HOST:PORT clients dial, for the `snocat client` line printed at start "
-    "[default: the --quic address].",
+    help="HOST:PORT clients (and the other nodes of a fleet) dial; shown in the "
+    "`snocat client` line printed at start [default: the --quic address].",
 )
 @click.option(
     "--ports",
@@ -289,6 +291,42 @@ def local_only(host: str) -> str | None:
     is_flag=True,
     help="No live table on a terminal: plain, timestamped log lines.",
 )
+@click.option(
+    "--registry",
+    help="Join a fleet: its registry, redis://[USER:PASSWORD@]HOST:PORT/DB or rediss:// "
+    "(TLS); Valkey, or Redis 6.2 or newer. See docs/fleet.md.",
+)
+@click.option(
+    "--registry-password-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File holding the registry's password (instead of one in the URL).",
+)
+@click.option(
+    "--node",
+    "node_name",
+    help="This node's name in the fleet [default: host name and QUIC port].",
+)
+@click.option(
+    "--fleet-token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File holding the secret the nodes of the fleet prove to each other "
+    "(the same on every node; at least 16 characters).",
+)
+@click.option(
+    "--fleet-lease",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=1.0, max=3600.0),
+    help="Seconds a node's claims live unless renewed (every third of it): a dead "
+    "node's tunnels and ports are free again within this.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0, max=256),
+    help="Run N node processes on this machine sharing the QUIC port and the public "
+    "ports (needs --registry; 0: one per core).",
+)
+@click.option("--worker-group", hidden=True)
 @datagram_option
 @output_options
 @backend_option
@@ -309,6 +347,13 @@ def server(
     keepalive: float,
     state_dir: Path | None,
     plain: bool,
+    registry: str | None,
+    registry_password_file: Path | None,
+    node_name: str | None,
+    fleet_token_file: Path | None,
+    fleet_lease: float,
+    workers: int | None,
+    worker_group: str | None,
     max_datagram_size: int,
     log_level: str,
     log_file: Path | None,
@@ -319,7 +364,7 @@ def server(
     """Run the aggregator: accept tunnels over QUIC and give each client a public TCP port.
 
     SIGHUP (or a change to the tokens file) reloads the tokens: tunnels whose token is
-    unchanged stay up."""
+    unchanged stay up.  With --registry it is a node of a fleet (docs/fleet.md)."""
     setup_logging(log_level, log_file=log_file, plain=plain)
     config_file = loaded_config(get_current_context())
     quic_host, quic_port = parse_socket_address(quic, what="--quic")
@@ -393,6 +438,46 @@ def server(
         if sources.config is not None:
             warn_if_exposed(sources.config, "config file (its [tokens])")
     check_port_range(port_range, tcp_bind)
+    if worker_group is not None:
+        workers = None  # this is one of them
+    elif workers is not None and registry is None:
+        raise UsageProblem(
+            "--workers needs --registry: the workers are nodes of a fleet that share one "
+            "registry (docs/fleet.md)"
+        )
+    fleet = None
+    if registry is not None:
+        fleet = fleet_config(
+            registry,
+            registry_password_file,
+            node_name,
+            advertise,
+            (quic_host, quic_port),
+            fleet_token_file,
+            fleet_lease,
+            group=worker_group or "",
+        )
+    elif node_name or fleet_token_file or registry_password_file:
+        raise UsageProblem(
+            "--node, --fleet-token-file and --registry-password-file need --registry"
+        )
+    digest = fingerprint(chain[0])
+    if workers is not None:
+        assert fleet is not None
+        if quic_port == 0:
+            raise UsageProblem("--workers share one QUIC port: give --quic HOST:PORT, not port 0")
+        count = workers or os.cpu_count() or 1
+        _announce_server(
+            format_host_port(quic_host, quic_port),
+            advertise,
+            digest,
+            tokens_path,
+            created_state,
+            json_mode=json_mode,
+            workers=count,
+        )
+        run(functools.partial(supervise_workers, count, fleet.node), backend, loop)
+        return
     try:
         config = ServerConfig(
             certificate_pem=certificate_pem,
@@ -410,14 +495,20 @@ def server(
             keepalive_interval=keepalive or None,
             max_datagram_size=max_datagram_size,
             secrets_log_file=open_key_log(),
+            fleet=fleet,
+            quic_reuse_port=worker_group is not None,
         )
     except (ValueError, LocalProtocolError) as exc:
         raise UsageProblem(getattr(exc, "reason", str(exc))) from None
-    digest = fingerprint(chain[0])
     show_table = not (json_mode or plain) and sys.stderr.isatty()
 
     async def main() -> None:
-        server = TunnelServer(config)
+        if fleet is None:
+            server = TunnelServer(config)
+        else:
+            from .._fleet import FleetServer  # imports the store's client
+
+            server = FleetServer(config)
         reloader = TokenReloader(server, sources) if sources is not None else None
         serving = anyio.CancelScope()
         async with anyio.create_task_group() as tg:
@@ -435,14 +526,15 @@ def server(
                     raise UsageProblem(f"{message}; choose another --quic address") from None
                 raise OSError(message) from None
             host, port = server.quic_address
-            _announce_server(
-                format_host_port(host, port),
-                advertise,
-                digest,
-                tokens_path,
-                created_state,
-                json_mode=json_mode,
-            )
+            if worker_group is None:  # else the supervisor said it once for all
+                _announce_server(
+                    format_host_port(host, port),
+                    advertise,
+                    digest,
+                    tokens_path,
+                    created_state,
+                    json_mode=json_mode,
+                )
             if reloader is not None:
                 tg.start_soon(reloader.watch)
             if show_table:
@@ -481,10 +573,12 @@ def _announce_server(
     state: ServerState | None,
     *,
     json_mode: bool,
+    workers: int = 0,
 ) -> None:
     out = console(stderr=json_mode)
     dialed = f"; clients dial [cyan]{escape(advertise)}[/]" if advertise else ""
-    out.print(f"[bold]snocat server[/] listening on [cyan]{address}[/] (QUIC){dialed}")
+    processes = f" with {workers} workers" if workers else ""
+    out.print(f"[bold]snocat server[/] listening on [cyan]{address}[/] (QUIC){processes}{dialed}")
     out.print(f"certificate SHA-256 fingerprint: {digest}")
     if state is not None and tokens_path == state.tokens:
         driver = advertise or address

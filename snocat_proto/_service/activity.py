@@ -129,3 +129,33 @@ class TokensReplaced(Activity):
 
     names: int
     closed: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FleetChanged(Activity):
+    """(A node of a fleet) The fleet's registry changed: ``change`` is one of
+    ``node_joined``, ``node_left``, ``tunnel_registered``, ``tunnel_updated``,
+    ``tunnel_deregistered``, ``port_claimed``, ``port_released`` (docs/fleet.md);
+    ``node`` is the node it happened on."""
+
+    change: str
+    node: str
+    name: str | None = None
+    tunnel_id: str | None = None
+    ports: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FleetDegraded(Activity):
+    """(A node of a fleet) The registry is unreachable: tunnels and streams go on,
+    new claims wait for it."""
+
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FleetRecovered(Activity):
+    """(A node of a fleet) The registry is reachable again; its state is rebuilt."""
+
+    node: str

@@ -29,8 +29,9 @@ from .._wire.auth import SCHEME_TOKEN
 from .._wire.certificates import install_identity
 from .._wire.codes import CloseCode
 from .._wire.endpoint import AuthenticatorFactory, ServerEndpoint
-from .._wire.engine import quic_configuration
+from .._wire.engine import ALPN, quic_configuration
 from .._wire.errors import LocalProtocolError, ProtocolError
+from .._wire.fleet_auth import FLEET_ALPN, SCHEME_FLEET
 from .._wire.network import format_address
 from .._wire.proxyme import ProxymeRequest
 from .._wire.tunnel import TunnelConnection
@@ -88,6 +89,8 @@ def server_endpoint(
     """The QUIC endpoint a server binding pumps, as ``config`` describes it."""
     quic = quic_configuration(
         is_client=False,
+        # A node of a fleet also takes node-to-node links, on the same port.
+        alpn_protocols=(ALPN, FLEET_ALPN) if config.fleet is not None else (ALPN,),
         limits=config.limits,
         idle_timeout=config.idle_timeout,
         max_datagram_size=config.max_datagram_size,
@@ -138,6 +141,8 @@ class TunnelSession:
         self.admitted = False
         #: A newer tunnel of the same name displaced this one (its ports go to it).
         self.taken_over = False
+        #: A node-to-node link of a fleet, not a tunnel.
+        self.is_link = False
         self.registered = False
         self.closed = False
         #: Public ports granted to this tunnel, and the request each serves.
@@ -307,9 +312,14 @@ class Aggregator(Generic[S]):
     def on_authenticated(
         self, session: S, *, name: str, scheme: str, wall_time: float
     ) -> CloseVerdict | None:
-        """Register an authenticated tunnel, or say why to close it instead."""
+        """Register an authenticated tunnel, or say why to close it instead.  A
+        node-to-node link (scheme ``fleet``) is no tunnel: it is neither counted nor
+        registered, and serves only relay streams."""
         if not self.accepting:
             return CloseCode.SHUTTING_DOWN, SHUTTING_DOWN
+        if scheme == SCHEME_FLEET:
+            session.name, session.scheme, session.is_link = name, scheme, True
+            return None
         if not session.admitted:  # SimpleAck: no credential step came before
             if self._at_tunnel_limit():
                 return CloseCode.LIMIT_EXCEEDED, AT_TUNNEL_LIMIT
@@ -334,12 +344,15 @@ class Aggregator(Generic[S]):
         theirs until their listeners close; :meth:`allocate_port` makes the newcomer
         wait for them (:data:`PORT_PENDING`) rather than take others."""
         name = session.name
-        if name is None:
+        if name is None or session.is_link:
             return []
         displaced = [
             other
             for other in self._sessions.values()
-            if other is not session and other.name == name and not other.closed
+            if other is not session
+            and other.name == name
+            and not other.closed
+            and not other.is_link
         ]
         for other in displaced:
             other.taken_over = True
@@ -389,6 +402,9 @@ class Aggregator(Generic[S]):
 
     def route(self, session: S, address: RouteAddress) -> RouteDecision:
         """What to do with a stream the client of ``session`` opened to ``address``."""
+        if session.is_link:
+            # A node link carries the fleet's relay streams only (the route hook).
+            return RouteDecision(kind=RouteKind.HOOK)
         if not self.accepting or session.closed or not session.registered:
             return RouteDecision(kind=RouteKind.DROP)
         if self.config.proxyme:
@@ -458,6 +474,11 @@ class Aggregator(Generic[S]):
             if wanted in exclude:
                 return PortRefusal(f"port {wanted} cannot be bound on the aggregator", retry=True)
             if self._allocator.is_allocated(wanted):
+                if wait_for_takeover and any(
+                    other.taken_over and wanted in other.ports
+                    for other in self._sessions_of_name(session)
+                ):
+                    return PORT_PENDING  # the displaced tunnel of this name is freeing it
                 return PortRefusal(f"port {wanted} is in use by another tunnel", retry=True)
             self._allocator.claim(wanted)
             return wanted

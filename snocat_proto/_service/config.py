@@ -40,6 +40,50 @@ def check_max_datagram_size(value: int) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FleetConfig:
+    """How a server joins a fleet of aggregator nodes sharing one registry (docs/fleet.md)."""
+
+    #: ``redis://[user:password@]HOST:PORT/DB`` or ``rediss://`` (TLS): Valkey, or
+    #: Redis 6.2 or newer.
+    registry_url: str
+    #: The store's password, if not in the URL (``--registry-password-file``).
+    registry_password: str | None = None
+    #: This node's name in the fleet (unique; default: host name and QUIC port).
+    node: str
+    #: Where the other nodes reach this one (its node-to-node QUIC address).
+    advertise: tuple[str, int]
+    #: The secret nodes prove to each other (``--fleet-token-file``).
+    secret: bytes
+    #: Seconds a node's claims live unless renewed (at a third of it).
+    lease: float = 10.0
+    #: Keys and the event stream live under this prefix.
+    prefix: str = "snocat"
+    #: The workers of one ``--workers`` server share a non-empty group: they share
+    #: its QUIC port and public address, where only a port's holder listens.
+    group: str = ""
+
+    def __post_init__(self) -> None:
+        scheme, sep, _ = self.registry_url.partition("://")
+        if not sep or scheme not in ("redis", "rediss"):
+            raise ValueError(
+                "the registry must be redis://HOST:PORT/DB or rediss://HOST:PORT/DB, "
+                f"not {self.registry_url[:64]!r}"
+            )
+        if not isinstance(self.secret, bytes) or len(self.secret) < 16:
+            raise ValueError("the fleet secret must be at least 16 characters")
+        if not (math.isfinite(self.lease) and self.lease >= 1.0):
+            raise ValueError(f"the fleet lease must be at least 1 s, not {self.lease!r}")
+        if not self.node or any(c.isspace() or c in "/:" for c in self.node):
+            raise ValueError(
+                f"a node name may not be empty or hold spaces, '/' or ':': {self.node!r}"
+            )
+
+    def __repr__(self) -> str:  # never the secret or the password
+        host, port = self.advertise
+        return f"FleetConfig(node={self.node!r}, advertise={host}:{port}, lease={self.lease})"
+
+
+@dataclass(frozen=True, kw_only=True)
 class ServerConfig:
     """Everything :class:`TunnelServer` needs; validated at construction."""
 
@@ -79,6 +123,11 @@ class ServerConfig:
     proxyme: bool = True
     #: Where TLS secrets are logged (SSLKEYLOGFILE format), for debugging only.
     secrets_log_file: TextIO | None = None
+    #: Join a fleet of nodes (None: one node with the embedded registry).
+    fleet: FleetConfig | None = None
+    #: Bind the QUIC port with ``SO_REUSEPORT``, shared by the processes of one
+    #: server (``--workers``); the kernel spreads the clients across them.
+    quic_reuse_port: bool = False
 
     def __post_init__(self) -> None:
         if self.auth not in SCHEMES:
@@ -138,6 +187,10 @@ class ClientConfig:
     target_connect_timeout: float = 10.0
     #: Bound on the goodbye: the port release (and its acknowledgement) plus the close.
     close_timeout: float = 3.0
+    #: More aggregators (``HOST``, ``PORT``), nodes of one fleet: the client fails
+    #: over to the next one when a tunnel is lost or an aggregator does not answer
+    #: (``--driver`` given more than once).  They must carry ``server_name`` too.
+    more_servers: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.targets:
@@ -152,8 +205,9 @@ class ClientConfig:
         ports = list(self.public_ports.values())
         if len(set(ports)) != len(ports):
             raise ValueError("two targets ask for the same public port")
-        if not 0 < self.server_port <= 65535:
-            raise ValueError(f"server port must be in 1..65535, not {self.server_port}")
+        for _, port in ((self.server_host, self.server_port), *self.more_servers):
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= 65535:
+                raise ValueError(f"server port must be in 1..65535, not {port!r}")
         for name in ("connect_timeout", "target_connect_timeout", "close_timeout", "idle_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
@@ -170,3 +224,8 @@ class ClientConfig:
     @property
     def server_label(self) -> str:
         return format_host_port(self.server_host, self.server_port)
+
+    @property
+    def servers(self) -> tuple[tuple[str, int], ...]:
+        """Every aggregator to dial, in the order tried."""
+        return ((self.server_host, self.server_port), *self.more_servers)

@@ -125,6 +125,15 @@ class ServerEvents(ABC, Generic[S, T]):
         """Something raised: log ``message % args`` with the traceback (called from
         the ``except`` block)."""
 
+    def _link_up(self, session: S) -> None:
+        """A node of the fleet linked up (the fleet's server says what follows)."""
+
+    def _registered(self, session: S) -> None:
+        """A tunnel authenticated and is in the registry (a fleet tells the others)."""
+
+    def _deregistered(self, session: S) -> None:
+        """A registered tunnel closed (a fleet tells the others)."""
+
     def _hook_failed(self, address: RouteAddress) -> None:
         self._failed("the route hook failed for %s", address)
 
@@ -173,9 +182,13 @@ class ServerEvents(ABC, Generic[S, T]):
         )
         if self._close_on(tunnel, verdict):
             return
+        if session.is_link:
+            self._link_up(session)
+            return
         self._report(tunnel_authenticated, session, event)
         for displaced, takeover in self._books.take_over(session):
             self._close_on(displaced.tunnel, takeover)
+        self._registered(session)
 
     def _on_stream_requested(
         self, tunnel: TunnelConnection, event: StreamRequested, stream: T | None
@@ -206,6 +219,10 @@ class ServerEvents(ABC, Generic[S, T]):
         if session is None:
             return  # closed before its handshake completed: nothing was started
         self._tunnel_gone(session)  # its tasks or threads free its ports as they unwind
+        if session.is_link:
+            return  # a node link, not a tunnel
+        if session.registered:
+            self._deregistered(session)
         self._report(tunnel_closed, session, event)
 
     #: Which handler takes which event (the others need nothing of the server).

@@ -1,0 +1,1130 @@
+"""An aggregator node of a fleet: one registry on Valkey/Redis, any node serves any tunnel.
+
+:class:`FleetServer` is a :class:`~snocat_anyio.TunnelServer` whose registry is shared:
+it claims names and public ports in the store, renews its claims, follows the fleet's
+event stream, listens on the ports the other nodes hold, and relays a visitor who
+arrives there to the node that holds the tunnel, over a node-to-node QUIC link (ALPN
+``snocat-fleet-1``, :mod:`snocat_proto._wire.fleet_auth`).  The key layout, the
+scripts, the records, the conflict rules and what a node makes of each change are the
+core's (:mod:`snocat_proto._service.fleet`); this module runs them.
+
+The store is reached through ``coredis`` (built on anyio: asyncio and trio alike).  It
+may be away: at start the node says so in one line and keeps trying; while running,
+existing tunnels and streams go on, new claims wait for it, and the node's claims are
+set again when it is back (a restarted store is rebuilt from what the nodes hold).
+Meanwhile the node reports itself degraded.  The blocking binding stays single-node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+import anyio.abc
+import coredis
+import coredis.exceptions
+from coredis.tokens import PureToken
+
+from snocat_proto._service import activity
+from snocat_proto._service.aggregator import PortRefusal, TunnelStatus
+from snocat_proto._service.backoff import Backoff
+from snocat_proto._service.config import FleetConfig, ServerConfig
+from snocat_proto._service.fleet import (
+    CLAIM_NAME,
+    CLAIM_PORT,
+    EVENTS_KEPT,
+    NODE_LEFT,
+    RELEASE,
+    RENEW,
+    UPDATE,
+    EventKind,
+    FleetEvent,
+    FleetKeys,
+    FleetView,
+    NameClaim,
+    NodeRecord,
+    PortClaim,
+    Stored,
+    ViewChange,
+    renew_interval,
+)
+from snocat_proto._wire.address import RouteAddress
+from snocat_proto._wire.auth import NONCE_SIZE, Authenticator
+from snocat_proto._wire.certificates import load_identity
+from snocat_proto._wire.codes import CloseCode
+from snocat_proto._wire.endpoint import ClientEndpoint
+from snocat_proto._wire.engine import ALPN, quic_configuration
+from snocat_proto._wire.errors import LocalProtocolError
+from snocat_proto._wire.events import AuthenticationCompleted, ConnectionTerminated, TunnelEvent
+from snocat_proto._wire.fleet_auth import FLEET_ALPN, SCHEME_FLEET, FleetConnector, FleetListener
+from snocat_proto._wire.network import format_host_port, parse_host_port
+from snocat_proto._wire.proxyme import ProxymeRequest
+from snocat_proto._wire.tunnel import TunnelConnection, TunnelState
+
+from ._backend import (
+    Listener,
+    TaskSet,
+    accepted,
+    connect_name,
+    current_time,
+    relay,
+    shield,
+)
+from ._errors import StreamRefusedError, TunnelClosedError
+from ._host import TunnelHost
+from ._server import RouteHandler, Router, TunnelServer
+from ._server_flows import _Lease, _Session
+from ._stream import TunnelStream
+from ._udp import bind_udp
+
+__all__ = ["FleetServer", "StoreUnavailable"]
+
+logger = logging.getLogger("snocat.fleet")
+T = TypeVar("T")
+
+#: The route address of a relay stream on a node link: /fleet/relay/PORT/FENCE.
+RELAY = ("fleet", "relay")
+#: How long a claim waits for an unreachable store before it is refused (the client
+#: asks again), and how long making a node link may take.
+STORE_WAIT = 10.0
+LINK_TIMEOUT = 5.0
+#: The view is rebuilt from the keys this often (a dead node's claims lapse without
+#: an event), in leases.
+REBUILD_EVERY = 1.0
+
+
+class StoreUnavailable(Exception):
+    """The store did not answer (it is down, restarting, or unreachable)."""
+
+
+def redacted(url: str) -> str:
+    """The registry URL without its password, for messages."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = credentials.partition(":")[0]
+    return f"{scheme}{sep}{user + ':***@' if user else '***@'}{host}"
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _describe(exc: BaseException) -> str:
+    leaf = _leaf(exc)
+    return str(leaf) or type(leaf).__name__
+
+
+# The store --------------------------------------------------------------------------
+
+
+class FleetStore:
+    """The fleet's keys and events on Valkey/Redis: each method runs one of the core's
+    operations (one round trip unless it says otherwise)."""
+
+    def __init__(self, fleet: FleetConfig, on_health: Callable[[bool, str], None]) -> None:
+        self.keys = FleetKeys(fleet.prefix)
+        self.node = fleet.node
+        self._fleet = fleet
+        self._lease_ms = max(1, round(fleet.lease * 1000))
+        self._on_health = on_health
+        self._client: coredis.Redis[bytes] | None = None
+        self.healthy = False
+        self.reason = "not connected yet"
+        # anyio primitives need a running event loop: prepare() makes them.
+        self._changed: anyio.Event
+        self._broken: anyio.Event
+        #: Round trips made (the benchmark's "per new tunnel" figure).
+        self.round_trips = 0
+
+    def prepare(self) -> None:
+        """(In the event loop, before anything else)"""
+        self._changed = anyio.Event()
+        self._broken = anyio.Event()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep a client to the store and watch its health; never returns.  Reports
+        itself started after the first attempt, whether it reached the store or not."""
+        backoff = Backoff(0.5, 10.0)
+        started = False
+        while True:
+            client: coredis.Redis[bytes] = coredis.Redis.from_url(
+                self._fleet.registry_url,
+                password=self._fleet.registry_password,
+                decode_responses=False,
+                connect_timeout=2.0,
+                stream_timeout=5.0,
+            )
+            try:
+                async with client:
+                    self._client = client
+                    while True:
+                        try:
+                            await client.ping()
+                        except (coredis.exceptions.RedisError, TimeoutError, OSError) as exc:
+                            self._set_health(False, _describe(exc))
+                        else:
+                            self._set_health(True, "")
+                            backoff.reset()
+                        if not started:
+                            started = True
+                            task_status.started()
+                        if self.healthy:
+                            self._broken = anyio.Event()
+                            await self._broken.wait()
+                        else:
+                            await self._pause(backoff.next_delay())
+            except Exception as exc:  # a failed connect comes as an exception group
+                self._client = None
+                self._set_health(False, _describe(exc))
+            if not started:
+                started = True
+                task_status.started()
+            await self._pause(backoff.next_delay())
+
+    async def _pause(self, delay: float) -> None:
+        logger.warning(
+            "the registry %s is unreachable (%s); trying again in %.1f s",
+            redacted(self._fleet.registry_url),
+            self.reason,
+            delay,
+        )
+        await anyio.sleep(delay)
+
+    def _set_health(self, healthy: bool, reason: str) -> None:
+        self.reason = reason
+        if healthy != self.healthy:
+            self.healthy = healthy
+            self._on_health(healthy, reason)
+            self._changed.set()
+            self._changed = anyio.Event()
+        if not healthy:
+            self._broken.set()
+
+    async def wait_healthy(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the store to be reachable."""
+        with anyio.move_on_after(max(0.0, timeout)):
+            while not self.healthy:
+                await self._changed.wait()
+        return self.healthy
+
+    async def call(self, operation: Callable[[coredis.Redis[bytes]], Awaitable[T]]) -> T:
+        """Run ``operation`` on the store; :class:`StoreUnavailable` if it cannot."""
+        client = self._client
+        if client is None or not self.healthy:
+            raise StoreUnavailable(self.reason)
+        self.round_trips += 1
+        try:
+            return await operation(client)
+        except (coredis.exceptions.ConnectionError, TimeoutError, OSError) as exc:
+            self._set_health(False, _describe(exc))
+            raise StoreUnavailable(self.reason) from None
+
+    async def _eval(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        return await self.call(lambda client: client.eval(script, keys=keys, args=args))
+
+    # The operations ----------------------------------------------------------------
+
+    async def claim_port(self, claim: PortClaim) -> tuple[Stored | None, PortClaim | None]:
+        """Claim ``claim.port``: ``(stored, None)`` if it is ours now, else ``(None,
+        holder)`` (None if the holder's value is not a snocat claim)."""
+        keys = self.keys
+        won, detail = await self._eval(
+            CLAIM_PORT,
+            [keys.port(claim.port), keys.fence, keys.events],
+            [
+                claim.encode(),
+                self._lease_ms,
+                claim.name,
+                claim.target,
+                self.node,
+                EVENTS_KEPT,
+                EventKind.PORT_CLAIMED.value,
+            ],
+        )
+        if won:
+            return Stored(int(detail), claim.encode()), None
+        with contextlib.suppress(LocalProtocolError):
+            return None, PortClaim.decode(Stored.parse(detail).body)
+        return None, None
+
+    async def claim_name(self, record: NameClaim) -> tuple[Stored, NameClaim | None]:
+        """Take ``record.name`` (the newest tunnel wins); the previous holder's record."""
+        keys = self.keys
+        fence, previous = await self._eval(
+            CLAIM_NAME,
+            [keys.name(record.name), keys.fence, keys.events],
+            [
+                record.encode(),
+                self._lease_ms,
+                self.node,
+                EVENTS_KEPT,
+                EventKind.TUNNEL_REGISTERED.value,
+            ],
+        )
+        held = None
+        if previous:
+            with contextlib.suppress(LocalProtocolError):
+                held = NameClaim.decode(Stored.parse(previous).body)
+        return Stored(int(fence), record.encode()), held
+
+    async def update(self, key: str, old: Stored, new: Stored, kind: EventKind) -> bool:
+        """Change a claim's record (same fence, same lease) if it is still ours."""
+        changed = await self._eval(
+            UPDATE,
+            [key, self.keys.fence, self.keys.events],
+            [old.value, new.value, self.node, EVENTS_KEPT, kind.value, self._lease_ms, old.fence],
+        )
+        return bool(changed)
+
+    async def renew(self, held: list[tuple[str, Stored]]) -> list[int]:
+        """Renew ``(key, stored)`` claims; the indexes (0-based) of those taken."""
+        if not held:
+            return []
+        lost = await self._eval(
+            RENEW,
+            [self.keys.fence, *(key for key, _ in held)],
+            [self._lease_ms, *(stored.value for _, stored in held), max(s.fence for _, s in held)],
+        )
+        return [int(index) - 1 for index in lost]
+
+    async def release(self, key: str, stored: Stored, kind: EventKind) -> bool:
+        released = await self._eval(
+            RELEASE, [key, self.keys.events], [stored.value, self.node, EVENTS_KEPT, kind.value]
+        )
+        return bool(released)
+
+    async def put_node(self, record: NodeRecord, *, announce: bool) -> None:
+        keys = self.keys
+
+        async def run(client: coredis.Redis[bytes]) -> None:
+            await client.set(keys.node(record.node), record.encode(), px=self._lease_ms)
+            if announce:
+                await client.xadd(
+                    keys.events,
+                    {
+                        b"kind": EventKind.NODE_JOINED.value,
+                        b"node": record.node,
+                        b"body": record.encode(),
+                    },
+                    trim_strategy=PureToken.MAXLEN,
+                    threshold=EVENTS_KEPT,
+                    trim_operator=PureToken.APPROXIMATELY,
+                )
+
+        await self.call(run)
+
+    async def drop_node(self, record: NodeRecord) -> None:
+        """This node leaves: its key goes, and the fleet is told."""
+        keys = self.keys
+        await self.call(lambda client: client.delete([keys.node(record.node)]))
+        await self.node_left(record)
+
+    async def node_left(self, record: NodeRecord) -> None:
+        """Say (once across the fleet) that ``record`` 's node has left."""
+        keys = self.keys
+        await self._eval(
+            NODE_LEFT,
+            [keys.node(record.node), keys.gone(record.node, record.started), keys.events],
+            [
+                record.node,
+                record.encode(),
+                self._lease_ms * 6,
+                EVENTS_KEPT,
+                EventKind.NODE_LEFT.value,
+            ],
+        )
+
+    async def sticky(self, name: str, target: str) -> int | None:
+        key = self.keys.sticky(name, target)
+        value = await self.call(lambda client: client.get(key))
+        return int(value) if value is not None and value.isdigit() else None
+
+    async def remember(self, name: str, target: str, port: int, seconds: float) -> None:
+        key = self.keys.sticky(name, target)
+        ms = max(1, round(seconds * 1000))
+        await self.call(lambda client: client.set(key, str(port).encode(), px=ms))
+
+    async def snapshot(
+        self,
+    ) -> tuple[list[NodeRecord], dict[int, Stored], dict[str, Stored]]:
+        """Every node record, port claim and tunnel record in the store (a few round
+        trips per 500 keys)."""
+        keys = self.keys
+        nodes = []
+        for value in (await self._scan(keys.node_pattern)).values():
+            with contextlib.suppress(LocalProtocolError):
+                nodes.append(NodeRecord.decode(value))
+        ports: dict[int, Stored] = {}
+        prefix = keys.port(0)[:-1]
+        for key, value in (await self._scan(keys.port_pattern)).items():
+            with contextlib.suppress(LocalProtocolError, ValueError):
+                ports[int(key.removeprefix(prefix))] = Stored.parse(value)
+        tunnels: dict[str, Stored] = {}
+        prefix = keys.name("")
+        for key, value in (await self._scan(keys.name_pattern)).items():
+            with contextlib.suppress(LocalProtocolError):
+                tunnels[key.removeprefix(prefix)] = Stored.parse(value)
+        return nodes, ports, tunnels
+
+    async def _scan(self, pattern: str) -> dict[str, bytes]:
+        async def run(client: coredis.Redis[bytes]) -> dict[str, bytes]:
+            names = [key async for key in client.scan_iter(match=pattern, count=500)]
+            found: dict[str, bytes] = {}
+            for start in range(0, len(names), 500):
+                batch = names[start : start + 500]
+                for key, value in zip(batch, await client.mget(batch), strict=True):
+                    if value is not None:
+                        found[key.decode("utf-8", "replace")] = value
+            return found
+
+        return await self.call(run)
+
+    async def last_event_id(self) -> str:
+        entries = await self.call(lambda client: client.xrevrange(self.keys.events, count=1))
+        return _text(entries[0].identifier) if entries else "0-0"
+
+    async def events_after(self, last_id: str, block: float) -> tuple[str, list[FleetEvent]]:
+        """The entries after ``last_id`` (waiting up to ``block`` seconds for one): the
+        last id read, and the events this version reads."""
+        key = self.keys.events
+
+        async def run(client: coredis.Redis[bytes]) -> Any:
+            return await client.xread(
+                {key: last_id.encode()}, count=500, block=max(1, round(block * 1000))
+            )
+
+        found = await self.call(run)
+        events: list[FleetEvent] = []
+        for entry in (found or {}).get(key.encode(), ()):
+            last_id = _text(entry.identifier)
+            event = FleetEvent.decode(last_id, entry.field_values)
+            if event is not None:
+                events.append(event)
+        return last_id, events
+
+
+# Node links -----------------------------------------------------------------------
+
+
+class FleetLink:
+    """This node's QUIC link to another node, made on first use and again after a loss."""
+
+    def __init__(self, server: FleetServer, record: NodeRecord) -> None:
+        self.record = record
+        self._server = server
+        self._tunnel: TunnelConnection | None = None
+        self._host: TunnelHost | None = None
+        self._sock: socket.socket | None = None
+        self._ready = anyio.Event()
+        self._lock = anyio.Lock()
+
+    @property
+    def up(self) -> bool:
+        return self._tunnel is not None and self._tunnel.state is TunnelState.AUTHENTICATED
+
+    async def open_stream(self, address: RouteAddress) -> TunnelStream:
+        async with self._lock:
+            if not self.up:
+                await self._connect()
+        assert self._host is not None and self._tunnel is not None
+        return await self._host.open_stream(self._tunnel, address, LINK_TIMEOUT)
+
+    async def _connect(self) -> None:
+        self.close()
+        server = self._server
+        host, port = parse_host_port(self.record.advertise)
+        configuration = quic_configuration(
+            is_client=True,
+            limits=server.config.limits,
+            server_name=host,
+            idle_timeout=server.config.idle_timeout,
+            alpn_protocols=(FLEET_ALPN,),
+        )
+        # The fleet proof binds the link to the certificate the peer shows: no CA.
+        configuration.verify_mode = ssl.CERT_NONE
+        infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        family, *_, sockaddr = infos[0]
+        sock = bind_udp("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
+        self._sock = sock
+        sock.connect(sockaddr[:2])
+        self._ready = anyio.Event()
+        tunnel = TunnelConnection.connect(
+            configuration,
+            address=sock.getpeername(),
+            authenticator=FleetConnector(
+                os.urandom(NONCE_SIZE),
+                secret=server.fleet.secret,
+                node=server.fleet.node,
+                limits=server.config.limits,
+            ),
+            limits=server.config.limits,
+            now=current_time(),
+        )
+        self._tunnel = tunnel
+        self._host = TunnelHost(
+            ClientEndpoint(tunnel),
+            sock,
+            self._on_event,
+            limits=server.config.limits,
+            name=f"snocat-link-{self.record.node}",
+        )
+        self._host.start(server.group)
+        with anyio.move_on_after(LINK_TIMEOUT):
+            await self._ready.wait()
+        if not self.up:
+            self.close()
+            raise OSError(f"no link to node {self.record.node} at {self.record.advertise}")
+        logger.info("linked up to node %s at %s", self.record.node, self.record.advertise)
+
+    def _on_event(
+        self, tunnel: TunnelConnection, event: TunnelEvent, stream: TunnelStream | None
+    ) -> None:
+        if isinstance(event, AuthenticationCompleted | ConnectionTerminated):
+            self._ready.set()
+            if isinstance(event, ConnectionTerminated):
+                logger.info("link to node %s closed: %s", self.record.node, event.reason)
+        elif stream is not None and self._host is not None:
+            self._host.refuse(stream)  # a link carries this node's streams only
+
+    def close(self) -> None:
+        if self._tunnel is not None and self._host is not None:
+            if self._tunnel.state is not TunnelState.CLOSED:
+                self._tunnel.close(CloseCode.NORMAL, "link closed")
+                self._host.flush(self._tunnel)
+            self._host.stop()
+        if self._sock is not None:
+            self._sock.close()
+        self._tunnel = self._host = self._sock = None
+
+
+# The node -------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Held:
+    """A claim this node holds, for one tunnel: its key and stored value."""
+
+    key: str
+    stored: Stored
+    session: _Session
+
+
+@dataclass(eq=False)
+class _Registration:
+    """One registered tunnel's record in the store, kept in step by one task."""
+
+    session: _Session
+    since: float
+    changed: anyio.Event = field(default_factory=anyio.Event)
+    held: _Held | None = None
+    #: Another node took the name: the tunnel is closing, the record is not ours.
+    lost: bool = False
+
+
+class FleetServer(TunnelServer):
+    """An aggregator node of a fleet; see the module docstring.
+
+    ``route`` sees the streams tunnel clients open, as with :class:`TunnelServer`;
+    the fleet's own relay streams never reach it."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        authenticate: Callable[[str], Awaitable[bytes | None]] | None = None,
+        route: Router | None = None,
+    ) -> None:
+        if config.fleet is None:
+            raise ValueError("a FleetServer needs ServerConfig.fleet")
+        super().__init__(config, authenticate=authenticate, route=self._route_fleet)
+        self.fleet = config.fleet
+        self._user_route = route
+        self._store = FleetStore(self.fleet, self._health_changed)
+        self._registrations: dict[str, _Registration] = {}  # by tunnel id
+        self._ports: dict[int, _Held] = {}
+        self._remote: dict[int, Listener] = {}
+        self._links: dict[str, FleetLink] = {}
+        self._tasks: TaskSet | None = None
+        self._started_at = time.time()
+        #: Pause detection: when the watch last ran, and since when the node has
+        #: been suspect (it was paused: its claims may be another node's now) until
+        #: a renewal that started after it.
+        self._tick_at = 0.0
+        self._announced = False
+        self._suspect_since: float | None = None
+        # anyio primitives need a running event loop: _begin() makes them.
+        self._renew_now: anyio.Event
+        #: Renewals, releases and updates of this node's claims, one at a time.
+        self._claims_lock: anyio.Lock
+        self._view = FleetView(self._record(), self._store.keys)
+        certificate, _ = load_identity(config.certificate_pem, config.private_key_pem)
+        self._certificate = certificate[0]
+
+    # Public API ---------------------------------------------------------------
+
+    @property
+    def degraded(self) -> bool:
+        """Whether the registry is unreachable (tunnels go on; new claims wait)."""
+        return not self._store.healthy
+
+    @property
+    def store_round_trips(self) -> int:
+        """Round trips made to the store so far."""
+        return self._store.round_trips
+
+    @property
+    def group(self) -> Any:
+        return self._group
+
+    def nodes(self) -> list[NodeRecord]:
+        """The nodes of the fleet this node knows of (itself included), by name."""
+        return sorted(self._view.nodes.values(), key=lambda record: record.node)
+
+    def fleet_tunnels(self) -> list[NameClaim]:
+        """Every tunnel registered in the fleet, as this node last saw them."""
+        return sorted((r for _, r in self._view.tunnels.values()), key=lambda r: r.since)
+
+    # Lifecycle ------------------------------------------------------------------
+
+    def _open(self) -> None:
+        super()._open()
+        self._view.me = self._record()
+
+    def _begin(self, group: Any) -> None:
+        super()._begin(group)
+        self._renew_now = anyio.Event()
+        self._claims_lock = anyio.Lock()
+        self._tick_at = current_time()
+        self._store.prepare()
+        tasks = self._tasks = TaskSet(group, logger, f"node {self.fleet.node}")
+        tasks.spawn(self._store.run, name="store")
+        tasks.spawn(self._keep_claims, name="renew")
+        tasks.spawn(self._follow_events, name="events")
+        tasks.spawn(self._watch_pauses, name="pauses")
+
+    async def _wind_down(self, grace: float) -> None:
+        for port in list(self._remote):
+            await self._stop_listening(port)
+        await super()._wind_down(grace)
+        with shield(), anyio.move_on_after(2.0):
+            await self._leave()
+        if self._tasks is not None:
+            self._tasks.cancel()
+        for link in list(self._links.values()):
+            link.close()
+
+    async def _leave(self) -> None:
+        """Give back what is still held (normally released as tunnels closed), and
+        tell the fleet this node left."""
+        with contextlib.suppress(StoreUnavailable):
+            for held in list(self._ports.values()):
+                await self._release_claim(held.key, held.stored, EventKind.PORT_RELEASED)
+            for registration in list(self._registrations.values()):
+                if registration.held is not None:
+                    held = registration.held
+                    await self._release_claim(held.key, held.stored, EventKind.TUNNEL_DEREGISTERED)
+            await self._store.drop_node(self._view.me)
+        self._ports.clear()
+        self._registrations.clear()
+
+    def _health_changed(self, healthy: bool, reason: str) -> None:
+        node = self.fleet.node
+        if healthy:
+            logger.info("the registry is reachable: node %s serves the fleet", node)
+            self.activity.publish(activity.FleetRecovered(at=time.time(), node=node))
+        else:
+            logger.warning("the registry is unreachable (%s): node %s is degraded", reason, node)
+            self.activity.publish(activity.FleetDegraded(at=time.time(), node=node, reason=reason))
+
+    def _record(self) -> NodeRecord:
+        host, port = self.fleet.advertise
+        return NodeRecord(
+            node=self.fleet.node,
+            advertise=format_host_port(host, port),
+            tcp=self.config.tcp_bind,
+            group=self.fleet.group,
+            started=self._started_at,
+        )
+
+    # Authentication: node links beside tunnels -------------------------------------
+
+    def _new_authenticator(self, peer_name: str) -> Authenticator:
+        return {  # type: ignore[return-value]  # TunnelConnection picks one by ALPN
+            ALPN: super()._new_authenticator(peer_name),
+            FLEET_ALPN: FleetListener(
+                os.urandom(NONCE_SIZE),
+                secret=self.fleet.secret,
+                node=self.fleet.node,
+                certificate=self._certificate,
+                limits=self.config.limits,
+            ),
+        }
+
+    def _link_up(self, session: _Session) -> None:
+        logger.info("node %s linked up from %s", session.name, session.peer)
+
+    # Tunnels: their records ---------------------------------------------------------
+
+    def _registered(self, session: _Session) -> None:
+        registration = _Registration(session, time.time())
+        self._registrations[session.tunnel_id] = registration
+        self._spawn_task(self._keep_record, registration, name="record")
+
+    def _deregistered(self, session: _Session) -> None:
+        registration = self._registrations.get(session.tunnel_id)
+        if registration is not None:
+            registration.changed.set()  # its task releases the record and ends
+
+    def _tunnel_record(self, registration: _Registration) -> NameClaim:
+        session = registration.session
+        assert session.name is not None
+        return NameClaim(
+            name=session.name,
+            node=self.fleet.node,
+            tunnel_id=session.tunnel_id,
+            scheme=session.scheme,
+            since=registration.since,
+            ports=tuple(sorted(session.ports)),
+        )
+
+    async def _keep_record(self, registration: _Registration) -> None:
+        """Claim the tunnel's name, keep its record's ports up to date, and release
+        it when the tunnel closes (waiting for the store meanwhile)."""
+        session = registration.session
+        try:
+            while not session.closed and not registration.lost:
+                registration.changed = anyio.Event()
+                record = self._tunnel_record(registration)
+                if not await self._store.wait_healthy(STORE_WAIT):
+                    continue
+                try:
+                    await self._sync_record(registration, record)
+                except StoreUnavailable:
+                    continue
+                await registration.changed.wait()
+        finally:
+            self._registrations.pop(session.tunnel_id, None)
+            held = registration.held
+            if held is not None:
+                self._view.drop(held.key)
+                with shield(), contextlib.suppress(StoreUnavailable):
+                    await self._release_claim(held.key, held.stored, EventKind.TUNNEL_DEREGISTERED)
+
+    async def _sync_record(self, registration: _Registration, record: NameClaim) -> None:
+        held = registration.held
+        if held is None:
+            stored, previous = await self._store.claim_name(record)
+            key = self._store.keys.name(record.name)
+            registration.held = _Held(key, stored, registration.session)
+            self._view.hold(key, stored.fence)
+            if previous is not None and previous.node != self.fleet.node:
+                logger.info(
+                    "tunnel %s (%s) took its name over from node %s",
+                    record.tunnel_id,
+                    record.name,
+                    previous.node,
+                )
+        elif held.stored.body != record.encode():
+            new = Stored(held.stored.fence, record.encode())
+            if await self._update_claim(held.key, held.stored, new):
+                held.stored = new
+            else:
+                self._lost(held)
+
+    # Ports: atomic claims across the fleet ------------------------------------------
+
+    async def _claim_port(
+        self, session: _Session, request: ProxymeRequest, wanted: int | None, refused: set[int]
+    ) -> int | PortRefusal:
+        port_range = self.config.port_range
+        if wanted is not None and wanted not in port_range:
+            return PortRefusal(
+                f"port {wanted} is outside this aggregator's range {port_range}", False
+            )
+        deadline = current_time() + STORE_WAIT
+        while not session.closed:
+            if not await self._store.wait_healthy(deadline - current_time()):
+                return PortRefusal("the fleet's registry is unreachable; ask again later", True)
+            try:
+                return await self._claim_in_store(session, request, wanted, refused)
+            except StoreUnavailable:
+                continue  # wait for the store, then claim again
+        return PortRefusal("the tunnel closed", True)
+
+    async def _claim_in_store(
+        self, session: _Session, request: ProxymeRequest, wanted: int | None, refused: set[int]
+    ) -> int | PortRefusal:
+        name, target = session.label, str(request.target())
+        if wanted is not None:
+            candidates = [wanted]
+        else:
+            sticky = await self._store.sticky(name, target)
+            candidates = self._view.port_candidates(
+                name, target, sticky, self.config.port_range, refused
+            )
+        for port in candidates:
+            claim = PortClaim(
+                port=port,
+                node=self.fleet.node,
+                tunnel_id=session.tunnel_id,
+                name=name,
+                target=target,
+            )
+            stored, holder = await self._store.claim_port(claim)
+            if stored is None:
+                if wanted is not None:
+                    where = f" on node {holder.node}" if holder is not None else ""
+                    return PortRefusal(f"port {port} is in use by another tunnel{where}", True)
+                continue
+            # Ours now: our own listener serves it, so stop relaying it elsewhere.
+            self._ports[port] = _Held(self._store.keys.port(port), stored, session)
+            await self._apply_change(self._view.claimed_port(stored.fence, claim))
+            # The embedded books keep the local truth (and the one-name rule).
+            local = await super()._claim_port(session, request, port, refused)
+            if isinstance(local, PortRefusal):
+                await self._give_back_port(session, port)
+                if wanted is not None:
+                    return local
+                refused.add(port)
+                continue
+            return local
+        return PortRefusal(f"no free port in {self.config.port_range} across the fleet", True)
+
+    async def _unclaim_port(self, session: _Session, port: int) -> None:
+        await super()._unclaim_port(session, port)
+        await self._give_back_port(session, port)
+
+    async def _release_port(self, session: _Session, port: int) -> bool:
+        held = self._ports.get(port)
+        released = await super()._release_port(session, port)
+        if held is not None and held.session is session:
+            await self._give_back_port(session, port)
+            with contextlib.suppress(StoreUnavailable):
+                claim = PortClaim.decode(held.stored.body)
+                await self._store.remember(
+                    claim.name, claim.target, port, self.config.sticky_port_seconds
+                )
+        return released
+
+    def _port_granted(self, session: _Session, lease: _Lease) -> None:
+        super()._port_granted(session, lease)
+        self._record_changed(session)
+
+    async def _stop_lease(self, session: _Session, lease: _Lease) -> None:
+        await super()._stop_lease(session, lease)
+        self._record_changed(session)
+
+    def _record_changed(self, session: _Session) -> None:
+        registration = self._registrations.get(session.tunnel_id)
+        if registration is not None:
+            registration.changed.set()
+
+    async def _give_back_port(self, session: _Session, port: int) -> None:
+        """Release ``session`` 's claim of ``port`` (not a newer tunnel's of its name)."""
+        held = self._ports.get(port)
+        if held is None or held.session is not session:
+            return
+        del self._ports[port]
+        self._view.drop(held.key)
+        with contextlib.suppress(StoreUnavailable):
+            await self._release_claim(held.key, held.stored, EventKind.PORT_RELEASED)
+
+    def _accepted(self, session: _Session, lease: _Lease, client: socket.socket) -> None:
+        if not self._claims_fresh():
+            # Paused or cut off past the lease: another node may hold the port now.
+            client.close()
+            return
+        super()._accepted(session, lease, client)
+
+    def _claims_fresh(self) -> bool:
+        """False while this node may have been paused past its claims (SIGSTOP, a
+        frozen VM): until a renewal confirms them, it serves no new visitor.  A store
+        that is merely unreachable does not count: nobody can claim meanwhile."""
+        gap = current_time() - self._tick_at
+        return self._suspect_since is None and gap < renew_interval(self.fleet.lease)
+
+    async def _watch_pauses(self) -> None:
+        tick = min(0.5, renew_interval(self.fleet.lease) / 4)
+        while True:
+            await anyio.sleep(tick)
+            now = current_time()
+            if now - self._tick_at >= renew_interval(self.fleet.lease):
+                logger.warning(
+                    "node %s did not run for %.1f s: serving no new visitors until its "
+                    "claims are confirmed",
+                    self.fleet.node,
+                    now - self._tick_at,
+                )
+                self._suspect_since = now
+                self._renew_now.set()
+            self._tick_at = now
+
+    # Keeping the claims: leases and fencing ---------------------------------------
+
+    async def _keep_claims(self) -> None:
+        """Renew this node's claims every third of the lease; close what was lost;
+        now and then rebuild the view from the keys."""
+        interval = renew_interval(self.fleet.lease)
+        self._announced = False
+        rebuilt_at = -float("inf")
+        while True:
+            if not await self._store.wait_healthy(interval):
+                continue
+            started = current_time()
+            try:
+                await self._store.put_node(self._view.me, announce=not self._announced)
+                self._announced = True
+                async with self._claims_lock:  # what is held is what is renewed
+                    held = [
+                        r.held for r in self._registrations.values() if r.held is not None
+                    ] + list(self._ports.values())
+                    lost = await self._store.renew([(h.key, h.stored) for h in held])
+                if current_time() - rebuilt_at >= REBUILD_EVERY * self.fleet.lease:
+                    rebuilt_at = current_time()
+                    await self._rebuild()
+            except StoreUnavailable:
+                continue
+            for index in lost:
+                self._lost(held[index], while_away=True)
+            if self._suspect_since is not None and self._suspect_since < started:
+                logger.info("node %s: its claims are confirmed", self.fleet.node)
+                self._suspect_since = None
+            self._renew_now = anyio.Event()
+            with anyio.move_on_after(max(0.0, interval - (current_time() - started))):
+                await self._renew_now.wait()
+
+    def _lost(self, held: _Held, *, while_away: bool = False) -> None:
+        """Another node claimed what this one held: stop serving it.  Seen in the
+        fleet's changes, a newer tunnel of the name came through there (the client of
+        this one is taken over, and stops); found by a renewal, this node was away
+        past its lease (its client, if still here, reconnects)."""
+        session = held.session
+        self._view.drop(held.key)
+        for port in [p for p, h in self._ports.items() if h.session is session]:
+            self._view.drop(self._ports.pop(port).key)
+        registration = self._registrations.get(session.tunnel_id)
+        if registration is not None:
+            registration.held, registration.lost = None, True
+            registration.changed.set()
+        if session.closed:
+            return
+        logger.warning(
+            "tunnel %s (%s): another node holds its claim now (%s); closing it",
+            session.tunnel_id,
+            session.label,
+            held.key,
+        )
+        if while_away:
+            code = CloseCode.SHUTTING_DOWN
+            reason = "this node lost the tunnel's claims while it was away; reconnect"
+        else:
+            code = CloseCode.TAKEN_OVER
+            reason = "a newer tunnel of this name authenticated on another node"
+        with self._lock:
+            if session.tunnel.state is not TunnelState.CLOSED:
+                session.tunnel.close(code, reason)
+                self._flush(session.tunnel)
+
+    async def _rebuild(self) -> None:
+        """Rebuild the view from the keys, and say which nodes' records lapsed."""
+        nodes, ports, tunnels = await self._store.snapshot()
+        change = self._view.rebuild(nodes, ports, tunnels)
+        for record in change.left:
+            await self._store.node_left(record)
+        change.left = []  # reported as the event comes back
+        await self._apply_change(change)
+
+    # The event stream -------------------------------------------------------------
+
+    async def _follow_events(self) -> None:
+        last: str | None = None
+        while True:
+            if not await self._store.wait_healthy(STORE_WAIT):
+                continue
+            try:
+                if last is None:
+                    last = await self._store.last_event_id()
+                    await self._rebuild()
+                last, events = await self._store.events_after(last, block=1.0)
+            except StoreUnavailable:
+                last = None  # it may have restarted: rebuild from the keys, then follow
+                continue
+            for event in events:
+                if event.kind is EventKind.NODE_LEFT and event.node == self.fleet.node:
+                    # Its key lapsed while it was away: say again that it is here.
+                    self._announced = False
+                    self._renew_now.set()
+                self._report_event(event)
+                await self._apply_change(self._view.apply(event))
+
+    def _report_event(self, event: FleetEvent) -> None:
+        record = event.record
+        name = tunnel_id = None
+        ports: tuple[int, ...] = ()
+        if isinstance(record, NameClaim):
+            name, tunnel_id, ports = record.name, record.tunnel_id, record.ports
+        elif isinstance(record, PortClaim):
+            name, tunnel_id, ports = record.name, record.tunnel_id, (record.port,)
+        node = record.node if isinstance(record, NodeRecord) else event.node
+        self.activity.publish(
+            activity.FleetChanged(
+                at=time.time(),
+                change=event.kind.value,
+                node=node,
+                name=name,
+                tunnel_id=tunnel_id,
+                ports=ports,
+            )
+        )
+
+    async def _apply_change(self, change: ViewChange) -> None:
+        for key in change.lost:
+            for held in self._held_under(key):
+                self._lost(held)
+        for record in change.joined:
+            if record.node != self.fleet.node:
+                logger.info("node %s joined the fleet (%s)", record.node, record.advertise)
+        for record in change.left:
+            logger.info("node %s left the fleet", record.node)
+            link = self._links.pop(record.node, None)
+            if link is not None:
+                link.close()
+        for port in sorted(change.unlisten):
+            await self._stop_listening(port)
+        for port in sorted(change.listen):
+            self._spawn_task(self._listen_for_other, port, name=f"remote-{port}")
+
+    def _held_under(self, key: str) -> Iterable[_Held]:
+        for registration in list(self._registrations.values()):
+            if registration.held is not None and registration.held.key == key:
+                yield registration.held
+        for held in list(self._ports.values()):
+            if held.key == key:
+                yield held
+
+    # Ports held elsewhere: listen, and relay to the node that holds the tunnel ----------
+
+    async def _listen_for_other(self, port: int) -> None:
+        if port in self._remote or not self._view.should_listen(port):
+            return
+        try:
+            listener = await Listener.open(self.config.tcp_bind or None, port)
+        except OSError as exc:
+            holder = self._view.holder_of(port)
+            logger.warning(
+                "cannot listen on port %d for node %s: %s",
+                port,
+                holder.node if holder else "?",
+                exc,
+            )
+            return
+        if port in self._remote or not self._view.should_listen(port) or self._tasks is None:
+            await listener.aclose()
+            return
+        self._remote[port] = listener
+        listener.start(self._host, self._tasks, functools.partial(self._visitor, port))
+
+    async def _stop_listening(self, port: int) -> None:
+        listener = self._remote.pop(port, None)
+        if listener is not None:
+            await listener.aclose()
+
+    def _visitor(self, port: int, client: socket.socket) -> None:
+        if self._tasks is None or not self._books.accepting:
+            client.close()
+            return
+        self._tasks.spawn(self._relay_visitor, port, client, name="relay")
+
+    async def _relay_visitor(self, port: int, client: socket.socket) -> None:
+        """A visitor on a port another node holds: relay it there."""
+        try:
+            target = self._view.relay_to(port)
+            if target is None:
+                return
+            node, fence = target
+            conn = await accepted(client)
+            link = self._links.get(node.node)
+            if link is None or link.record != node:
+                if link is not None:
+                    link.close()
+                link = self._links[node.node] = FleetLink(self, node)
+            try:
+                stream = await link.open_stream(RouteAddress((*RELAY, str(port), str(fence))))
+            except (OSError, StreamRefusedError, TunnelClosedError, LocalProtocolError) as exc:
+                logger.info("no relay to node %s for port %d: %s", node.node, port, exc)
+                with shield():
+                    await conn.aclose()
+                return
+            await relay(stream, conn, self.config.limits.relay_chunk_size)
+        finally:
+            client.close()
+
+    def _route_fleet(self, status: TunnelStatus, address: RouteAddress) -> RouteHandler | None:
+        if status.scheme != SCHEME_FLEET:
+            return None if self._user_route is None else self._user_route(status, address)
+        segments = address.segments
+        if len(segments) != 4 or tuple(segments[:2]) != RELAY:
+            return None
+        port_text, fence_text = segments[2], segments[3]
+        if not (port_text.isdigit() and fence_text.isdigit()):
+            return None
+        return functools.partial(self._serve_relay, int(port_text), int(fence_text))
+
+    async def _serve_relay(self, port: int, fence: int, stream: TunnelStream) -> None:
+        """(The node that holds the port) A visitor relayed from another node."""
+        held = self._ports.get(port)
+        if held is not None and held.stored.fence == fence and not held.session.closed:
+            lease = held.session.leases.get(port)
+            if lease is None:
+                raise OSError(f"port {port} is not listening here")
+            tunnel_stream = await self._open_on(held.session, lease.request.target().to_address())
+            await relay(tunnel_stream, stream, self.config.limits.relay_chunk_size)
+            return
+        claim = self._view.holder_of(port)
+        if claim is not None and self._view.is_sibling(claim.node):
+            # The link came in on the port our workers share and reached this one: the
+            # holder listens on this address, so hand the visitor to its listener.
+            host = self.config.tcp_bind
+            if host in ("", "0.0.0.0", "::"):
+                host = "::1" if host == "::" else "127.0.0.1"
+            try:
+                conn = await connect_name(host, port, LINK_TIMEOUT)
+            except (OSError, TimeoutError) as exc:
+                raise OSError(f"port {port}: its worker does not answer: {exc}") from None
+            await relay(stream, conn, self.config.limits.relay_chunk_size)
+            return
+        raise OSError(f"port {port} (fence {fence}) is not held here")
+
+    # Helpers --------------------------------------------------------------------
+
+    async def _release_claim(self, key: str, stored: Stored, kind: EventKind) -> bool:
+        # Never between a renewal's snapshot and its script: it would set the key again.
+        async with self._claims_lock:
+            return await self._store.release(key, stored, kind)
+
+    async def _update_claim(self, key: str, old: Stored, new: Stored) -> bool:
+        async with self._claims_lock:
+            return await self._store.update(key, old, new, EventKind.TUNNEL_UPDATED)
+
+    def _spawn_task(self, fn: Callable[..., Awaitable[object]], *args: Any, name: str) -> None:
+        if self._tasks is not None:
+            self._tasks.spawn(fn, *args, name=name)
