@@ -11,8 +11,10 @@ code  meaning
 1     a runtime failure (a socket error, an unexpected exception)
 2     a usage or configuration error (flags, files, port range, a public port
       the aggregator cannot give: none free without --reconnect, or outside its range)
-3     authentication failed (wrong token, scheme mismatch, token revoked)
-4     the aggregator could not be reached or its certificate is not trusted
+3     authentication failed (wrong token, scheme mismatch, token revoked; for
+      ``status``, the admin token was refused)
+4     the aggregator could not be reached or its certificate is not trusted (for
+      ``status``, the admin endpoint did not answer)
 ====  ==============================================================
 
 One module per command (``_server``, ``_client``, ``_demo``, ``_cert``, ``_status``,
