@@ -519,6 +519,18 @@ class FleetLink:
 # The node -------------------------------------------------------------------------
 
 
+class _RegistryHealth:
+    """The store's health as /metrics reports it (``snocat_registry_up{registry}``)."""
+
+    kind = "redis"
+
+    def __init__(self, store: FleetStore) -> None:
+        self._store = store
+
+    def healthy(self) -> bool:
+        return self._store.healthy
+
+
 @dataclass(eq=False)
 class _Held:
     """A claim this node holds, for one tunnel: its key and stored value."""
@@ -585,6 +597,11 @@ class FleetServer(TunnelServer):
     def degraded(self) -> bool:
         """Whether the registry is unreachable (tunnels go on; new claims wait)."""
         return not self._store.healthy
+
+    @property
+    def registry_health(self) -> _RegistryHealth:
+        """For ``snocat_registry_up`` on /metrics."""
+        return _RegistryHealth(self._store)
 
     @property
     def store_round_trips(self) -> int:

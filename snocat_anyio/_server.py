@@ -10,6 +10,7 @@ period), and nothing outlives ``serve()``: no task, socket, port or record.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import anyio
 import anyio.abc
@@ -19,13 +20,46 @@ from snocat_proto._wire.address import RouteAddress
 from ._server_flows import Authenticate, ServerCore, TunnelStatus
 from ._stream import TunnelStream
 
-__all__ = ["Authenticate", "RouteHandler", "Router", "TunnelServer", "TunnelStatus"]
+__all__ = [
+    "Authenticate",
+    "RouteHandler",
+    "Router",
+    "ServerCounters",
+    "TunnelServer",
+    "TunnelStatus",
+    "forwarded_connections",
+]
 
 #: Serves one accepted stream; the server closes the stream when it returns.
 RouteHandler = Callable[[TunnelStream], Awaitable[None]]
 #: Picks the handler for a stream a client opened (None: refuse it).  Called from the
 #: pump: decide quickly, do the work in the handler.
 Router = Callable[[TunnelStatus, RouteAddress], RouteHandler | None]
+
+
+def forwarded_connections(status: TunnelStatus) -> int:
+    """The visitors' TCP connections a tunnel carries now (the live table's conns).
+    ``open_streams`` counts every stream, including the ``proxyme`` stream that holds
+    each granted port open for the tunnel's whole life: one per port, not a visitor."""
+    return max(0, status.open_streams - len(status.ports))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerCounters:
+    """What the QUIC endpoint and its pump counted since :meth:`TunnelServer.serve`
+    began (zeros before), for metrics: the parts of the server's state that are counts,
+    not records of the activity feed."""
+
+    #: Tunnels the endpoint created (Initials past Retry and the handshake rate).
+    handshakes_started: int = 0
+    #: Connection attempts refused because their address was over its handshake rate.
+    handshakes_refused: int = 0
+    #: Datagrams received that belonged to no tunnel and could start none.
+    datagrams_dropped_received: int = 0
+    #: Datagrams not sent because the socket's send buffer was full (QUIC resends).
+    datagrams_dropped_sent: int = 0
+    #: Tunnels closed because handling them raised (a bug; the others went on).
+    tunnels_failed: int = 0
 
 
 class TunnelServer(ServerCore):
@@ -40,6 +74,19 @@ class TunnelServer(ServerCore):
     # anyio primitives need a running event loop: serve() creates them.
     _shutdown_requested: anyio.Event
     _stopped: anyio.Event
+
+    def counters(self) -> ServerCounters:
+        """The endpoint's and the pump's counts (read them on the server's event loop)."""
+        endpoint, host = self._endpoint, self._host
+        if endpoint is None or host is None:
+            return ServerCounters()
+        return ServerCounters(
+            handshakes_started=endpoint.started_handshakes,
+            handshakes_refused=endpoint.refused_handshakes,
+            datagrams_dropped_received=endpoint.dropped_datagrams,
+            datagrams_dropped_sent=host.datagrams_dropped,
+            tunnels_failed=endpoint.failed_tunnels,
+        )
 
     async def serve(
         self, *, task_status: anyio.abc.TaskStatus[TunnelServer] = anyio.TASK_STATUS_IGNORED

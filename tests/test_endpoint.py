@@ -278,6 +278,8 @@ def test_an_address_over_its_handshake_rate_is_refused_until_it_slows_down() -> 
     sim.run_until(lambda: all(authenticated(c.app) for c in (first, second, other_host)))
     assert sim.server.refused_handshakes == 1
     assert len(sim.server) == 3
+    # The refused one never became a tunnel: three handshakes began.
+    assert sim.server.started_handshakes == 3
     # Two seconds later the address has earned another handshake.
     sim.run_for(2.0)
     again = sim.add_client(("10.0.0.2", 4), SimpleAckConnector())
@@ -387,6 +389,7 @@ def test_a_failure_inside_one_tunnel_closes_that_tunnel_only() -> None:
     assert closed is not None and closed.code == CloseCode.INTERNAL_ERROR
     assert closed.application
     assert any(isinstance(e, RuntimeError) for e in sim.server.internal_errors)
+    assert sim.server.failed_tunnels == 1  # counted once, however often it raised
     # The broken tunnel is dropped after its close went out: its timer, which raises
     # every time, must not keep the endpoint busy (a livelock on the fake clock).
     sim.run_for(60.0)

@@ -1,4 +1,4 @@
-"""The ``snocat`` command: ``cert``, ``server``, ``client``, ``demo`` and ``token``.
+"""The ``snocat`` command: ``cert``, ``server``, ``client``, ``demo``, ``status`` and ``token``.
 
 The reference's flags (``snocat-cli`` 0.8) keep their names and meaning; everything
 else is an addition.  Every mistake a user can make ends in one line that says what
@@ -11,11 +11,14 @@ code  meaning
 1     a runtime failure (a socket error, an unexpected exception)
 2     a usage or configuration error (flags, files, port range, a public port
       the aggregator cannot give: none free without --reconnect, or outside its range)
-3     authentication failed (wrong token, scheme mismatch, token revoked)
-4     the aggregator could not be reached or its certificate is not trusted
+3     authentication failed (wrong token, scheme mismatch, token revoked; for
+      ``status``, the admin token was refused)
+4     the aggregator could not be reached or its certificate is not trusted (for
+      ``status``, the admin endpoint did not answer)
 ====  ==============================================================
 
-One module per command (``_server``, ``_client``, ``_demo``, ``_cert``, ``_token``);
+One module per command (``_server``, ``_client``, ``_demo``, ``_cert``, ``_status``,
+``_token``);
 what they share is in ``_common`` (errors, consoles, parsing), ``_output`` (logs,
 ``--json``, the live table), ``_config`` (``--config``), ``_tokens`` (reloading and
 editing tokens files), ``_targets`` (is a target up?) and ``_running`` (signals,
@@ -27,7 +30,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from . import _cert, _client, _demo, _server, _token
+from . import _cert, _client, _demo, _server, _status, _token
 from ._common import (
     EXIT_AUTHENTICATION,
     EXIT_CONNECT,
@@ -50,7 +53,7 @@ __all__ = [
 ]
 
 # The command modules register themselves with the group as they are imported.
-_COMMANDS = (_cert, _client, _demo, _server, _token)
+_COMMANDS = (_cert, _client, _demo, _server, _status, _token)
 
 #: Whether ``--loop auto`` takes uvloop when it is installed.  Not now: measured on
 #: the tunnel (docs/performance.md, table (g)), uvloop cost 1.1-2x the CPU per MB of

@@ -28,6 +28,12 @@ EXIT_AUTHENTICATION = 3
 EXIT_CONNECT = 4
 
 TOKEN_ENVIRONMENT = "SNOCAT_TOKEN"
+ADMIN_ENVIRONMENT = "SNOCAT_ADMIN"
+#: What ``--metrics PORT`` binds, and ``snocat status`` asks without ``--admin``.
+DEFAULT_ADMIN_HOST = "127.0.0.1"
+DEFAULT_ADMIN_PORT = 9100
+#: The shortest admin bearer token (as for tunnel secrets).
+MIN_ADMIN_TOKEN_LENGTH = 16
 STATE_ENVIRONMENT = "SNOCAT_STATE_DIR"
 LOOP_ENVIRONMENT = "SNOCAT_LOOP"
 
@@ -116,6 +122,20 @@ def read_file(path: Path, what: str) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise UsageProblem(f"cannot read {what} {str(path)!r}: {exc.strerror or exc}") from None
+
+
+def read_admin_token(path: Path) -> bytes:
+    """The bearer token of ``--admin-token-file`` (one line; surrounding blanks ignored)."""
+    raw = read_file(path, "--admin-token-file")
+    token = raw.strip()
+    if len(token) < MIN_ADMIN_TOKEN_LENGTH or any(byte < 0x21 or byte > 0x7E for byte in token):
+        raise UsageProblem(
+            f"--admin-token-file {str(path)!r} must hold one token of at least "
+            f"{MIN_ADMIN_TOKEN_LENGTH} visible ASCII characters, no spaces "
+            f"(e.g. openssl rand -hex 32 > {shlex.quote(str(path))})"
+        )
+    warn_if_exposed(path, "admin token file")
+    return token
 
 
 def warn_if_exposed(path: Path, what: str) -> None:

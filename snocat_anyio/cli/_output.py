@@ -28,7 +28,7 @@ from snocat_proto._service import activity
 from snocat_proto._service.aggregator import TunnelStatus
 
 from .._feed import Subscription
-from .._server import TunnelServer
+from .._server import TunnelServer, forwarded_connections
 from ._common import UsageProblem, stderr_console
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -116,13 +116,6 @@ _MIN_PEER = 9
 _MIN_NAME = 6
 #: Blank columns between two table columns (padding 1, collapsed, plus the rule's gap).
 _GAP = 2
-
-
-def forwarded_connections(status: TunnelStatus) -> int:
-    """The visitors' TCP connections a tunnel carries now.  ``open_streams`` counts
-    every stream, including the ``proxyme`` stream that holds each granted port open
-    for the tunnel's whole life: one per port, not a visitor."""
-    return max(0, status.open_streams - len(status.ports))
 
 
 def status_view(statuses: Sequence[TunnelStatus], now: float, width: int) -> RenderableType:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import ipaddress
@@ -40,6 +41,7 @@ from snocat_proto._wire.tunnel import LISTEN_KEEPALIVE_INTERVAL
 
 from .._server import TunnelServer
 from ._common import (
+    DEFAULT_ADMIN_HOST,
     STATE_ENVIRONMENT,
     UsageProblem,
     console,
@@ -47,6 +49,7 @@ from ._common import (
     logger,
     open_key_log,
     parse_socket_address,
+    read_admin_token,
     read_file,
     utc_now,
     warn_if_exposed,
@@ -327,6 +330,26 @@ def local_only(host: str) -> str | None:
     "ports (needs --registry; 0: one per core).",
 )
 @click.option("--worker-group", hidden=True)
+@click.option("--worker-index", type=int, default=0, hidden=True)
+@click.option(
+    "--metrics",
+    "metrics_address",
+    metavar="HOST:PORT",
+    help="Serve /metrics (Prometheus) and /status (JSON) over HTTP on this TCP address "
+    f"(a bare PORT: {DEFAULT_ADMIN_HOST}:PORT). An address other than loopback needs "
+    "--admin-token-file.",
+)
+@click.option(
+    "--metrics-per-tunnel",
+    is_flag=True,
+    help="Also series per tunnel name on /metrics (for the 100 oldest names; the rest "
+    'are summed under name="other").',
+)
+@click.option(
+    "--admin-token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A bearer token that /metrics and /status then require (`Authorization: Bearer TOKEN`).",
+)
 @datagram_option
 @output_options
 @backend_option
@@ -354,6 +377,10 @@ def server(
     fleet_lease: float,
     workers: int | None,
     worker_group: str | None,
+    worker_index: int,
+    metrics_address: str | None,
+    metrics_per_tunnel: bool,
+    admin_token_file: Path | None,
     max_datagram_size: int,
     log_level: str,
     log_file: Path | None,
@@ -379,6 +406,10 @@ def server(
         raise UsageProblem(f"--ports {ports_text!r}: {exc.reason}") from None
     except ValueError:
         raise UsageProblem(f"--tcp must be an IP address to bind, not {tcp_bind!r}") from None
+    admin = _admin_settings(metrics_address, admin_token_file, metrics_per_tunnel)
+    if admin is not None and worker_index > 1:
+        # Each worker serves its own numbers, on the next port up.
+        admin = dataclasses.replace(admin, port=admin.port + worker_index - 1)
     if (cert_path is None) != (key_path is None):
         raise UsageProblem("give both --cert and --key, or neither (to use the state directory)")
     token_auth = auth == SCHEME_TOKEN
@@ -517,6 +548,8 @@ def server(
             tg.start_soon(
                 functools.partial(report, server.activity.subscribe(), json_mode=json_mode)
             )
+            if admin is not None:
+                await _start_admin(tg, server, admin)
             try:
                 await tg.start(server.serve)
             except OSError as exc:
@@ -545,6 +578,73 @@ def server(
             tg.cancel_scope.cancel()
 
     run(main, backend, loop)
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """``--metrics``, ``--metrics-per-tunnel`` and ``--admin-token-file``, checked."""
+
+    text: str
+    host: str
+    port: int
+    token: bytes | None
+    per_tunnel: bool
+
+
+def _admin_settings(
+    address: str | None, token_file: Path | None, per_tunnel: bool
+) -> AdminSettings | None:
+    if address is None:
+        for given, flag in (
+            (token_file is not None, "--admin-token-file"),
+            (per_tunnel, "--metrics-per-tunnel"),
+        ):
+            if given:
+                raise UsageProblem(f"{flag} needs --metrics HOST:PORT")
+        return None
+    text = f"{DEFAULT_ADMIN_HOST}:{address}" if address.isdigit() else address
+    host, port = parse_socket_address(text, what="--metrics")
+    token = read_admin_token(token_file) if token_file is not None else None
+    if token is None and local_only(host) != "loopback":
+        raise UsageProblem(
+            f"--metrics {address} can be reached from other machines: give "
+            "--admin-token-file FILE (a bearer token), or bind a loopback address"
+        )
+    return AdminSettings(address, host, port, token, per_tunnel)
+
+
+async def _start_admin(
+    tg: anyio.abc.TaskGroup, server: TunnelServer, settings: AdminSettings
+) -> None:
+    """Count the server's activity (subscribed before it starts) and serve /metrics and
+    /status on its event loop."""
+    # Imported here: prometheus_client and h11 cost only the servers that use them.
+    from .._admin import AdminServer, admin_routes
+    from .._metrics import ServerMetrics
+
+    if server.config.fleet is not None:
+        from .._fleet import FleetServer
+
+        assert isinstance(server, FleetServer)
+        metrics = ServerMetrics(
+            server, per_tunnel=settings.per_tunnel, registry_health=server.registry_health
+        )
+    else:
+        metrics = ServerMetrics(server, per_tunnel=settings.per_tunnel)
+    tg.start_soon(metrics.run)
+    admin = AdminServer(admin_routes(metrics), token=settings.token)
+    try:
+        host, port = await tg.start(admin.serve, settings.host, settings.port)
+    except OSError as exc:
+        raise UsageProblem(
+            f"cannot listen on --metrics {settings.text}: {exc.strerror or exc}; "
+            "choose another address"
+        ) from None
+    logger.info(
+        "metrics on http://%s/metrics, status on /status%s",
+        format_host_port(host, port),
+        " (bearer token required)" if settings.token is not None else "",
+    )
 
 
 async def _reload_on_hangup(

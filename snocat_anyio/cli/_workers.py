@@ -105,6 +105,8 @@ def worker_arguments(index: int, node: str) -> list[str]:
         *sys.argv[1:],
         "--worker-group",
         node,
+        "--worker-index",
+        str(index),
         "--node",
         f"{node}-w{index}",
         "--plain",

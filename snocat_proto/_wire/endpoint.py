@@ -97,6 +97,11 @@ class ServerEndpoint:
         self.dropped_datagrams = 0
         #: Connection attempts refused because their address was over its handshake rate.
         self.refused_handshakes = 0
+        #: Tunnels created: Initials past Retry and the handshake rate (handshakes begun).
+        self.started_handshakes = 0
+        #: Tunnels closed because handling them raised (``internal_errors`` keeps the
+        #: latest exceptions, and the pump drains it; this count stays).
+        self.failed_tunnels = 0
         #: The latest failures inside a tunnel (a bug, not the peer's fault: peers only
         #: cause ProtocolErrors, handled inside). That tunnel was closed; others go on.
         self.internal_errors: deque[BaseException] = deque(maxlen=16)
@@ -259,6 +264,7 @@ class ServerEndpoint:
             keepalive_interval=self._keepalive_interval,
         )
         cids = [header.destination_cid, engine.host_cid]
+        self.started_handshakes += 1
         self._tunnels[tunnel] = cids
         for cid in cids:
             self._by_cid[cid] = tunnel
@@ -276,6 +282,7 @@ class ServerEndpoint:
         if tunnel in self._failed:
             return
         self._failed[tunnel] = None
+        self.failed_tunnels += 1
         reason = "internal error in the aggregator"
         try:
             tunnel.close(CloseCode.INTERNAL_ERROR, reason)
