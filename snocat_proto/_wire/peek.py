@@ -132,9 +132,10 @@ class PeekParser(ABC, Generic[ResultT]):
         """The stream ended: the format's "truncated" error unless already decided."""
         if self._state is not _State.PEEKING:
             return  # the answer was given; the end adds nothing
+        error = self._truncated()
         self._advance(_Input.PEER_ERROR)
         self._buffer = bytearray()
-        raise self._truncated()
+        raise error
 
     def _take(self, data: bytes) -> ResultT | None:
         room = self._limit - len(self._buffer)
