@@ -343,8 +343,10 @@ def _check_tlvs(block: bytes, offset: int) -> None:
 
 
 def _v1(buffer: bytearray) -> ProxyHeader | None:
-    """A v1 line, judged byte by byte in the order the bytes arrive."""
-    for index in range(min(len(buffer), V1_MAX_LENGTH)):
+    """A v1 line, judged byte by byte in the order the bytes arrive, and only its
+    first 107 bytes (a byte past them never decides: the line is too long by then)."""
+    window = min(len(buffer), V1_MAX_LENGTH)
+    for index in range(window):
         byte = buffer[index]
         if index < len(V1_PREFIX):
             if byte != V1_PREFIX[index]:
@@ -362,7 +364,7 @@ def _v1(buffer: bytearray) -> ProxyHeader | None:
                 1, ProxyCommand.PROXY, _v1_line(bytes(buffer[: index - 1])), index + 1
             )
         elif byte == _CR:
-            if index + 1 < len(buffer) and buffer[index + 1] != _LF:
+            if index + 1 < window and buffer[index + 1] != _LF:
                 raise MalformedProxyHeader("a CR not followed by LF in a v1 line")
         elif not 0x20 <= byte <= 0x7E:
             raise MalformedProxyHeader(f"the byte 0x{byte:02x} in a v1 line (US-ASCII text only)")
