@@ -51,7 +51,9 @@ from snocat_proto._wire.errors import (
 )
 from snocat_proto._wire.features import FEATURES, parse_features
 from snocat_proto._wire.framing import FrameDecoder, encode_frame
-from snocat_proto._wire.limits import Limits
+from snocat_proto._wire.http_host import RequestHead, RequestHeadError, RequestHeadParser
+from snocat_proto._wire.limits import MIN_PROXY_HEADER_BYTES, Limits
+from snocat_proto._wire.names import TunnelDomain, check_host_name, is_label
 from snocat_proto._wire.negotiation import (
     HEADER,
     Accepted,
@@ -59,6 +61,18 @@ from snocat_proto._wire.negotiation import (
     AddressReceived,
     OpenerNegotiation,
     Refused,
+)
+from snocat_proto._wire.peek import NeedMore, PeekParser
+from snocat_proto._wire.proxy_protocol import (
+    V1_MAX_LENGTH,
+    V1_PREFIX,
+    V2_SIGNATURE,
+    ProxyCommand,
+    ProxyHeader,
+    ProxyHeaderError,
+    ProxyHeaderParser,
+    encode_v1,
+    encode_v2,
 )
 from snocat_proto._wire.proxyme import (
     Denied,
@@ -70,6 +84,13 @@ from snocat_proto._wire.proxyme import (
     Released,
     ReleaseRequested,
     SubjectReceived,
+)
+from snocat_proto._wire.sni import (
+    ClientHelloError,
+    ClientHelloParser,
+    NotClientHello,
+    NotTLS,
+    ServerNameFound,
 )
 from snocat_proto._wire.targets import ProxyTcpTarget, parse_port
 
@@ -694,6 +715,185 @@ def fuzz_proxyme_client(data: bytes) -> None:
         assert isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
+# --- shared listeners: the connection-start parsers -----------------------------------
+
+#: Small bounds, so the fuzzer reaches every "too large" branch with short inputs.
+PEEK_SMALL_LIMITS = Limits(
+    max_sniff_bytes=300, max_http_header_bytes=200, max_proxy_header_bytes=MIN_PROXY_HEADER_BYTES
+)
+_PeekFactory = Callable[[Limits], PeekParser[Any]]
+
+
+def _peek_outcome(
+    make: _PeekFactory, limits: Limits, chunks: list[bytes], base: type[RemoteProtocolError]
+) -> object:
+    """The parser's answer (a result, or its error class) for the bytes in this split,
+    checking the peek contract after every read."""
+    parser = make(limits)
+    try:
+        for chunk in chunks:
+            answer = parser.feed(chunk)
+            assert parser.buffered <= parser.limit, "buffered past the limit"
+            if not isinstance(answer, NeedMore):
+                assert parser.done and parser.result == answer and parser.buffered == 0
+                parser.receive_eof()  # after the answer the end adds nothing
+                return answer
+        parser.receive_eof()
+    except ProtocolError as error:
+        assert isinstance(error, base), f"{type(error).__name__} is not a {base.__name__}"
+        assert parser.failed and parser.buffered == 0
+        parser.receive_eof()
+        return type(error)
+    raise AssertionError("the end of the stream before an answer must be an error")
+
+
+def _peek(
+    data: bytes, make: _PeekFactory, base: type[RemoteProtocolError], what: str
+) -> tuple[object, Limits]:
+    """The one answer of every split of ``data``, and the limits it was found with;
+    a result must also be the answer of exactly its own bytes."""
+    rng = rng_for(data)
+    limits = PEEK_SMALL_LIMITS if rng.random() < 0.3 else LIMITS
+    outcomes = [_peek_outcome(make, limits, chunks, base) for chunks in chunkings(data, rng)]
+    _same_for_every_split(outcomes, what)
+    answer = outcomes[0]
+    size = getattr(answer, "size", None)
+    if size is not None:
+        assert 0 < size <= len(data)
+        assert _peek_outcome(make, limits, [data[:size]], base) == answer, "needs bytes after it"
+        assert _peek_outcome(make, limits, [data[: size - 1]], base) != answer
+    return answer, limits
+
+
+def _client_hello_wire(data: bytes) -> bytes:
+    """Mode byte, then the wire (bit 0 clear) or a ClientHello's extensions block
+    that the harness frames correctly, in records of ``mode >> 1`` bytes (bit 0 set)."""
+    if not data or not data[0] & 1:
+        return data[1:]
+    fragment = max(1, data[0] >> 1)
+    body = b"\x03\x03" + bytes(32) + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00"
+    body += len(data[1:]).to_bytes(2, "big") + data[1:]
+    message = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"".join(
+        b"\x16\x03\x01" + len(chunk).to_bytes(2, "big") + chunk
+        for chunk in (message[i : i + fragment] for i in range(0, len(message), fragment))
+    )
+
+
+def fuzz_sni(data: bytes) -> None:
+    """TLS ClientHello peek (``sni.ClientHelloParser``).  Oracles: a name only from a
+    handshake record, and it is a lower-case DNS host name; the framed mode (correct
+    record and handshake lengths around arbitrary extensions) is never refused as
+    not TLS or not a ClientHello; every split gives one answer; nothing past the limit
+    is buffered."""
+    wire = _client_hello_wire(data)
+    answer, limits = _peek(
+        wire, lambda limits: ClientHelloParser(limits=limits), ClientHelloError, "sni"
+    )
+    if isinstance(answer, ServerNameFound):
+        assert wire[0] == 22 and answer.size <= limits.max_sniff_bytes
+        name = answer.server_name
+        assert name is None or (check_host_name(name) is None and name == name.lower())
+        assert name is None or not name.endswith(".")
+    elif data and data[0] & 1:
+        assert answer not in (NotTLS, NotClientHello), answer
+
+
+_HOST_LINE = re.compile(rb"^host:[ \t]*(.*?)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
+
+
+def fuzz_http_host(data: bytes) -> None:
+    """HTTP/1.x request head peek (``http_host.RequestHeadParser``).  Oracles: the
+    head ends with an empty line and fits the limit; an independent reading of its
+    ``Host`` lines agrees (at most one, the same host); the host to route by is
+    lower-case ASCII without a port."""
+    answer, limits = _peek(
+        data, lambda limits: RequestHeadParser(limits=limits), RequestHeadError, "http_host"
+    )
+    if not isinstance(answer, RequestHead):
+        return
+    head = data[: answer.size]
+    assert answer.size <= limits.max_http_header_bytes
+    assert head.endswith((b"\n\n", b"\n\r\n"))
+    hosts = _HOST_LINE.findall(head)
+    assert len(hosts) <= 1
+    route = answer.route_host
+    assert route and route.isascii() and route == route.lower() and not route.endswith(".")
+    if hosts and hosts[0] and not hosts[0].startswith(b"["):
+        expected = hosts[0].decode("ascii").lower().partition(":")[0].removesuffix(".")
+        assert answer.host == expected, (answer.host, hosts[0])
+    elif not hosts:
+        assert answer.host is None and answer.target_host is not None
+
+
+def fuzz_proxy_protocol(data: bytes) -> None:
+    """PROXY protocol peek (``proxy_protocol.ProxyHeaderParser``).  Oracles: v1 is
+    ``PROXY `` ... CRLF within 107 bytes, v2 the signature and 16 + its length field;
+    addresses read are written back by the encoder of the same version to a header
+    that reads the same; every split gives one answer."""
+    answer, limits = _peek(
+        data, lambda limits: ProxyHeaderParser(limits=limits), ProxyHeaderError, "proxy_protocol"
+    )
+    if not isinstance(answer, ProxyHeader):
+        return
+    header = data[: answer.size]
+    if answer.version == 1:
+        assert header.startswith(V1_PREFIX) and header.endswith(b"\r\n")
+        assert answer.size <= V1_MAX_LENGTH and header.count(b"\n") == 1
+        encoded = encode_v1(answer.addresses)
+    else:
+        assert header.startswith(V2_SIGNATURE)
+        assert answer.size == 16 + int.from_bytes(header[14:16], "big")
+        assert answer.size <= limits.max_proxy_header_bytes
+        encoded = encode_v2(answer.addresses, command=answer.command)
+    again = ProxyHeaderParser(limits=LIMITS).feed(encoded)
+    assert again == ProxyHeader(answer.version, answer.command, answer.addresses, len(encoded))
+    if answer.addresses is None:
+        return
+    assert answer.command is ProxyCommand.PROXY
+
+
+_REFERENCE_HOST = re.compile(
+    r"(?=[^.]{1,63}(?:\.|$))(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)*"
+    r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.?",
+    re.IGNORECASE | re.ASCII,
+)
+
+
+def _reference_is_host_name(text: str) -> bool:
+    """An independent reading of names.check_host_name, as an oracle."""
+    name = text.removesuffix(".")
+    if not _REFERENCE_HOST.fullmatch(text) or not 1 <= len(name) <= 253:
+        return False
+    labels = name.split(".")
+    return all(1 <= len(label) <= 63 for label in labels) and not labels[-1].isdigit()
+
+
+def fuzz_names(data: bytes) -> None:
+    """The ``NAME.DOMAIN`` rule (``names.TunnelDomain``).  Input: domain NUL host.
+    Oracles: an independent host name check agrees with ``check_host_name``; a name is
+    exactly the one label before the domain; ``host_for`` and ``name_for`` are inverse."""
+    domain_bytes, _, host_bytes = data.partition(b"\x00")
+    domain_text = domain_bytes.decode("utf-8", errors="replace")
+    host = host_bytes.decode("utf-8", errors="replace")
+    for text in (domain_text, host):
+        assert (check_host_name(text) is None) == _reference_is_host_name(text), text
+    try:
+        domain = TunnelDomain.parse(domain_text)
+    except LocalProtocolError:
+        assert check_host_name(domain_text) is not None or len(domain_text) > 250
+        domain = TunnelDomain.parse("tunnels.example.com")
+    name = domain.name_for(host)
+    if name is None:
+        label = host.lower().removesuffix(".").partition(".")[0]
+        if is_label(label) and _reference_is_host_name(host):
+            assert host.lower().removesuffix(".") != f"{label}.{domain.domain}"
+        return
+    assert is_label(name)
+    assert host.lower().removesuffix(".") == f"{name}.{domain.domain}"
+    assert domain.name_for(domain.host_for(name)) == name
+
+
 def _quic_harnesses() -> dict[str, Harness]:
     from . import client_harness, quic_harness
 
@@ -713,5 +913,9 @@ HARNESSES: dict[str, Harness] = {
     "token_connector": fuzz_token_connector,
     "proxyme_server": fuzz_proxyme_server,
     "proxyme_client": fuzz_proxyme_client,
+    "sni": fuzz_sni,
+    "http_host": fuzz_http_host,
+    "proxy_protocol": fuzz_proxy_protocol,
+    "names": fuzz_names,
     **_quic_harnesses(),
 }

@@ -9,6 +9,7 @@ and named for what it holds.  The QUIC seeds embed a real client's first Initial
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
 from pathlib import Path
@@ -174,6 +175,92 @@ def _client_initial_plaintexts() -> list[tuple[bytes, bytes]]:
         _, payload, _ = crypto.decrypt_packet(packet, buf.tell(), 0)
         found.append((header.destination_cid + header.source_cid, payload.rstrip(b"\0")))
     return found
+
+
+def _real_client_hello(server_hostname: str | None, version: ssl.TLSVersion | None) -> bytes:
+    """The first bytes Python's ssl module writes as a client (no socket)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if version is not None:
+        context.minimum_version = context.maximum_version = version
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = context.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        client.do_handshake()
+    return outgoing.read()
+
+
+def _refragment(wire: bytes, fragment: int) -> bytes:
+    message = wire[5 : 5 + int.from_bytes(wire[3:5], "big")]
+    return b"".join(
+        b"\x16\x03\x01" + len(chunk).to_bytes(2, "big") + chunk
+        for chunk in (message[i : i + fragment] for i in range(0, len(message), fragment))
+    )
+
+
+def _sni_extension(name: bytes) -> bytes:
+    entry = b"\x00" + len(name).to_bytes(2, "big") + name
+    data = len(entry).to_bytes(2, "big") + entry
+    return b"\x00\x00" + len(data).to_bytes(2, "big") + data
+
+
+def _sni_seeds() -> dict[str, bytes]:
+    """Mode byte 0x00 then the wire, or an odd mode byte (fragment size << 1 | 1) then
+    the extensions block of a ClientHello the harness frames."""
+    tls13 = _real_client_hello("office-1.tunnels.example.com", ssl.TLSVersion.TLSv1_3)
+    tls12 = _real_client_hello("office-1.tunnels.example.com", ssl.TLSVersion.TLSv1_2)
+    return {
+        "real-tls13": b"\x00" + tls13,
+        "real-tls12": b"\x00" + tls12,
+        "real-default": b"\x00" + _real_client_hello("example.com", None),
+        "real-no-sni": b"\x00" + _real_client_hello(None, ssl.TLSVersion.TLSv1_3),
+        "real-fragments-7": b"\x00" + _refragment(tls12, 7),
+        "real-fragments-1": b"\x00" + _refragment(tls12, 1)[:900],
+        "real-with-ccs": b"\x00" + tls13 + b"\x14\x03\x03\x00\x01\x01",
+        "truncated": b"\x00" + tls13[:100],
+        "plain-http": b"\x00GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        "alert": b"\x00\x15\x03\x03\x00\x02\x02\x70",
+        "sslv2": b"\x00\x80\x2e\x01\x03\x01\x00\x15",
+        "empty-record": b"\x00\x16\x03\x01\x00\x00",
+        "server-hello": b"\x00\x16\x03\x03\x00\x04\x02\x00\x00\x00",
+        "framed-sni": b"\x0b" + _sni_extension(b"office-1.tunnels.example.com"),
+        "framed-sni-bytewise": b"\x03" + _sni_extension(b"a.example"),
+        "framed-two-sni": b"\x21" + _sni_extension(b"a.example") + _sni_extension(b"b.example"),
+        "framed-bad-name": b"\xff" + _sni_extension(b"a_b.example"),
+        "framed-ip-name": b"\xff" + _sni_extension(b"192.0.2.1"),
+        "framed-padding": b"\xff" + b"\x00\x15\x01\x00" + bytes(256) + _sni_extension(b"p.example"),
+        "framed-empty": b"\x01",
+    }
+
+
+def _proxy_protocol_seeds() -> dict[str, bytes]:
+    sig = b"\r\n\r\n\x00\r\nQUIT\n"
+    v4 = bytes.fromhex("C0A80001 C0A8000B DC04 01BB")
+    v6 = bytes(15) + b"\x01" + bytes(15) + b"\x02" + bytes.fromhex("04D2 01BB")
+    return {
+        "spec-v1": b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\nGET / HTTP/1.1\r\n\r\n",
+        "v1-tcp6": b"PROXY TCP6 2001:db8::1 2001:db8::2 1234 443\r\nSSH-2.0-x\r\n",
+        "v1-unknown": b"PROXY UNKNOWN\r\n",
+        "v1-unknown-long": b"PROXY UNKNOWN " + b"f" * 92 + b"\r\n",
+        "v1-lf-only": b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n",
+        "v1-leading-zero": b"PROXY TCP4 01.2.3.4 5.6.7.8 1 2\r\n",
+        "v1-no-crlf": b"PROXY UNKNOWN " + b"x" * 120,
+        "v2-tcp4": sig + b"\x21\x11\x00\x0c" + v4 + b"data",
+        "v2-tcp6": sig + b"\x21\x21\x00\x24" + v6,
+        "v2-local": sig + b"\x20\x00\x00\x00",
+        "v2-local-with-block": sig + b"\x20\x11\x00\x0c" + v4,
+        "v2-unspec": sig + b"\x21\x00\x00\x00",
+        "v2-udp": sig + b"\x21\x12\x00\x0c" + v4,
+        "v2-unix": sig + b"\x21\x31\x00\xd8" + bytes(216),
+        "v2-tlvs": sig + b"\x21\x11\x00\x19" + v4 + b"\x02\x00\x09a.example\x04\x00\x01\x00",
+        "v2-bad-tlv": sig + b"\x21\x11\x00\x10" + v4 + b"\x04\x00\x05x",
+        "v2-version-1": sig + b"\x11\x11\x00\x0c" + v4,
+        "v2-command-2": sig + b"\x22\x11\x00\x0c" + v4,
+        "v2-short-block": sig + b"\x21\x11\x00\x08" + v4[:8],
+        "v2-too-large": sig + b"\x21\x11\xff\xff",
+        "neither": b"GET / HTTP/1.1\r\n\r\n",
+    }
 
 
 def seeds() -> dict[str, dict[str, bytes]]:
@@ -344,6 +431,44 @@ def seeds() -> dict[str, dict[str, bytes]]:
             "server-opens": b"\x03" + _op(6, 0, b"host") + _op(5, 3) + _op(7, 0),
         },
         "client_handshaken": _client_handshaken(),
+        "sni": _sni_seeds(),
+        "http_host": {
+            "simple": b"GET / HTTP/1.1\r\nHost: office-1.tunnels.example.com\r\n\r\n",
+            "with-body": b"POST /x HTTP/1.1\r\nHost: A.Example:8080\r\nContent-Length: 2\r\n\r\nhi",
+            "absolute-form": b"GET http://a.example:80/p HTTP/1.1\r\nHost: b.example\r\n\r\n",
+            "http10-absolute": b"GET http://a.example/ HTTP/1.0\r\n\r\n",
+            "lf-only": b"GET / HTTP/1.1\nHost: a.example\n\n",
+            "leading-empty-lines": b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "ipv6-host": b"GET / HTTP/1.1\r\nHost: [2001:db8::1]:443\r\n\r\n",
+            "ipv4-host": b"GET / HTTP/1.1\r\nHost: 192.0.2.1\r\n\r\n",
+            "obs-fold": b"GET / HTTP/1.1\r\nHost: a\r\n b\r\n\r\n",
+            "two-hosts": b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n",
+            "no-host": b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n",
+            "space-before-colon": b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+            "bare-cr": b"GET / HTTP/1.1\r\nHost: a\rb\r\n\r\n",
+            "non-ascii-host": "GET / HTTP/1.1\r\nHost: é.example\r\n\r\n".encode(),
+            "obs-text-cookie": "GET / HTTP/1.1\r\nCookie: é\r\nHost: a\r\n\r\n".encode(),
+            "userinfo": b"GET http://u@a.example/ HTTP/1.1\r\nHost: a.example\r\n\r\n",
+            "h2-preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            "http2-version": b"GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+            "tls-hello": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+            "proxy-v1": b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nGET / HTTP/1.1\r\n\r\n",
+            "near-small-limit": b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"x" * 170 + b"\r\n\r\n",
+            "bad-port": b"GET / HTTP/1.1\r\nHost: a.example:70000\r\n\r\n",
+        },
+        "proxy_protocol": _proxy_protocol_seeds(),
+        "names": {
+            "name": b"tunnels.example.com\x00office-1.tunnels.example.com",
+            "upper-dot": b"Tunnels.Example.COM.\x00OFFICE-1.tunnels.example.com.",
+            "two-labels": b"tunnels.example.com\x00a.b.tunnels.example.com",
+            "bare-domain": b"tunnels.example.com\x00tunnels.example.com",
+            "other-domain": b"tunnels.example.com\x00a.tunnels.example.org",
+            "bad-domain": b"*.example.com\x00a.example.com",
+            "ip-domain": b"192.0.2.1\x00a.192.0.2.1",
+            "localhost": b"localhost\x00app.localhost",
+            "long-label": b"example.com\x00" + b"a" * 64 + b".example.com",
+            "underscore": b"example.com\x00a_b.example.com",
+        },
     }
 
 

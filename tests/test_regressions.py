@@ -55,6 +55,7 @@ from snocat_proto._wire.events import (
 from snocat_proto._wire.framing import encode_frame
 from snocat_proto._wire.limits import Limits
 from snocat_proto._wire.negotiation import HEADER
+from snocat_proto._wire.proxy_protocol import ProxyHeaderParser, ProxyHeaderTooLarge
 from snocat_proto._wire.tunnel import TunnelConnection
 
 CORPUS = Path(__file__).resolve().parent.parent / "fuzz" / "corpus"
@@ -339,3 +340,25 @@ def test_a_loss_timer_due_by_a_rounding_error_does_not_stay_due() -> None:
     assert number not in space.sent_packets  # declared lost
     timer = engine.get_timer()
     assert timer is None or timer > now
+
+
+# A PROXY v1 line whose 107th byte is a CR ---------------------------------------------
+
+
+def test_a_v1_proxy_line_judges_only_its_first_107_bytes() -> None:
+    """Found by ``proxy_protocol``: a v1 line whose 107th byte was CR and whose 108th was
+    not LF was refused as malformed when it arrived at once (the CR was judged by the
+    byte after it) and as too long when it trickled in (107 bytes without CRLF).  Only
+    the first 107 bytes decide now: too long, in every split."""
+    line = b"PROXY UNKNOWN " + b"f" * 92 + b"\rJ"
+    assert len(line) == 108
+    whole = ProxyHeaderParser(limits=Limits())
+    with pytest.raises(ProxyHeaderTooLarge):
+        whole.feed(line)
+    trickle = ProxyHeaderParser(limits=Limits())
+    with pytest.raises(ProxyHeaderTooLarge):
+        for i in range(len(line)):
+            trickle.feed(line[i : i + 1])
+    HARNESSES["proxy_protocol"](
+        (CORPUS / "proxy_protocol" / "found-cr-as-the-107th-byte").read_bytes()
+    )

@@ -20,6 +20,8 @@ COMPAT_MAX_PROXYME_SUBJECT_SIZE = 256
 DEFAULT_MAX_TUNNEL_NAME_LENGTH = 128
 #: Refusal reasons are sent to the peer and logged.
 DEFAULT_MAX_REASON_LENGTH = 200
+#: A PROXY protocol v2 header with the largest address block (AF_UNIX: 16 + 216).
+MIN_PROXY_HEADER_BYTES = 232
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -108,6 +110,19 @@ class Limits:
     #: subscription is closed as a laggard (and counted), never left to grow.
     max_subscriber_backlog: int = 10_000
 
+    # Shared listeners (the connection-start parsers: sni, http_host, proxy_protocol) -
+    #: Bytes a shared TLS listener peeks at for the ClientHello, its record headers
+    #: included.  A ClientHello with post-quantum key shares is about 1.5-2 KiB; big
+    #: extensions (many session tickets, long ALPN lists) take it to several KiB.
+    max_sniff_bytes: int = 16 * 1024
+    #: Bytes of an HTTP/1.x request head (request line, header lines, the empty line
+    #: that ends them) a shared HTTP listener reads to find ``Host``.  A head of
+    #: exactly this size is read; one byte more is refused (431).
+    max_http_header_bytes: int = 16 * 1024
+    #: Largest PROXY protocol v2 header accepted (16 bytes, addresses, TLVs); v1 lines
+    #: are bounded at 107 bytes by the spec.  At least 232: the largest address block.
+    max_proxy_header_bytes: int = 4096
+
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
@@ -119,3 +134,8 @@ class Limits:
             raise LocalProtocolError("stream_receive_window may not exceed tunnel_receive_window")
         if self.active_connection_id_limit < 2:
             raise LocalProtocolError("active_connection_id_limit must be at least 2 (RFC 9000)")
+        if self.max_proxy_header_bytes < MIN_PROXY_HEADER_BYTES:
+            raise LocalProtocolError(
+                f"max_proxy_header_bytes must be at least {MIN_PROXY_HEADER_BYTES}: "
+                "every address block of the PROXY protocol must fit"
+            )
