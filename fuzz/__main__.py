@@ -43,6 +43,8 @@ NAMES = (
     "token_connector",
     "proxyme_server",
     "proxyme_client",
+    "udp_codecs",
+    "udp_flow_table",
     "endpoint_datagrams",
     "endpoint_handshaken",
     "client_handshaken",
