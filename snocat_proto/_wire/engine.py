@@ -298,7 +298,7 @@ class QuicEngine(QuicConnection):
     @property
     def datagrams_queued(self) -> int:
         """DATAGRAM payloads waiting for room in the congestion window."""
-        return len(self._datagrams_pending)
+        return datagrams_queued(self)
 
     def send_datagram(self, data: bytes) -> None:
         """Queue a DATAGRAM frame; the caller checked :meth:`max_datagram_payload`."""
@@ -422,6 +422,11 @@ def send_buffered(connection: QuicConnection, stream_id: int) -> int:
     acknowledged yet (aioquic's send buffer is unbounded: aioquic issue 328)."""
     stream = connection._streams.get(stream_id)
     return 0 if stream is None else len(stream.sender._buffer)
+
+
+def datagrams_queued(connection: QuicConnection) -> int:
+    """DATAGRAM frames any aioquic connection holds, waiting for congestion window."""
+    return len(connection._datagrams_pending)
 
 
 def handshake_complete(connection: QuicConnection) -> bool:
