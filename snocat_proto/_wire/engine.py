@@ -165,7 +165,8 @@ class QuicEngine(QuicConnection):
         self._local_active_connection_id_limit = limits.active_connection_id_limit
         self._datagrams_on = configuration.max_datagram_frame_size is not None
         #: DATAGRAM payloads dropped from the send queue because they no longer fit a
-        #: packet (the path's datagram size shrank after they were queued).
+        #: packet (the path's datagram size shrank after they were queued), or because
+        #: the peer takes none (queued with aioquic's own, unchecked, call).
         self.stranded_datagrams = 0
         self._share_frame_handler_epochs()
 

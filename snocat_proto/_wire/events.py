@@ -170,7 +170,9 @@ class FlowDatagramReceived(TunnelEvent):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FlowEnded(TunnelEvent):
     """A flow is over (refused, ended by the peer, reset, or idle); its ID is never
-    used again on this tunnel.  None follows ``close_flow`` or ``refuse_flow``."""
+    used again on this tunnel.  None follows ``close_flow`` or ``refuse_flow``, and
+    none comes for each flow when the tunnel ends: :class:`ConnectionTerminated`
+    ends them all."""
 
     flow_id: int
     cause: FlowEnd

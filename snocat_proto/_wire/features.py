@@ -22,8 +22,9 @@ PROXYME_OPTIONS: Final = "proxyme-options"
 #: serves UDP lists it, and it needs the QUIC transport parameter
 #: ``max_datagram_frame_size`` in the handshake (``udp_flows.advertise_datagrams``).
 UDP_DATAGRAMS: Final = "udp-datagrams"
-#: The additions a side offers by default.  ``udp-datagrams`` is left out: an aggregator
-#: that agreed to it but had no UDP ports would grant a TCP port to a UDP request.
+#: The additions a side offers by default.  ``udp-datagrams`` is left out: a side offers
+#: it when it serves UDP (an aggregator with a UDP port range, a client with UDP
+#: targets), as it also costs a transport parameter in every handshake.
 FEATURES: Final = frozenset({PROXYME_OPTIONS})
 
 #: A peer listing more than this many names, or longer ones, lists junk: ignored.
