@@ -757,3 +757,21 @@ def test_early_bytes_on_a_flow_stream_are_read_and_forgotten() -> None:
     assert not sim.server_app.of_type(DataReceived)
     assert sim.server_tunnel._quic._consumed.get(stream_id, 0) >= len(b"reserved")
     assert send(sim, sim.server_tunnel, flow_id, b"still open") is None
+
+
+def test_a_setup_nobody_decides_times_out_and_ends_on_both_sides() -> None:
+    sim = udp_sim()
+    sim.client_app.flow_route = lambda request: None  # the application never decides
+    flow_id = open_flow(sim, wait=False)
+    sim.run_until(lambda: sim.client_app.of_type(FlowRequested), timeout=5)
+    assert sim.client.datagram_counters().drops == {}
+    sim.run_for(LIMITS.negotiation_timeout + 1)
+    (opener_end,) = flow_events(sim.server_app, FlowEnded, flow_id)
+    assert opener_end.cause is FlowEnd.REFUSED  # type: ignore[attr-defined]
+    assert "timed out" in opener_end.reason  # type: ignore[attr-defined]
+    (acceptor_end,) = flow_events(sim.client_app, FlowEnded, flow_id)
+    assert acceptor_end.cause is FlowEnd.RESET  # type: ignore[attr-defined]
+    sim.client.accept_flow(flow_id, sim.now)  # too late: a no-op, as for streams
+    sim.touch(sim.client)
+    sim.run_for(0.1)
+    assert sim.client_app.closed is None
