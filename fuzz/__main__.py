@@ -47,6 +47,8 @@ NAMES = (
     "http_host",
     "proxy_protocol",
     "names",
+    "udp_codecs",
+    "udp_flow_table",
     "endpoint_datagrams",
     "endpoint_handshaken",
     "client_handshaken",

@@ -93,6 +93,18 @@ from snocat_proto._wire.sni import (
     ServerNameFound,
 )
 from snocat_proto._wire.targets import ProxyTcpTarget, parse_port
+from snocat_proto._wire.udp_flows import (
+    MAX_FLOW_ID,
+    PROXY_UDP,
+    DropReason,
+    FlowRequest,
+    FlowState,
+    FlowTable,
+    UdpTarget,
+    decode_flow_datagram,
+    encode_flow_datagram,
+    encode_varint,
+)
 
 __all__ = ["HARNESSES", "Harness", "chunkings", "rng_for"]
 
@@ -894,6 +906,238 @@ def fuzz_names(data: bytes) -> None:
     assert domain.name_for(domain.host_for(name)) == name
 
 
+# --- UDP flows (udp-datagrams) --------------------------------------------------------
+
+
+def fuzz_udp_codecs(data: bytes) -> None:
+    """Flow datagrams, flow-setup addresses and ``--udp-target`` text.  Oracles: a
+    datagram's flow ID is the input's leading varint (any of its four lengths) and the
+    payload the rest; an address or target that parses renders back to one that
+    parses to the same value."""
+    try:
+        flow_id, rest = decode_flow_datagram(data)
+    except RemoteProtocolError:
+        assert not data or len(data) < 1 << (data[0] >> 6)
+    else:
+        length = 1 << (data[0] >> 6)
+        assert rest == data[length:] and 0 <= flow_id <= MAX_FLOW_ID
+        assert flow_id < 1 << (8 * length - 2)
+        assert decode_flow_datagram(encode_flow_datagram(flow_id, rest)) == (flow_id, rest)
+        assert len(encode_varint(flow_id)) <= length
+    text = data.decode("utf-8", errors="replace")
+    try:
+        address = RouteAddress.decode(data)
+    except RemoteProtocolError:
+        address = RouteAddress(tuple(text.split("/")[1:]))
+    # Also read the input as the segments after /proxy-udp, so the parser is reached.
+    for candidate in (address, RouteAddress((PROXY_UDP, *address.segments))):
+        try:
+            request = FlowRequest.from_address(candidate)
+        except RemoteProtocolError:
+            continue
+        if request is None:
+            assert not candidate.startswith(PROXY_UDP)
+            continue
+        assert FlowRequest.from_address(request.to_address()) == request
+        assert RouteAddress.decode(request.to_address().encode()) == request.to_address()
+        assert request.visitor[0] == str(request.visitor[0]) and "%" not in request.visitor[0]
+    try:
+        target = UdpTarget.parse_host_port(text)
+    except LocalProtocolError:
+        return
+    assert UdpTarget.parse_host_port(str(target)) == target
+
+
+#: Small bounds, so that a short script reaches every limit.
+UDP_LIMITS = Limits(
+    udp_max_flows=4,
+    udp_flow_queue=3,
+    udp_flow_idle_timeout=5.0,
+    udp_datagrams_per_second=40.0,
+    udp_bytes_per_second=20_000.0,
+    udp_rate_burst=0.25,
+)
+
+
+class _FlowModel:
+    """What the harness expects of a :class:`FlowTable`, kept independently."""
+
+    def __init__(self, parity: int) -> None:
+        self.parity = parity
+        self.allocated: list[int] = []
+        self.last_active: dict[int, float] = {}
+        self.states: dict[int, FlowState] = {}
+        self.queued: dict[int, int] = {}
+        self.streams: dict[int, int] = {}
+        self.drops: dict[DropReason, int] = {}
+        #: Datagrams each bucket let through (outgoing, incoming), for the rate bound.
+        self.passed = [0, 0]
+
+    def drop(self, reason: DropReason, amount: int = 1) -> None:
+        if amount:
+            self.drops[reason] = self.drops.get(reason, 0) + amount
+
+    def forget(self, flow_id: int) -> None:
+        self.drop(DropReason.FLOW_ENDED, self.queued.pop(flow_id, 0))
+        self.states.pop(flow_id)
+        self.last_active.pop(flow_id)
+        self.streams.pop(flow_id, None)
+
+
+def fuzz_udp_flow_table(data: bytes) -> None:
+    """A :class:`FlowTable` driven by a script on a fake clock: open, request, accept,
+    open-acknowledge and end flows, send and receive datagrams, let time pass.
+    Oracles (an independent model): flows and queues within their limits; our IDs of
+    our parity, increasing, never reused; a datagram handed out decodes to its flow
+    and payload; the timer is never later than the first real idle deadline, and only
+    idle flows expire; each bucket lets through at most its burst plus its rate over
+    the elapsed time; the drop counts are the model's."""
+    if not data:
+        return
+    parity = data[0] & 1
+    table = FlowTable(limits=UDP_LIMITS, local_parity=parity)
+    model = _FlowModel(parity)
+    rate, burst = UDP_LIMITS.udp_datagrams_per_second, UDP_LIMITS.udp_rate_burst
+    timeout = UDP_LIMITS.udp_flow_idle_timeout
+    now = start = 100.0
+    streams = iter(range(0, 1 << 30, 4))
+    reader = iter(data[1:])
+
+    def pick(byte: int) -> int:
+        """A live flow (most of the time) or any small ID."""
+        live = sorted(model.states)
+        return live[byte % len(live)] if live and byte < 200 else byte % 16
+
+    for op in reader:
+        arg = next(reader, 0)
+        kind = op % 8
+        if kind == 0:
+            flow_id = table.open(now)
+            if len(model.states) >= UDP_LIMITS.udp_max_flows:
+                assert flow_id is None
+                model.drop(DropReason.FLOW_LIMIT)
+            else:
+                assert flow_id is not None and flow_id & 1 == parity
+                assert not model.allocated or flow_id > model.allocated[-1]
+                model.allocated.append(flow_id)
+                model.states[flow_id] = FlowState.OPENING
+                model.last_active[flow_id] = now
+                if arg & 1:
+                    bound = next(streams)
+                    table.bind(flow_id, bound)
+                    model.streams[flow_id] = bound
+        elif kind == 1:
+            flow_id, requested_on = arg % 32, next(streams)
+            problem = table.request(flow_id, requested_on, now)
+            if flow_id & 1 == parity or flow_id in model.states:
+                assert problem is not None
+            elif len(model.states) >= UDP_LIMITS.udp_max_flows:
+                assert problem is not None
+                model.drop(DropReason.FLOW_LIMIT)
+            else:
+                assert problem is None
+                model.states[flow_id] = FlowState.REQUESTED
+                model.last_active[flow_id] = now
+                model.streams[flow_id] = requested_on
+        elif kind == 2:
+            flow_id = pick(arg)
+            state = model.states.get(flow_id)
+            try:
+                stream = table.accept(flow_id, now)
+            except LocalProtocolError:
+                assert state not in (None, FlowState.REQUESTED)
+            else:
+                assert state in (None, FlowState.REQUESTED)
+                if state is not None:
+                    assert stream == model.streams[flow_id]
+                    model.states[flow_id] = FlowState.OPEN
+                    model.last_active[flow_id] = now
+        elif kind == 3:
+            flow_id = pick(arg)
+            state = model.states.get(flow_id)
+            try:
+                released = table.opened(flow_id, now)
+            except LocalProtocolError:
+                assert state is not FlowState.OPENING
+            else:
+                assert state is FlowState.OPENING
+                assert len(released) == model.queued.pop(flow_id, 0)
+                assert all(decode_flow_datagram(d)[0] == flow_id for d in released)
+                model.states[flow_id] = FlowState.OPEN
+                model.last_active[flow_id] = now
+        elif kind == 4:
+            flow_id = pick(arg)
+            ended_stream = table.end(flow_id)
+            if flow_id in model.states:
+                assert ended_stream == model.streams.get(flow_id)
+                model.forget(flow_id)
+            else:
+                assert ended_stream is None
+        elif kind == 5:
+            flow_id, payload = pick(arg), bytes((op >> 3) * 37)
+            max_datagram, congested = (1200 if op & 0x80 else 40), bool(arg & 0x40)
+            state = model.states.get(flow_id)
+            result = table.outgoing(
+                flow_id, payload, now, max_datagram=max_datagram, congested=congested
+            )
+            if isinstance(result, DropReason):
+                model.drop(result)
+                if state in (None, FlowState.REQUESTED):
+                    assert result is DropReason.UNKNOWN_FLOW
+                elif len(encode_varint(flow_id)) + len(payload) > max_datagram:
+                    assert result is DropReason.TOO_BIG
+                else:
+                    assert result in (
+                        DropReason.QUEUE_FULL,
+                        DropReason.CONGESTED,
+                        DropReason.OVER_RATE,
+                    )
+                    assert (result is DropReason.CONGESTED) == (
+                        congested and state is FlowState.OPEN
+                    )
+            else:
+                model.passed[0] += 1
+                model.last_active[flow_id] = now
+                if result is None:
+                    assert state is FlowState.OPENING
+                    model.queued[flow_id] = model.queued.get(flow_id, 0) + 1
+                    assert model.queued[flow_id] <= UDP_LIMITS.udp_flow_queue
+                else:
+                    assert state is FlowState.OPEN
+                    assert decode_flow_datagram(result) == (flow_id, payload)
+        elif kind == 6:
+            size = arg % 24
+            datagram = bytes(next(reader, 0) for _ in range(size))
+            result_in = table.incoming(datagram, now)
+            if isinstance(result_in, DropReason):
+                model.drop(result_in)
+            else:
+                assert decode_flow_datagram(datagram) == result_in
+                assert model.states[result_in[0]] in (FlowState.OPEN, FlowState.OPENING)
+                model.passed[1] += 1
+                model.last_active[result_in[0]] = now
+        else:
+            now += arg * 0.05
+            timer = table.get_timer()
+            if model.states:
+                assert timer is not None
+                assert timer <= min(model.last_active.values()) + timeout + 1e-9
+            expired = table.handle_timer(now) if timer is not None and timer <= now else []
+            for flow_id, stream_id in expired:
+                assert model.last_active[flow_id] + timeout <= now + 1e-9
+                assert stream_id == model.streams.get(flow_id)
+                model.forget(flow_id)
+            # The timer is never late, so every flow idle for the timeout is gone now.
+            assert all(at + timeout > now for at in model.last_active.values())
+        assert len(table) == len(model.states) <= UDP_LIMITS.udp_max_flows
+        for flow_id, state in model.states.items():
+            assert table.state(flow_id) is state
+        for passed in model.passed:
+            assert passed <= rate * burst + rate * (now - start) + 1
+        assert dict(table.drops) == model.drops, (table.drops, model.drops)
+    assert len(set(model.allocated)) == len(model.allocated)
+
+
 def _quic_harnesses() -> dict[str, Harness]:
     from . import client_harness, quic_harness
 
@@ -917,5 +1161,7 @@ HARNESSES: dict[str, Harness] = {
     "http_host": fuzz_http_host,
     "proxy_protocol": fuzz_proxy_protocol,
     "names": fuzz_names,
+    "udp_codecs": fuzz_udp_codecs,
+    "udp_flow_table": fuzz_udp_flow_table,
     **_quic_harnesses(),
 }

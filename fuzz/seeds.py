@@ -31,6 +31,7 @@ PROXYME = b"/proxyme/0.0.1/127.0.0.1/5000"
 PROXY_TCP = b"/proxy-tcp/dns/127.0.0.1/tcp/5000"
 TOKEN_HELLO = b"snocat-token-v1".ljust(32, b"\0") + NONCE
 GRANT = b'["[::]:8080"]'
+FLOW_SETUP = b"/proxy-udp/1/dns/dns.example/udp/53/from/ip4/203.0.113.7/udp/40000"
 
 
 def _record(control: int, payload: bytes) -> bytes:
@@ -392,6 +393,28 @@ def seeds() -> dict[str, dict[str, bytes]]:
             "options-denied": encode_frame(b'{"denied":"port 8085 is in use","retry":false}'),
             "options-bad-denial": encode_frame(b'{"denied":7}'),
             "options-control-reason": encode_frame(b'{"denied":"a\\u001bb"}'),
+        },
+        "udp_codecs": {
+            "datagram-flow-0": b"\x00hello",
+            "datagram-long-form": b"\x40\x01x",
+            "datagram-8-byte-id": b"\xc0\x00\x00\x00\x00\x00\x00\x07payload",
+            "datagram-truncated": b"\x80\x01",
+            "empty": b"",
+            "setup": FLOW_SETUP,
+            "setup-local-ip6": b"/proxy-udp/2/udp/5353/from/ip6/2001:db8::1/udp/9",
+            "setup-bad-id": b"/proxy-udp/007/udp/53/from/ip4/1.2.3.4/udp/5",
+            "setup-zone": b"/proxy-udp/1/udp/53/from/ip6/fe80::1%eth0/udp/5",
+            "segments-only": b"/7/dns4/a.example/udp/53/from/ip4/10.0.0.1/udp/1",
+            "udp-target": b"[::1]:53",
+        },
+        "udp_flow_table": {
+            # parity byte, then (op, arg) pairs: op % 8 picks open, request, accept,
+            # opened, end, outgoing, incoming, time (see fuzz_udp_flow_table).
+            "open-queue-opened": b"\x01" + bytes([0, 1, 0x85, 0, 0x85, 0, 3, 0, 0x85, 0]),
+            "request-accept-receive": b"\x00" + bytes([1, 3, 2, 0, 6, 2, 3, 0x41]),
+            "flood": b"\x01" + bytes([0, 1, 3, 0]) + bytes([0xFD, 0]) * 40,
+            "idle": b"\x00" + bytes([1, 5, 2, 0, 7, 60, 7, 60, 5, 0]),
+            "limits": b"\x01" + bytes([0, 0]) * 6 + bytes([1, 2, 4, 0, 0, 0]),
         },
         "endpoint_datagrams": {
             # options byte, then records: control(1) length(2) payload.

@@ -61,6 +61,10 @@ from ._wire.events import (
     ConnectionTerminated,
     CredentialRequired,
     DataReceived,
+    FlowDatagramReceived,
+    FlowEnded,
+    FlowOpened,
+    FlowRequested,
     HandshakeCompleted,
     StreamAccepted,
     StreamEnded,
@@ -75,6 +79,7 @@ from ._wire.limits import Limits
 from ._wire.network import format_host_port, parse_host_port
 from ._wire.targets import ProxyTcpTarget, TargetKind
 from ._wire.tunnel import Role, TunnelConnection, TunnelState
+from ._wire.udp_flows import DatagramCounters, DropReason, FlowEnd, UdpTarget
 
 __all__ = [
     "SCHEME_SIMPLE_ACK",
@@ -89,8 +94,15 @@ __all__ = [
     "ConnectionTerminated",
     "CredentialRequired",
     "DataReceived",
+    "DatagramCounters",
+    "DropReason",
     "Fanout",
     "FleetConfig",
+    "FlowDatagramReceived",
+    "FlowEnd",
+    "FlowEnded",
+    "FlowOpened",
+    "FlowRequested",
     "FrameTooLarge",
     "HandshakeCompleted",
     "HandshakeRate",
@@ -135,6 +147,7 @@ __all__ = [
     "TunnelState",
     "TunnelStatus",
     "TunnelUpdated",
+    "UdpTarget",
     "UnsupportedVersion",
     "connect_tunnel",
     "fingerprint",

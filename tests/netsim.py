@@ -35,6 +35,8 @@ from snocat_proto._wire.events import (
     ConnectionTerminated,
     CredentialRequired,
     DataReceived,
+    FlowDatagramReceived,
+    FlowRequested,
     StreamAccepted,
     StreamEnded,
     StreamRejected,
@@ -106,6 +108,10 @@ class Link:
     jitter: float = 0.0
     loss: float = 0.0
     duplicate: float = 0.0
+    #: A bottleneck, in bytes a second each way (None: none); datagrams queue behind it
+    #: and are dropped once ``queue`` bytes wait (drop-tail, as a router does).
+    bandwidth: float | None = None
+    queue: int = 64 * 1024
 
 
 @dataclass
@@ -126,6 +132,10 @@ class App:
     #: When False, DataReceived is not acknowledged (a stalled reader).
     consume: bool = True
     unacknowledged: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    #: Decides FlowRequested: True accepts, False refuses, None leaves it pending.
+    flow_route: Callable[[FlowRequested], bool | None] = lambda request: True
+    #: Every datagram payload received, by flow.
+    flow_data: dict[int, list[bytes]] = field(default_factory=lambda: defaultdict(list))
 
     def handle(self, tunnel: TunnelConnection, event: TunnelEvent, now: float = 0.0) -> None:
         self.events.append(event)
@@ -147,6 +157,14 @@ class App:
                 self.unacknowledged[event.stream_id] += len(event.data)
         elif isinstance(event, StreamEnded):
             self.ended.add(event.stream_id)
+        elif isinstance(event, FlowRequested):
+            flow_decision = self.flow_route(event)
+            if flow_decision is True:
+                tunnel.accept_flow(event.flow_id, now)
+            elif flow_decision is False:
+                tunnel.refuse_flow(event.flow_id)
+        elif isinstance(event, FlowDatagramReceived):
+            self.flow_data[event.flow_id].append(event.data)
 
     def of_type(self, kind: type[TunnelEvent]) -> list[TunnelEvent]:
         return [e for e in self.events if isinstance(e, kind)]
@@ -176,6 +194,7 @@ class App:
             hold_credentials=self.hold_credentials,
             route=self.route,
             consume=self.consume,
+            flow_route=self.flow_route,
         )
 
 
@@ -266,6 +285,8 @@ class Simulation:
         client_token: bytes = b"",
         client_alpn: Sequence[str] = (ALPN,),
         server_alpn: Sequence[str] = (ALPN,),
+        server_datagrams: bool = False,
+        client_datagrams: bool = False,
     ) -> None:
         self.limits = limits or Limits()
         self.client_alpn = client_alpn
@@ -276,7 +297,10 @@ class Simulation:
         self.trust = trust
         self.server = ServerEndpoint(
             server_configuration(
-                self.limits, idle_timeout=server_idle_timeout, alpn_protocols=server_alpn
+                self.limits,
+                idle_timeout=server_idle_timeout,
+                alpn_protocols=server_alpn,
+                datagrams=server_datagrams,
             ),
             authenticator_factory=server_auth,
             limits=self.limits,
@@ -289,9 +313,17 @@ class Simulation:
         self.server_app = App()
         self._server_apps: dict[TunnelConnection, App] = {}
         self.clients: list[Client] = []
-        self.add_client(CLIENT_ADDR, client_auth, limits=client_limits, token=client_token)
+        self.add_client(
+            CLIENT_ADDR,
+            client_auth,
+            limits=client_limits,
+            token=client_token,
+            datagrams=client_datagrams,
+        )
         self._queue: list[tuple[float, int, NetworkAddress, NetworkAddress, bytes]] = []
         self._seq = 0
+        #: When each direction's bottleneck is free again (``Link.bandwidth``), by source.
+        self._link_free_at: dict[NetworkAddress, float] = {}
         self.datagrams_sent = 0
         #: Set to a list to record each datagram put on the link: ``(time, source, size)``.
         self.sent_log: list[tuple[float, NetworkAddress, int]] | None = None
@@ -306,10 +338,11 @@ class Simulation:
         *,
         limits: Limits | None = None,
         token: bytes = b"",
+        datagrams: bool = False,
     ) -> Client:
         limits = limits or self.limits
         configuration = client_configuration(
-            limits, trust=self.trust, alpn_protocols=self.client_alpn
+            limits, trust=self.trust, alpn_protocols=self.client_alpn, datagrams=datagrams
         )
         configuration.token = token
         tunnel = TunnelConnection.connect(
@@ -371,9 +404,17 @@ class Simulation:
         link = self.link
         if self.rng.random() < link.loss:
             return
+        departs = self.now
+        if link.bandwidth is not None:
+            source_key = SERVER_ADDR if source == SERVER_ADDR else CLIENT_ADDR
+            start = max(self.now, self._link_free_at.get(source_key, self.now))
+            if (start - self.now) * link.bandwidth > link.queue:
+                return  # the bottleneck's queue is full
+            departs = start + len(data) / link.bandwidth
+            self._link_free_at[source_key] = departs
         copies = 2 if self.rng.random() < link.duplicate else 1
         for _ in range(copies):
-            at = self.now + link.delay + self.rng.random() * link.jitter
+            at = departs + link.delay + self.rng.random() * link.jitter
             self._seq += 1
             heapq.heappush(self._queue, (at, self._seq, destination, source, data))
 

@@ -633,3 +633,40 @@ def test_a_denial_reason_is_printable_and_bounded() -> None:
     (denied,) = client.receive_data(frame)
     assert isinstance(denied, Denied)
     assert denied.reason.startswith("bad?[31m") and len(denied.reason) == LIMITS.max_reason_length
+
+
+# udp-datagrams: a UDP port (negotiated with proxyme-options; docs/protocol.md 3.17) ----
+
+
+def test_a_udp_port_is_asked_for_in_the_subject_object() -> None:
+    client = ProxymeClient(limits=LIMITS, options=True, udp=True)
+    assert client.initial_data() == encode_frame(b'{"udp":true}')
+    both = ProxymeClient(limits=LIMITS, options=True, public_port=9053, udp=True)
+    assert both.initial_data() == encode_frame(b'{"port":9053,"udp":true}')
+    for payload, expected in [
+        (b'{"udp":true}', SubjectReceived("", None, True)),
+        (b'{"port":9053,"udp":true}', SubjectReceived("", 9053, True)),
+        (b'{"udp":false}', SubjectReceived("", None, False)),
+        (b'{"port":9053}', SubjectReceived("", 9053, False)),
+    ]:
+        server = ProxymeServer(limits=LIMITS, options=True, udp=True)
+        assert server.receive_data(encode_frame(payload)) == [expected]
+    # The grant and release are the proxyme ones.
+    assert server.grant(["[::]:9053"]) == encode_frame(b'["[::]:9053"]')
+
+
+def test_without_udp_datagrams_a_udp_member_is_ignored_and_never_sent() -> None:
+    with pytest.raises(LocalProtocolError, match="proxyme-options"):
+        ProxymeClient(limits=LIMITS, udp=True)
+    # A server that did not agree on udp-datagrams reads an unknown member (3.13).
+    server = ProxymeServer(limits=LIMITS, options=True)
+    assert server.receive_data(encode_frame(b'{"udp":true}')) == [SubjectReceived("")]
+    assert ProxymeServer(limits=LIMITS, udp=True).receive_data(encode_frame(b'""')) == [
+        SubjectReceived("")
+    ]
+
+
+@pytest.mark.parametrize("payload", [b'{"udp":1}', b'{"udp":"yes"}', b'{"udp":null}'])
+def test_a_udp_member_that_is_not_a_boolean_is_a_protocol_error(payload: bytes) -> None:
+    with pytest.raises(RemoteProtocolError, match="udp"):
+        ProxymeServer(limits=LIMITS, options=True, udp=True).receive_data(encode_frame(payload))

@@ -36,7 +36,7 @@ from aioquic.quic.packet import (
     encode_quic_version_negotiation,
     pull_quic_header,
 )
-from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.packet_builder import PACKET_NUMBER_SEND_SIZE, QuicPacketBuilder
 from aioquic.quic.retry import QuicRetryTokenHandler
 from aioquic.quic.stream import QuicStream
 from cryptography import x509
@@ -45,6 +45,7 @@ from .limits import Limits
 
 __all__ = [
     "ALPN",
+    "DATAGRAM_FRAME_SIZE",
     "SMALLEST_MAX_DATAGRAM_SIZE",
     "NetworkAddress",
     "PacketHeader",
@@ -62,6 +63,12 @@ __all__ = [
 #: The only ALPN either snocat side offers (snocat 0.8 compat).
 ALPN = "ms-snocat-1"
 
+#: The ``max_datagram_frame_size`` transport parameter we send when DATAGRAM frames are
+#: on (RFC 9221 recommends 65535: "any DATAGRAM frame that fits in a packet").
+DATAGRAM_FRAME_SIZE = 65535
+#: The AEAD tag of every QUIC version 1 packet protection (RFC 9001 section 5.3).
+AEAD_TAG_SIZE = 16
+
 #: How far in the past :meth:`QuicEngine.acknowledge_now` puts an ACK's due time.
 ACK_OVERDUE = 0.001
 
@@ -78,6 +85,7 @@ AIOQUIC_PRIVATES: dict[str, tuple[str, ...]] = {
     "aioquic.quic.connection.QuicConnection": (
         "_close_event",
         "_crypto_buffers",
+        "_datagrams_pending",
         "_discard_epoch",
         "_handshake_complete",
         "_host_cids",
@@ -88,8 +96,11 @@ AIOQUIC_PRIVATES: dict[str, tuple[str, ...]] = {
         "_local_max_streams_bidi",
         "_local_max_streams_uni",
         "_loss",
+        "_max_datagram_size",
         "_network_paths",
+        "_peer_cid",
         "_QuicConnection__frame_handlers",
+        "_remote_max_datagram_frame_size",
         "_spaces",
         "_state",
         "_stream_is_discarded",
@@ -117,9 +128,16 @@ def quic_configuration(
     idle_timeout: float = 30.0,
     max_datagram_size: int = SMALLEST_MAX_DATAGRAM_SIZE,
     alpn_protocols: Sequence[str] = (ALPN,),
+    datagrams: bool = False,
 ) -> QuicConfiguration:
     """A QUIC configuration with snocat's ALPN (an aggregator node of a fleet also
-    offers the node-to-node one) and windows; certificates are the caller's."""
+    offers the node-to-node one) and windows; certificates are the caller's.
+
+    ``datagrams`` sends the ``max_datagram_frame_size`` transport parameter (RFC 9221),
+    which the ``udp-datagrams`` addition needs (docs/protocol.md 3.17).  It goes out in
+    the handshake, before any authentication, so only a side that can agree on that
+    addition turns it on (:func:`~snocat_proto._wire.udp_flows.advertise_datagrams`):
+    off, the transport parameters are exactly the compat profile's."""
     return QuicConfiguration(
         alpn_protocols=list(alpn_protocols),
         supported_versions=[QuicProtocolVersion.VERSION_1],  # snocat 0.8 speaks v1 only
@@ -129,6 +147,7 @@ def quic_configuration(
         max_datagram_size=max_datagram_size,
         max_stream_data=limits.stream_receive_window,
         max_data=min(limits.pre_auth_receive_window, limits.tunnel_receive_window),
+        max_datagram_frame_size=DATAGRAM_FRAME_SIZE if datagrams else None,
     )
 
 
@@ -146,6 +165,11 @@ class QuicEngine(QuicConnection):
         # We use no unidirectional streams: a peer that opens one breaks the limit.
         self._local_max_streams_uni.value = self._local_max_streams_uni.sent = 0
         self._local_active_connection_id_limit = limits.active_connection_id_limit
+        self._datagrams_on = configuration.max_datagram_frame_size is not None
+        #: DATAGRAM payloads dropped from the send queue because they no longer fit a
+        #: packet (the path's datagram size shrank after they were queued), or because
+        #: the peer takes none (queued with aioquic's own, unchecked, call).
+        self.stranded_datagrams = 0
         self._share_frame_handler_epochs()
 
     # Memory per connection ---------------------------------------------------
@@ -249,7 +273,50 @@ class QuicEngine(QuicConnection):
     def stream_is_open(self, stream_id: int) -> bool:
         return stream_id in self._streams
 
+    # DATAGRAM frames (RFC 9221) ------------------------------------------------
+
+    @property
+    def datagrams_negotiated(self) -> bool:
+        """Both ends sent ``max_datagram_frame_size``: DATAGRAM frames may flow both ways."""
+        return self._datagrams_on and self._remote_max_datagram_frame_size is not None
+
+    def max_datagram_payload(self) -> int:
+        """The largest DATAGRAM payload that fits one packet to the peer now; 0 when
+        the peer takes none.
+
+        aioquic neither checks a datagram against the peer's limit nor drops one that
+        can never fit a packet: that one stays at the head of its queue and every
+        datagram after it waits forever.  So nothing larger than this is queued."""
+        remote = self._remote_max_datagram_frame_size
+        if remote is None:
+            return 0
+        # A 1-RTT packet: flags, the peer's connection ID, the packet number; the tag.
+        overhead = 1 + len(self._peer_cid.cid) + PACKET_NUMBER_SEND_SIZE + AEAD_TAG_SIZE
+        frame = min(self._max_datagram_size - overhead, remote)
+        payload = frame - 1 - _varint_size(frame)  # type byte, length, payload
+        while payload > 0 and 1 + _varint_size(payload) + payload > frame:
+            payload -= 1
+        return max(payload, 0)
+
+    @property
+    def datagrams_queued(self) -> int:
+        """DATAGRAM payloads waiting for room in the congestion window."""
+        return datagrams_queued(self)
+
+    def send_datagram(self, data: bytes) -> None:
+        """Queue a DATAGRAM frame; the caller checked :meth:`max_datagram_payload`."""
+        self._datagrams_pending.append(data)
+
+    def _drop_stranded_datagrams(self) -> None:
+        pending = self._datagrams_pending
+        limit = self.max_datagram_payload()
+        while pending and len(pending[0]) > limit:
+            pending.popleft()
+            self.stranded_datagrams += 1
+
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        if self._datagrams_pending:
+            self._drop_stranded_datagrams()
         paths = self._network_paths
         if self._is_client or not paths or paths[0].is_validated:
             return super().datagrams_to_send(now)
@@ -341,6 +408,15 @@ class QuicEngine(QuicConnection):
             max_data.used = used
 
 
+def _varint_size(value: int) -> int:
+    """Bytes of a QUIC variable-length integer (RFC 9000 section 16)."""
+    if value < 0x40:
+        return 1
+    if value < 0x4000:
+        return 2
+    return 4 if value < 0x4000_0000 else 8
+
+
 # Plain aioquic connections (benchmarks compare snocat with them) ------------------
 
 
@@ -349,6 +425,11 @@ def send_buffered(connection: QuicConnection, stream_id: int) -> int:
     acknowledged yet (aioquic's send buffer is unbounded: aioquic issue 328)."""
     stream = connection._streams.get(stream_id)
     return 0 if stream is None else len(stream.sender._buffer)
+
+
+def datagrams_queued(connection: QuicConnection) -> int:
+    """DATAGRAM frames any aioquic connection holds, waiting for congestion window."""
+    return len(connection._datagrams_pending)
 
 
 def handshake_complete(connection: QuicConnection) -> bool:

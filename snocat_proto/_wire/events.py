@@ -10,6 +10,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .address import RouteAddress
+from .udp_flows import FlowEnd, UdpTarget
+
+__all__ = [
+    "STREAM_EVENTS",
+    "AuthenticationCompleted",
+    "ConnectionTerminated",
+    "CredentialRequired",
+    "DataReceived",
+    "FlowDatagramReceived",
+    "FlowEnded",
+    "FlowOpened",
+    "FlowRequested",
+    "HandshakeCompleted",
+    "StreamAccepted",
+    "StreamEnded",
+    "StreamRejected",
+    "StreamRequested",
+    "StreamReset",
+    "StreamWritable",
+    "TunnelEvent",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -118,6 +139,44 @@ class ConnectionTerminated(TunnelEvent):
     reason: str
     by_peer: bool
     application: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FlowRequested(TunnelEvent):
+    """(``udp-datagrams``) The peer opened a UDP flow: its datagrams are for ``target``
+    and come from ``visitor`` (an IP address text and a port, as the peer saw them).
+    Call ``accept_flow`` or ``refuse_flow``; until then its datagrams are dropped."""
+
+    flow_id: int
+    target: UdpTarget
+    visitor: tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FlowOpened(TunnelEvent):
+    """A flow we opened was accepted; what was queued for it has gone out."""
+
+    flow_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FlowDatagramReceived(TunnelEvent):
+    """One UDP payload arrived on a flow (unreliable: some never do, none twice)."""
+
+    flow_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FlowEnded(TunnelEvent):
+    """A flow is over (refused, ended by the peer, reset, or idle); its ID is never
+    used again on this tunnel.  None follows ``close_flow`` or ``refuse_flow``, and
+    none comes for each flow when the tunnel ends: :class:`ConnectionTerminated`
+    ends them all."""
+
+    flow_id: int
+    cause: FlowEnd
+    reason: str
 
 
 #: The events that concern one stream (they carry ``stream_id``): a binding routes

@@ -11,12 +11,20 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["FEATURES", "PROXYME_OPTIONS", "parse_features"]
+__all__ = ["FEATURES", "PROXYME_OPTIONS", "UDP_DATAGRAMS", "parse_features"]
 
 #: The ``proxyme`` subject may be a JSON object asking for a public port
 #: (``{"port": 8085}``), and a denial may say why (``{"denied": REASON, "retry": BOOL}``).
 PROXYME_OPTIONS: Final = "proxyme-options"
-#: Every addition this implementation speaks (what a side offers by default).
+#: UDP flows over QUIC DATAGRAM frames (docs/protocol.md 3.17): a ``proxyme`` subject
+#: may ask for a UDP port (``{"udp": true}``, with ``proxyme-options``), and flows are
+#: set up on ``/proxy-udp/...`` streams.  Not offered by default: only a side that
+#: serves UDP lists it, and it needs the QUIC transport parameter
+#: ``max_datagram_frame_size`` in the handshake (``udp_flows.advertise_datagrams``).
+UDP_DATAGRAMS: Final = "udp-datagrams"
+#: The additions a side offers by default.  ``udp-datagrams`` is left out: a side offers
+#: it when it serves UDP (an aggregator with a UDP port range, a client with UDP
+#: targets), as it also costs a transport parameter in every handshake.
 FEATURES: Final = frozenset({PROXYME_OPTIONS})
 
 #: A peer listing more than this many names, or longer ones, lists junk: ignored.

@@ -98,6 +98,29 @@ class Limits:
     #: within a round trip, so a quiet tunnel is never closed for it.
     probe_answer_timeout: float = 3.0
 
+    # UDP flows (udp-datagrams, docs/protocol.md 3.17) ------------------------------
+    #: Flows one tunnel may have at once, set up or being set up, counting both sides'.
+    #: Each holds one stream of the peer's ``max_streams_per_tunnel``: keep this well
+    #: below it, so that TCP streams always have room.
+    udp_max_flows: int = 128
+    #: Datagrams one flow may queue while its setup is under way (one round trip).
+    udp_flow_queue: int = 16
+    #: Datagrams one tunnel may have handed to QUIC that wait for room in the congestion
+    #: window: aioquic's queue is unbounded and holds them however stale they get, and
+    #: on a lossy path (each lost datagram shrinks the window) every one queued is
+    #: latency.  As many as a pump reads at once (``udp_receive_batch``).
+    udp_send_queue: int = 64
+    #: Seconds without a datagram either way after which a flow ends (on each side).
+    udp_flow_idle_timeout: float = 60.0
+    #: Datagrams a second one tunnel sends, and takes from the peer (each direction its
+    #: own token bucket): QUIC writes DATAGRAM frames ahead of stream data in every
+    #: packet, so an unbounded flood would starve the tunnel's streams.
+    udp_datagrams_per_second: float = 10_000.0
+    #: Bytes a second (flow IDs included), each direction, per tunnel: 64 Mbit/s.
+    udp_bytes_per_second: float = 8 * 1024 * 1024
+    #: Seconds of either rate a bucket holds, so a burst can go at once.
+    udp_rate_burst: float = 0.25
+
     # Endpoints and bindings -------------------------------------------------------
     #: Client addresses (IPv6: /64s) the handshake-rate table tracks at once.
     handshake_rate_sources: int = 65536

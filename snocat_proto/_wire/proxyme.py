@@ -18,7 +18,10 @@ Wire (snocat 0.8), after NYAN negotiation of ``/proxyme/0.0.1/<host>/<port>``
 :mod:`~snocat_proto._wire.features`): the subject may be a JSON object asking for a
 public port, ``{"port": 8085}``, and a denial may be an object saying why and whether
 asking again can help, ``{"denied": "port 8085 is in use", "retry": true}``.  Neither
-is ever sent to a peer that did not agree to it.
+is ever sent to a peer that did not agree to it.  With ``udp-datagrams`` agreed as well
+(docs/protocol.md 3.17), the subject object may ask for a UDP port instead,
+``{"udp": true}``; the grant and the release are the same, and each visitor of that
+port becomes a flow (:mod:`~snocat_proto._wire.udp_flows`) rather than a stream.
 
 Choices the reference leaves open, decided here:
 
@@ -184,10 +187,12 @@ class Released(ProxymeEvent):
 @dataclass(frozen=True, slots=True)
 class SubjectReceived(ProxymeEvent):
     """Server: the client's subject arrived; now call ``grant()`` or ``deny()``.
-    ``port``: the public port it asks for (``proxyme-options`` only), else None."""
+    ``port``: the public port it asks for (``proxyme-options`` only), else None;
+    ``udp``: it asks for a UDP port (``udp-datagrams`` too), not a TCP one."""
 
     subject: str
     port: int | None = None
+    udp: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,16 +306,23 @@ class ProxymeClient:
         limits: Limits,
         options: bool = False,
         public_port: int | None = None,
+        udp: bool = False,
     ) -> None:
         """``options``: the tunnel agreed on ``proxyme-options``; only then may
-        ``public_port`` ask for a given public port."""
+        ``public_port`` ask for a given public port, and ``udp`` (if ``udp-datagrams``
+        was agreed too) for a UDP port."""
         if not isinstance(subject, str):
             raise LocalProtocolError(f"subject must be str, not {type(subject).__name__}")
-        if public_port is not None:
-            if not options:
-                raise LocalProtocolError("asking for a public port needs proxyme-options")
-            _check_port(public_port, "the public port asked for")
-            payload = _dump_json({"port": public_port}, "the proxyme subject")
+        if (public_port is not None or udp) and not options:
+            raise LocalProtocolError("asking for a public port or a UDP port needs proxyme-options")
+        if public_port is not None or udp:
+            request: dict[str, object] = {}
+            if public_port is not None:
+                _check_port(public_port, "the public port asked for")
+                request["port"] = public_port
+            if udp:
+                request["udp"] = True
+            payload = _dump_json(request, "the proxyme subject")
         else:
             payload = _dump_json(subject, "the proxyme subject")
         self._options = options
@@ -492,12 +504,16 @@ class ProxymeServer:
         "_options",
         "_release_received",
         "_state",
+        "_udp",
     )
 
-    def __init__(self, *, limits: Limits, options: bool = False) -> None:
+    def __init__(self, *, limits: Limits, options: bool = False, udp: bool = False) -> None:
         """``options``: the tunnel agreed on ``proxyme-options`` (port requests in the
-        subject, reasons in a denial)."""
+        subject, reasons in a denial); ``udp``: it agreed on ``udp-datagrams`` too (the
+        subject may ask for a UDP port; without it a ``udp`` member is ignored, as any
+        member we do not know)."""
         self._options = options
+        self._udp = options and udp
         self._max_reason = limits.max_reason_length
         self._frames = FrameDecoder(limits.max_proxyme_subject_size)
         self._max_response = limits.max_frame_size
@@ -617,8 +633,11 @@ class ProxymeServer:
                     _check_port(port, "the public port asked for")
                 except LocalProtocolError as exc:
                     raise RemoteProtocolError(exc.reason) from None
+            udp = value.get("udp", False) if self._udp else False
+            if not isinstance(udp, bool):
+                raise RemoteProtocolError('a proxyme subject\'s "udp" must be true or false')
             self._advance(_ServerInput.PEER_SUBJECT)
-            return SubjectReceived("", port if isinstance(port, int) else None)
+            return SubjectReceived("", port if isinstance(port, int) else None, udp)
         if not isinstance(value, str) or not _is_clean_text(value):
             raise RemoteProtocolError("the proxyme subject must be a JSON string")
         self._advance(_ServerInput.PEER_SUBJECT)

@@ -10,7 +10,10 @@ reset, close).  It owns, for every tunnel:
 * the NYAN negotiation of every other stream, in both roles;
 * receive credit (the peer may send only what the application has consumed plus a
   window) and bounded send buffers (see :meth:`send_capacity`);
-* its deadlines: authentication, negotiation and keep-alive.
+* its deadlines: authentication, negotiation and keep-alive;
+* with ``udp-datagrams`` agreed, its UDP flows: each flow's setup stream (the
+  application hears of the flow, never of the stream), and its QUIC DATAGRAM frames,
+  decided by a :class:`~snocat_proto._wire.udp_flows.FlowTable`.
 
 Nothing here does I/O or reads a clock; ``now`` comes from the caller.
 """
@@ -22,6 +25,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum, auto
+from typing import Any, ClassVar
 
 from cryptography import x509
 
@@ -30,7 +34,14 @@ from .address import RouteAddress
 from .auth import Authenticated, Authenticator, Rejected, SecretRequired, TokenListener
 from .codes import CloseCode, StreamCode
 from .engine import ALPN, QuicConfiguration, QuicEngine, quic_events
-from .errors import LocalProtocolError, ProtocolError, SendBufferFull, UnsupportedVersion
+from .errors import (
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    SendBufferFull,
+    UnsupportedVersion,
+)
+from .features import UDP_DATAGRAMS
 from .limits import Limits
 from .negotiation import (
     Accepted,
@@ -40,6 +51,17 @@ from .negotiation import (
     Refused,
 )
 from .network import NetworkAddress
+from .udp_flows import (
+    PROXY_UDP,
+    DatagramCounters,
+    DropReason,
+    FlowEnd,
+    FlowRequest,
+    FlowState,
+    FlowTable,
+    UdpTarget,
+    encode_varint,
+)
 
 #: The authentication channel: the Listen side's first bidirectional stream.
 AUTH_STREAM_ID = 1
@@ -192,6 +214,13 @@ class TunnelConnection:
         self._events: deque[events.TunnelEvent] = deque()
         self._close_reported = False
         self._connection_id_changes: list[tuple[bool, bytes]] = []
+        #: The UDP flows, once ``udp-datagrams`` is in force (agreed, and both ends sent
+        #: the DATAGRAM transport parameter); None otherwise.
+        self._flows: FlowTable | None = None
+        #: Events of flow streams, handled once the stream machinery is at rest.
+        self._flow_inbox: list[events.TunnelEvent] = []
+        #: DATAGRAM frames that came while no flow table existed (NOT_AGREED).
+        self._datagrams_refused = 0
         self._quic_handlers: dict[type, Callable[[quic_events.QuicEvent], None]] = {
             quic_events.HandshakeCompleted: self._on_handshake_completed,
             quic_events.StreamDataReceived: self._on_stream_data,
@@ -200,6 +229,7 @@ class TunnelConnection:
             quic_events.ConnectionTerminated: self._on_terminated,
             quic_events.ConnectionIdIssued: self._on_cid_issued,
             quic_events.ConnectionIdRetired: self._on_cid_retired,
+            quic_events.DatagramFrameReceived: self._on_datagram,
         }
 
     @classmethod
@@ -299,6 +329,8 @@ class TunnelConnection:
             deadlines.append(self._keepalive_at)
             deadlines.append(self._peer_gone_at())
             deadlines.extend(s.deadline for s in self._by_state[StreamState.NEGOTIATING])
+            if self._flows is not None:
+                deadlines.append(self._flows.get_timer())
         return min((d for d in deadlines if d is not None), default=None)
 
     def _peer_gone_at(self) -> float | None:
@@ -333,6 +365,8 @@ class TunnelConnection:
                     and now >= stream.deadline
                 ):
                     self._abort(stream, StreamCode.TIMEOUT, "stream negotiation timed out")
+            if self._flows is not None:
+                self._expire_flows(self._flows, now)
             gone_at = self._peer_gone_at()
             if gone_at is not None and now >= gone_at:
                 self.close(
@@ -363,8 +397,12 @@ class TunnelConnection:
         """Queue ``event`` for the application, unless :class:`ConnectionTerminated` was queued:
         it is always the last event (a close in the middle of a datagram's events, such
         as an unsupported NYAN version, must not be followed by that datagram's rest)."""
-        if not self._close_reported:
-            self._events.append(event)
+        if self._close_reported:
+            return
+        if self._flows is not None and self._is_flow_event(event, self._flows):
+            self._flow_inbox.append(event)
+            return
+        self._events.append(event)
 
     def next_event(self) -> events.TunnelEvent | None:
         try:
@@ -383,6 +421,7 @@ class TunnelConnection:
         """Answer :class:`~snocat_proto.events.CredentialRequired` (None: unknown name)."""
         self._token_listener().supply_credential(secret)
         self._drain_authenticator()
+        self._run_flow_inbox()
 
     def reject_credential(self, reason: str, code: int = CloseCode.REFUSED) -> None:
         """Answer :class:`CredentialRequired` with a refusal the peer is told.
@@ -535,6 +574,102 @@ class TunnelConnection:
         self._quic.close(error_code=int(code), reason_phrase=reason)
         self._report_close()
 
+    # The application's calls: UDP flows (udp-datagrams, docs/protocol.md 3.17) -
+
+    @property
+    def flows_enabled(self) -> bool:
+        """Whether UDP flows may be used: ``udp-datagrams`` agreed, DATAGRAM frames on."""
+        return self._flows is not None
+
+    def open_flow(self, target: UdpTarget, visitor: tuple[str, int], now: float) -> int | None:
+        """Open a flow of ``visitor``'s datagrams to ``target`` on the peer; its ID, or
+        None at ``Limits.udp_max_flows`` (counted as a FLOW_LIMIT drop).
+
+        Datagrams sent on it queue until :class:`FlowOpened`; :class:`FlowEnded`
+        follows instead if the peer refuses."""
+        flows = self._require_flows()
+        flow_id = flows.open(now)
+        if flow_id is None:
+            return None
+        try:
+            stream_id = self.open_stream(FlowRequest(flow_id, target, visitor).to_address())
+        except Exception:
+            flows.end(flow_id)  # e.g. an address over max_address_size: no flow after all
+            raise
+        flows.bind(flow_id, stream_id)
+        return flow_id
+
+    def accept_flow(self, flow_id: int, now: float) -> None:
+        """Accept a :class:`FlowRequested` (the application checked its target).  A
+        no-op for a flow that ended meanwhile (its :class:`FlowEnded` is queued)."""
+        stream_id = self._require_flows().accept(flow_id, now)
+        if stream_id is not None:
+            self.accept_stream(stream_id)
+            self._run_flow_inbox()
+
+    def refuse_flow(self, flow_id: int) -> None:
+        """Refuse a :class:`FlowRequested` (status 01).  A no-op for an ended flow."""
+        flows = self._require_flows()
+        if flows.state(flow_id) not in (None, FlowState.REQUESTED):
+            raise LocalProtocolError(f"flow {flow_id} is not awaiting a decision")
+        stream_id = flows.end(flow_id)
+        if stream_id is not None:
+            self.refuse_stream(stream_id)
+
+    def close_flow(self, flow_id: int) -> None:
+        """End a flow: its stream ends, so the peer ends it too.  No event follows;
+        queued datagrams are dropped.  Idempotent."""
+        if self._flows is None:
+            return
+        stream_id = self._flows.end(flow_id)
+        if stream_id is not None:
+            self.close_stream(stream_id)
+
+    def flow_payload_limit(self, flow_id: int) -> int:
+        """The largest UDP payload :meth:`send_flow_datagram` takes on ``flow_id`` now
+        (the path's DATAGRAM room less the flow ID); 0 without flows."""
+        if self._flows is None:
+            return 0
+        return max(0, self._quic.max_datagram_payload() - len(encode_varint(flow_id)))
+
+    def send_flow_datagram(self, flow_id: int, data: bytes, now: float) -> DropReason | None:
+        """Send one UDP payload on a flow: None if it went to QUIC (or, while the flow's
+        setup is under way, to its queue); else why it was dropped, and counted.
+
+        Never fragmented nor retransmitted: a payload over :meth:`flow_payload_limit`
+        is :attr:`DropReason.TOO_BIG`.  Call the adapter's flush afterwards."""
+        flows = self._flows
+        if flows is None or self._state is not TunnelState.AUTHENTICATED:
+            self._datagrams_refused += 1
+            return DropReason.NOT_AGREED
+        quic = self._quic
+        verdict = flows.outgoing(
+            flow_id,
+            data,
+            now,
+            max_datagram=quic.max_datagram_payload(),
+            congested=quic.datagrams_queued >= self._limits.udp_send_queue,
+        )
+        if isinstance(verdict, bytes):
+            quic.send_datagram(verdict)
+            return None
+        return verdict
+
+    def datagram_counters(self) -> DatagramCounters:
+        """Datagrams sent, delivered and dropped (by reason) on this tunnel so far."""
+        drops: dict[DropReason, int] = {}
+        sent = received = 0
+        if self._flows is not None:
+            drops.update(self._flows.drops)
+            sent, received = self._flows.sent, self._flows.received
+        for reason, amount in (
+            (DropReason.NOT_AGREED, self._datagrams_refused),
+            (DropReason.TOO_BIG, self._quic.stranded_datagrams),
+        ):
+            if amount:
+                drops[reason] = drops.get(reason, 0) + amount
+        return DatagramCounters(sent=sent, received=received, drops=drops)
+
     # Internals: QUIC events --------------------------------------------------
 
     def _process(self) -> None:
@@ -542,6 +677,7 @@ class TunnelConnection:
             handler = self._quic_handlers.get(type(event))
             if handler is not None:
                 handler(event)
+        self._run_flow_inbox()
         self._report_close()
         self._check_writable()
 
@@ -649,6 +785,131 @@ class TunnelConnection:
         )
         self._close_reported = True
 
+    # Internals: UDP flows ----------------------------------------------------
+
+    def _require_flows(self) -> FlowTable:
+        if self._flows is None:
+            raise LocalProtocolError(
+                "UDP flows need an authenticated tunnel that agreed on udp-datagrams "
+                f"(tunnel is {self._state.name}, features {sorted(self._features)})"
+            )
+        return self._flows
+
+    def _is_flow_event(self, event: events.TunnelEvent, flows: FlowTable) -> bool:
+        """Whether ``event`` belongs to a flow's stream (the application never sees those)."""
+        stream_id = getattr(event, "stream_id", None)
+        if stream_id is None:
+            return False
+        if flows.flow_of_stream(stream_id) is not None:
+            return True
+        return isinstance(event, events.StreamRequested) and event.address.startswith(PROXY_UDP)
+
+    def _run_flow_inbox(self) -> None:
+        """Turn flow streams' events into flow events, now that no stream is mid-change
+        (a flow's handling ends streams, which must not happen inside the transition
+        that reported them)."""
+        while self._flow_inbox and self._flows is not None:
+            inbox, self._flow_inbox = self._flow_inbox, []
+            for event in inbox:
+                self._FLOW_STREAM_HANDLERS[type(event)](self, self._flows, event)
+
+    def _on_flow_requested(self, flows: FlowTable, event: events.TunnelEvent) -> None:
+        assert isinstance(event, events.StreamRequested)
+        try:
+            request = FlowRequest.from_address(event.address)
+        except RemoteProtocolError:
+            request = None
+        # A malformed address, an ID of ours or in use, or the flow limit: refused (01),
+        # as any address no service takes.
+        if request is None or flows.request(request.flow_id, event.stream_id, self._now):
+            self.refuse_stream(event.stream_id)
+            return
+        self._emit(
+            events.FlowRequested(
+                flow_id=request.flow_id, target=request.target, visitor=request.visitor
+            )
+        )
+
+    def _on_flow_accepted(self, flows: FlowTable, event: events.TunnelEvent) -> None:
+        assert isinstance(event, events.StreamAccepted)
+        flow_id = flows.flow_of_stream(event.stream_id)
+        assert flow_id is not None
+        for datagram in flows.opened(flow_id, self._now):
+            if self._quic.datagrams_queued >= self._limits.udp_send_queue:
+                flows.count(DropReason.CONGESTED)
+            else:
+                self._quic.send_datagram(datagram)
+                flows.note_sent()
+        self._emit(events.FlowOpened(flow_id=flow_id))
+
+    def _on_flow_stream_over(self, flows: FlowTable, event: events.TunnelEvent) -> None:
+        assert isinstance(event, events.StreamRejected | events.StreamReset | events.StreamEnded)
+        stream_id = event.stream_id
+        flow_id = flows.flow_of_stream(stream_id)
+        if flow_id is None:
+            return  # the flow ended earlier in this batch
+        flows.end(flow_id)
+        if isinstance(event, events.StreamRejected):
+            cause, reason = FlowEnd.REFUSED, event.reason
+        elif isinstance(event, events.StreamReset):
+            clean = event.by_peer and event.code == StreamCode.NO_ERROR
+            cause = FlowEnd.PEER_CLOSED if clean else FlowEnd.RESET
+            reason = f"{event.reason} (code {event.code:#x})"
+        else:
+            cause, reason = FlowEnd.PEER_CLOSED, "the peer ended the flow's stream"
+            self.close_stream(stream_id)  # end ours too: the flow is over both ways
+        self._emit(events.FlowEnded(flow_id=flow_id, cause=cause, reason=reason))
+
+    def _on_flow_stream_data(self, flows: FlowTable, event: events.TunnelEvent) -> None:
+        # A flow's stream carries no service bytes (reserved): read and forgotten.
+        assert isinstance(event, events.DataReceived)
+        self.acknowledge_received_data(event.stream_id, len(event.data))
+
+    def _on_flow_stream_writable(self, flows: FlowTable, event: events.TunnelEvent) -> None:
+        pass  # nothing is ever written on a flow's stream after its negotiation
+
+    #: What becomes of each event of a flow's stream (see :meth:`_run_flow_inbox`).
+    _FLOW_STREAM_HANDLERS: ClassVar[
+        dict[type[events.TunnelEvent], Callable[[TunnelConnection, FlowTable, Any], None]]
+    ] = {
+        events.StreamRequested: _on_flow_requested,
+        events.StreamAccepted: _on_flow_accepted,
+        events.StreamRejected: _on_flow_stream_over,
+        events.StreamReset: _on_flow_stream_over,
+        events.StreamEnded: _on_flow_stream_over,
+        events.DataReceived: _on_flow_stream_data,
+        events.StreamWritable: _on_flow_stream_writable,
+    }
+
+    def _expire_flows(self, flows: FlowTable, now: float) -> None:
+        timer = flows.get_timer()
+        if timer is None or timer > now:
+            return
+        timeout = self._limits.udp_flow_idle_timeout
+        for flow_id, stream_id in flows.handle_timer(now):
+            if stream_id is not None:
+                self.close_stream(stream_id)
+            self._emit(
+                events.FlowEnded(
+                    flow_id=flow_id,
+                    cause=FlowEnd.IDLE,
+                    reason=f"no datagram either way for {timeout:g} s",
+                )
+            )
+
+    def _on_datagram(self, event: quic_events.QuicEvent) -> None:
+        assert isinstance(event, quic_events.DatagramFrameReceived)
+        flows = self._flows
+        if flows is None:
+            self._datagrams_refused += 1  # before authentication, or not agreed
+            return
+        delivered = flows.incoming(event.data, self._now)
+        if isinstance(delivered, DropReason):
+            return
+        flow_id, payload = delivered
+        self._probe_interval = self._limits.silence_probe_interval
+        self._emit(events.FlowDatagramReceived(flow_id=flow_id, data=payload))
+
     # Internals: authentication -----------------------------------------------
 
     def _on_auth_data(self, data: bytes, end: bool) -> None:
@@ -702,6 +963,13 @@ class TunnelConnection:
             connection_window=self._limits.tunnel_receive_window,
             max_streams=self._limits.max_streams_per_tunnel,
         )
+        if UDP_DATAGRAMS in features:
+            if self._quic.datagrams_negotiated:
+                parity = 1 if self._role is Role.LISTEN else 0
+                self._flows = FlowTable(limits=self._limits, local_parity=parity)
+            else:
+                # Agreed, but one end did not send max_datagram_frame_size: as if not.
+                features = features - {UDP_DATAGRAMS}
         self._features = features
         self._emit(
             events.AuthenticationCompleted(
