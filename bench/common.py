@@ -193,10 +193,10 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes:
     return bytes(data)
 
 
-def transfer(port: int, mode: bytes, size: int) -> float:
-    """One checked transfer through ``port`` to a :class:`Target`; its seconds."""
+def transfer(port: int, mode: bytes, size: int, *, host: str = HOST) -> float:
+    """One checked transfer through ``host:port`` to a :class:`Target`; its seconds."""
     start = time.perf_counter()
-    with socket.create_connection((HOST, port)) as sock:
+    with socket.create_connection((host, port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(HEADER.pack(mode, size))
         if mode == UPLOAD:

@@ -17,6 +17,7 @@ Meanwhile the node reports itself degraded.  The blocking binding stays single-n
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -150,8 +151,9 @@ class FleetStore:
         # anyio primitives need a running event loop: prepare() makes them.
         self._changed: anyio.Event
         self._broken: anyio.Event
-        #: Round trips made (the benchmark's "per new tunnel" figure).
-        self.round_trips = 0
+        #: Operations made, by kind: one round trip each, except a scan (a few per 500
+        #: keys).  The benchmark's "round trips per new tunnel" figure.
+        self.round_trips: collections.Counter[str] = collections.Counter()
 
     def prepare(self) -> None:
         """(In the event loop, before anything else)"""
@@ -226,20 +228,21 @@ class FleetStore:
                 await self._changed.wait()
         return self.healthy
 
-    async def call(self, operation: Callable[[coredis.Redis[bytes]], Awaitable[T]]) -> T:
-        """Run ``operation`` on the store; :class:`StoreUnavailable` if it cannot."""
+    async def call(self, what: str, operation: Callable[[coredis.Redis[bytes]], Awaitable[T]]) -> T:
+        """Run ``operation`` (named ``what``) on the store; :class:`StoreUnavailable` if
+        it cannot."""
         client = self._client
         if client is None or not self.healthy:
             raise StoreUnavailable(self.reason)
-        self.round_trips += 1
+        self.round_trips[what] += 1
         try:
             return await operation(client)
         except (coredis.exceptions.ConnectionError, TimeoutError, OSError) as exc:
             self._set_health(False, _describe(exc))
             raise StoreUnavailable(self.reason) from None
 
-    async def _eval(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        return await self.call(lambda client: client.eval(script, keys=keys, args=args))
+    async def _eval(self, what: str, script: str, keys: list[str], args: list[Any]) -> Any:
+        return await self.call(what, lambda client: client.eval(script, keys=keys, args=args))
 
     # The operations ----------------------------------------------------------------
 
@@ -248,6 +251,7 @@ class FleetStore:
         holder)`` (None if the holder's value is not a snocat claim)."""
         keys = self.keys
         won, detail = await self._eval(
+            "claim_port",
             CLAIM_PORT,
             [keys.port(claim.port), keys.fence, keys.events],
             [
@@ -270,6 +274,7 @@ class FleetStore:
         """Take ``record.name`` (the newest tunnel wins); the previous holder's record."""
         keys = self.keys
         fence, previous = await self._eval(
+            "claim_name",
             CLAIM_NAME,
             [keys.name(record.name), keys.fence, keys.events],
             [
@@ -289,6 +294,7 @@ class FleetStore:
     async def update(self, key: str, old: Stored, new: Stored, kind: EventKind) -> bool:
         """Change a claim's record (same fence, same lease) if it is still ours."""
         changed = await self._eval(
+            "update",
             UPDATE,
             [key, self.keys.fence, self.keys.events],
             [old.value, new.value, self.node, EVENTS_KEPT, kind.value, self._lease_ms, old.fence],
@@ -300,6 +306,7 @@ class FleetStore:
         if not held:
             return []
         lost = await self._eval(
+            "renew",
             RENEW,
             [self.keys.fence, *(key for key, _ in held)],
             [self._lease_ms, *(stored.value for _, stored in held), max(s.fence for _, s in held)],
@@ -308,7 +315,10 @@ class FleetStore:
 
     async def release(self, key: str, stored: Stored, kind: EventKind) -> bool:
         released = await self._eval(
-            RELEASE, [key, self.keys.events], [stored.value, self.node, EVENTS_KEPT, kind.value]
+            "release",
+            RELEASE,
+            [key, self.keys.events],
+            [stored.value, self.node, EVENTS_KEPT, kind.value],
         )
         return bool(released)
 
@@ -330,18 +340,19 @@ class FleetStore:
                     trim_operator=PureToken.APPROXIMATELY,
                 )
 
-        await self.call(run)
+        await self.call("put_node", run)
 
     async def drop_node(self, record: NodeRecord) -> None:
         """This node leaves: its key goes, and the fleet is told."""
         keys = self.keys
-        await self.call(lambda client: client.delete([keys.node(record.node)]))
+        await self.call("drop_node", lambda client: client.delete([keys.node(record.node)]))
         await self.node_left(record)
 
     async def node_left(self, record: NodeRecord) -> None:
         """Say (once across the fleet) that ``record`` 's node has left."""
         keys = self.keys
         await self._eval(
+            "node_left",
             NODE_LEFT,
             [keys.node(record.node), keys.gone(record.node, record.started), keys.events],
             [
@@ -355,13 +366,13 @@ class FleetStore:
 
     async def sticky(self, name: str, target: str) -> int | None:
         key = self.keys.sticky(name, target)
-        value = await self.call(lambda client: client.get(key))
+        value = await self.call("sticky", lambda client: client.get(key))
         return int(value) if value is not None and value.isdigit() else None
 
     async def remember(self, name: str, target: str, port: int, seconds: float) -> None:
         key = self.keys.sticky(name, target)
         ms = max(1, round(seconds * 1000))
-        await self.call(lambda client: client.set(key, str(port).encode(), px=ms))
+        await self.call("remember", lambda client: client.set(key, str(port).encode(), px=ms))
 
     async def snapshot(
         self,
@@ -396,10 +407,12 @@ class FleetStore:
                         found[key.decode("utf-8", "replace")] = value
             return found
 
-        return await self.call(run)
+        return await self.call("scan", run)
 
     async def last_event_id(self) -> str:
-        entries = await self.call(lambda client: client.xrevrange(self.keys.events, count=1))
+        entries = await self.call(
+            "last_event", lambda client: client.xrevrange(self.keys.events, count=1)
+        )
         return _text(entries[0].identifier) if entries else "0-0"
 
     async def events_after(self, last_id: str, block: float) -> tuple[str, list[FleetEvent]]:
@@ -412,7 +425,7 @@ class FleetStore:
                 {key: last_id.encode()}, count=500, block=max(1, round(block * 1000))
             )
 
-        found = await self.call(run)
+        found = await self.call("events", run)
         events: list[FleetEvent] = []
         for entry in (found or {}).get(key.encode(), ()):
             last_id = _text(entry.identifier)
@@ -574,7 +587,10 @@ class FleetServer(TunnelServer):
         self._registrations: dict[str, _Registration] = {}  # by tunnel id
         self._ports: dict[int, _Held] = {}
         self._remote: dict[int, Listener] = {}
+        self._closing: dict[int, anyio.Event] = {}
         self._links: dict[str, FleetLink] = {}
+        #: Visitors waiting for a relay stream, by port (see :meth:`_port_moved`).
+        self._relaying: dict[int, set[anyio.CancelScope]] = {}
         self._tasks: TaskSet | None = None
         self._started_at = time.time()
         #: Pause detection: when the watch last ran, and since when the node has
@@ -582,6 +598,7 @@ class FleetServer(TunnelServer):
         #: a renewal that started after it.
         self._tick_at = 0.0
         self._announced = False
+        self._leaving = False
         self._suspect_since: float | None = None
         # anyio primitives need a running event loop: _begin() makes them.
         self._renew_now: anyio.Event
@@ -604,9 +621,9 @@ class FleetServer(TunnelServer):
         return _RegistryHealth(self._store)
 
     @property
-    def store_round_trips(self) -> int:
-        """Round trips made to the store so far."""
-        return self._store.round_trips
+    def store_operations(self) -> collections.Counter[str]:
+        """The store operations made so far, by kind (see :class:`FleetStore`)."""
+        return collections.Counter(self._store.round_trips)
 
     @property
     def group(self) -> Any:
@@ -659,7 +676,10 @@ class FleetServer(TunnelServer):
                 if registration.held is not None:
                     held = registration.held
                     await self._release_claim(held.key, held.stored, EventKind.TUNNEL_DEREGISTERED)
-            await self._store.drop_node(self._view.me)
+            async with self._claims_lock:
+                self._leaving = True
+                await self._store.drop_node(self._view.me)
+        self._leaving = True
         self._ports.clear()
         self._registrations.clear()
 
@@ -815,6 +835,8 @@ class FleetServer(TunnelServer):
             # Ours now: our own listener serves it, so stop relaying it elsewhere.
             self._ports[port] = _Held(self._store.keys.port(port), stored, session)
             await self._apply_change(self._view.claimed_port(stored.fence, claim))
+            await self._stop_listening(port)  # also if the events task is closing it
+            self._port_moved(port)
             # The embedded books keep the local truth (and the one-name rule).
             local = await super()._claim_port(session, request, port, refused)
             if isinstance(local, PortRefusal):
@@ -908,9 +930,11 @@ class FleetServer(TunnelServer):
                 continue
             started = current_time()
             try:
-                await self._store.put_node(self._view.me, announce=not self._announced)
-                self._announced = True
                 async with self._claims_lock:  # what is held is what is renewed
+                    if self._leaving:
+                        return  # its key must not come back after it said goodbye
+                    await self._store.put_node(self._view.me, announce=not self._announced)
+                    self._announced = True
                     held = [
                         r.held for r in self._registrations.values() if r.held is not None
                     ] + list(self._ports.values())
@@ -992,6 +1016,8 @@ class FleetServer(TunnelServer):
                     self._renew_now.set()
                 self._report_event(event)
                 await self._apply_change(self._view.apply(event))
+                if event.kind is EventKind.PORT_CLAIMED and isinstance(event.record, PortClaim):
+                    self._port_moved(event.record.port)
 
     def _report_event(self, event: FleetEvent) -> None:
         record = event.record
@@ -1025,6 +1051,12 @@ class FleetServer(TunnelServer):
             link = self._links.pop(record.node, None)
             if link is not None:
                 link.close()
+        if change.listen or change.unlisten:
+            logger.debug(
+                "listening for other nodes on %s, no longer on %s",
+                sorted(change.listen),
+                sorted(change.unlisten),
+            )
         for port in sorted(change.unlisten):
             await self._stop_listening(port)
         for port in sorted(change.listen):
@@ -1061,9 +1093,22 @@ class FleetServer(TunnelServer):
         listener.start(self._host, self._tasks, functools.partial(self._visitor, port))
 
     async def _stop_listening(self, port: int) -> None:
+        """Stop listening on ``port`` for another node; returns once the socket is
+        closed, also when another task is closing it (the events task and a claim may
+        both see that the port is this node's now)."""
         listener = self._remote.pop(port, None)
-        if listener is not None:
+        if listener is None:
+            closing = self._closing.get(port)
+            if closing is not None:
+                await closing.wait()
+            return
+        closed = self._closing[port] = anyio.Event()
+        try:
             await listener.aclose()
+        finally:
+            closed.set()
+            if self._closing.get(port) is closed:
+                del self._closing[port]
 
     def _visitor(self, port: int, client: socket.socket) -> None:
         if self._tasks is None or not self._books.accepting:
@@ -1072,28 +1117,80 @@ class FleetServer(TunnelServer):
         self._tasks.spawn(self._relay_visitor, port, client, name="relay")
 
     async def _relay_visitor(self, port: int, client: socket.socket) -> None:
-        """A visitor on a port another node holds: relay it there."""
+        """A visitor on a port another node holds: relay it there.  If the port moves
+        meanwhile (its tunnel came back through this node, or another), the visitor
+        goes where it is now instead of waiting on the old holder."""
+        chunk = self.config.limits.relay_chunk_size
         try:
-            target = self._view.relay_to(port)
-            if target is None:
-                return
-            node, fence = target
             conn = await accepted(client)
-            link = self._links.get(node.node)
-            if link is None or link.record != node:
-                if link is not None:
-                    link.close()
-                link = self._links[node.node] = FleetLink(self, node)
-            try:
-                stream = await link.open_stream(RouteAddress((*RELAY, str(port), str(fence))))
-            except (OSError, StreamRefusedError, TunnelClosedError, LocalProtocolError) as exc:
-                logger.info("no relay to node %s for port %d: %s", node.node, port, exc)
-                with shield():
-                    await conn.aclose()
+            deadline = current_time() + LINK_TIMEOUT
+            while current_time() < deadline:
+                held = self._ports.get(port)
+                if held is not None:  # ours now: serve it here, once it is granted
+                    lease = held.session.leases.get(port)
+                    if lease is None:
+                        await anyio.sleep(0.05)
+                        continue
+                    address = lease.request.target().to_address()
+                    try:
+                        stream = await self._open_on(held.session, address, LINK_TIMEOUT)
+                    except (StreamRefusedError, TunnelClosedError, TimeoutError) as exc:
+                        logger.info("port %d: %s", port, exc)
+                        break
+                    await relay(stream, conn, chunk)
+                    return
+                target = self._view.relay_to(port)
+                if target is None:
+                    break
+                stream_or_none = await self._open_relay(port, *target, deadline)
+                if stream_or_none is None:
+                    continue  # the port moved: look again
+                if isinstance(stream_or_none, BaseException):
+                    logger.info(
+                        "no relay to node %s for port %d: %s", target[0].node, port, stream_or_none
+                    )
+                    break
+                await relay(stream_or_none, conn, chunk)
                 return
-            await relay(stream, conn, self.config.limits.relay_chunk_size)
+            with shield():
+                await conn.aclose()
         finally:
             client.close()
+
+    async def _open_relay(
+        self, port: int, node: NodeRecord, fence: int, deadline: float
+    ) -> TunnelStream | BaseException | None:
+        """A relay stream to ``node`` for ``port``; the error if there is none by
+        ``deadline``; None if the port moved meanwhile."""
+        link = self._links.get(node.node)
+        if link is None or link.record != node:
+            if link is not None:
+                link.close()
+            link = self._links[node.node] = FleetLink(self, node)
+        with anyio.CancelScope() as scope:
+            waiting = self._relaying.setdefault(port, set())
+            waiting.add(scope)
+            try:
+                with anyio.fail_after(max(0.0, deadline - current_time())):
+                    return await link.open_stream(RouteAddress((*RELAY, str(port), str(fence))))
+            except (
+                OSError,
+                TimeoutError,
+                StreamRefusedError,
+                TunnelClosedError,
+                LocalProtocolError,
+            ) as exc:
+                return exc
+            finally:
+                waiting.discard(scope)
+                if not waiting:
+                    self._relaying.pop(port, None)
+        return None  # cancelled: the port moved
+
+    def _port_moved(self, port: int) -> None:
+        """``port`` has a new holder: visitors waiting on a relay for it look again."""
+        for scope in list(self._relaying.get(port, ())):
+            scope.cancel()
 
     def _route_fleet(self, status: TunnelStatus, address: RouteAddress) -> RouteHandler | None:
         if status.scheme != SCHEME_FLEET:
@@ -1104,7 +1201,14 @@ class FleetServer(TunnelServer):
         port_text, fence_text = segments[2], segments[3]
         if not (port_text.isdigit() and fence_text.isdigit()):
             return None
-        return functools.partial(self._serve_relay, int(port_text), int(fence_text))
+        port, fence = int(port_text), int(fence_text)
+        held = self._ports.get(port)
+        holder = self._view.holder_of(port)
+        if held is not None and held.stored.fence == fence:
+            pass
+        elif holder is None or not self._view.is_sibling(holder.node):
+            return None  # not (any more) this node's: refused, the other node gives up
+        return functools.partial(self._serve_relay, port, fence)
 
     async def _serve_relay(self, port: int, fence: int, stream: TunnelStream) -> None:
         """(The node that holds the port) A visitor relayed from another node."""

@@ -10,6 +10,7 @@ import re
 import shlex
 import signal
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -194,6 +195,8 @@ def test_the_options_table_lists_every_option(command: str) -> None:
     table = section("Options")
     part = table[table.index(f"`snocat {command}`") :]
     part = part[: part.index("\n\n", part.index("|---|"))]
+    if command == "server":  # the fleet's options have their own table
+        part += section("A fleet of aggregators")
     missing = [
         opt
         for param in cli.commands[command].params
@@ -202,3 +205,57 @@ def test_the_options_table_lists_every_option(command: str) -> None:
         if opt.startswith("--") and opt not in ("--help",) and opt not in part
     ]
     assert not missing, missing
+
+
+def test_the_fleet_section_as_written(lab: Lab, clone: Path, website: Website) -> None:
+    """Two nodes and a client as the README's fleet section runs them (free ports in
+    place of 6379, 9090, 8000 and 8080-8090); a fetch through each node; then node a
+    is killed and the client is served through b on the same port."""
+    commands = shell_commands(code_blocks(section("A fleet of aggregators"), "sh")[0])
+    store_command, secret, node_a, node_b, client_command, curl_a, curl_b = commands
+    assert [c.split()[0] for c in (node_a, node_b, client_command)] == [".venv/bin/snocat"] * 3
+    assert (curl_a, curl_b) == ("curl http://127.0.0.2:8080/", "curl http://127.0.0.3:8080/")
+    finish(shell(lab, clone, ".venv/bin/snocat cert agg --san localhost"))
+    finish(shell(lab, clone, "(umask 077 && .venv/bin/snocat token add office-1 "
+                 "--tokens tokens > office-1.token)"))  # fmt: skip
+    (clone / "bench").symlink_to(ROOT / "bench")  # the clone's own files
+    store_port = free_port_range(1)[0]
+    store = shell(lab, clone, "exec " + store_command.replace("6379", str(store_port)))
+    store.wait_line("Ready to accept connections")
+    finish(shell(lab, clone, secret))
+    assert (clone / "fleet.token").stat().st_mode & 0o777 == 0o600
+    quic_port = free_udp_port()
+    ports = free_port_range()
+
+    def adapted(command: str) -> str:
+        return (
+            command.replace("6379", str(store_port))
+            .replace(":9090", f":{quic_port}")
+            .replace("127.0.0.1:8000", f"{HOST}:{website.port}")
+            + f" --ports {ports[0]}:{ports[1]}"
+        )
+
+    nodes = [shell(lab, clone, "exec " + adapted(node)) for node in (node_a, node_b)]
+    for node in nodes:
+        node.wait_line("listening on")
+    client = shell(lab, clone, "exec " + adapted(client_command).rsplit(" --ports", 1)[0])
+    port = int(client.wait_line(r"public address: 127\.0\.0\.2:(\d+)").group(1))
+    for host in ("127.0.0.2", "127.0.0.3"):
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                connection = http.client.HTTPConnection(host, port, timeout=10)
+                connection.request("GET", "/small.bin")
+                assert connection.getresponse().status == 200
+                connection.close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, host
+                time.sleep(0.2)
+    nodes[0].popen.kill()
+    again = int(client.wait_line(r"public address: 127\.0\.0\.3:(\d+)").group(1))
+    assert again == port
+    connection = http.client.HTTPConnection("127.0.0.3", port, timeout=10)
+    connection.request("GET", "/small.bin")
+    assert connection.getresponse().status == 200
+    connection.close()

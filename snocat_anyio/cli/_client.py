@@ -8,6 +8,8 @@ from pathlib import Path
 
 import anyio
 import rich_click as click
+from click import get_current_context
+from click.core import ParameterSource
 from rich.markup import escape
 
 from snocat_proto._service import activity
@@ -37,6 +39,10 @@ from ._output import output_options, report, setup_logging
 from ._running import run, until_signalled
 from ._targets import watch_targets
 
+#: ``--keepalive`` when more than one ``--driver`` is given and it is not set: an idle
+#: client then notices a dead node within this plus the probe answer timeout (3 s).
+FAILOVER_KEEPALIVE = 3.0
+
 
 def load_client_token(token_file: Path | None) -> tuple[str, bytes] | None:
     if token_file is not None:
@@ -64,7 +70,8 @@ def load_client_token(token_file: Path | None) -> tuple[str, bytes] | None:
     required=True,
     multiple=True,
     help="The aggregator's QUIC address, HOST:PORT. Repeat for the nodes of a fleet: the "
-    "client fails over to the next one (a name with several addresses counts as a list).",
+    "client fails over to the next one (a name with several addresses counts as a list) "
+    f"and pings every {FAILOVER_KEEPALIVE:g} s unless --keepalive says otherwise.",
 )
 @click.option(
     "--san",
@@ -148,6 +155,11 @@ def client(
             raise UsageProblem("--driver needs a port, e.g. example.org:9090")
         servers.append(server)
     (host, port), *more_servers = servers
+    source = get_current_context().get_parameter_source("keepalive")
+    if more_servers and source is ParameterSource.DEFAULT:
+        # Nodes of a fleet: notice a dead one within seconds even when idle, and fail
+        # over (a ping every few seconds is a few bytes).
+        keepalive = FAILOVER_KEEPALIVE
     publications = [parse_publication(t) for t in targets]
     parsed_targets = tuple(target for target, _ in publications)
     if len(set(parsed_targets)) != len(parsed_targets):
