@@ -39,6 +39,7 @@ from bench.common import (
     MB,
     Credentials,
     Target,
+    cpu_seconds,
     free_port_range,
     make_credentials,
     process,
@@ -235,17 +236,56 @@ def bench_workers(size: int) -> str:
                     if time.monotonic() > deadline or node.poll() is not None:
                         raise RuntimeError("the workers did not start")
                     time.sleep(0.1)
-            ports = [fleet.client(name, target.port, 0)[1] for name in names]
+            clients = [fleet.client(name, target.port, 0) for name in names]
+            ports = [port for _, port in clients]
             for port in ports:
                 wait_port(node_host(0), port)
                 transfer(port, DOWNLOAD, MB, host=node_host(0))
             per = size // len(ports)
+            aggregator = [node.pid, *_descendants(node.pid)]
+            cpu_before = [_cpu(aggregator), _cpu([c.pid for c, _ in clients]), _own_cpu()]
             seconds = _all_at_once(ports, per)
-            figures[label] = per * len(ports) / seconds / MB
-    ratio = figures["--workers 2"] / figures["one node"]
-    rows = [[label, f"{mbps:.1f}"] for label, mbps in figures.items()]
-    rows.append(["workers 2 / one node", f"{ratio:.2f}"])
-    return table(["aggregator", "MB/s, 8 tunnels at once"], rows)
+            cpu_after = [_cpu(aggregator), _cpu([c.pid for c, _ in clients]), _own_cpu()]
+            spent = [(a - b) / seconds for a, b in zip(cpu_after, cpu_before, strict=True)]
+            figures[label] = (per * len(ports) / seconds / MB, *spent)
+    ratio = figures["--workers 2"][0] / figures["one node"][0]
+    rows = [
+        [label, f"{mbps:.1f}", f"{agg:.2f}", f"{cli:.2f}", f"{load:.2f}"]
+        for label, (mbps, agg, cli, load) in figures.items()
+    ]
+    rows.append(["workers 2 / one node", f"{ratio:.2f}", "", "", ""])
+    headers = [
+        "aggregator",
+        "MB/s, 8 tunnels at once",
+        "cores: aggregator",
+        "cores: 8 clients",
+        "cores: visitors (bench)",
+    ]
+    return table(headers, rows)
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                found += [int(child), *_descendants(int(child))]
+    return found
+
+
+def _cpu(pids: Sequence[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(pid)
+    return total
+
+
+def _own_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _all_at_once(ports: Sequence[int], size: int) -> float:

@@ -571,6 +571,8 @@ class FleetServer(TunnelServer):
     ``route`` sees the streams tunnel clients open, as with :class:`TunnelServer`;
     the fleet's own relay streams never reach it."""
 
+    serves_fleet = True
+
     def __init__(
         self,
         config: ServerConfig,
@@ -632,6 +634,18 @@ class FleetServer(TunnelServer):
     def nodes(self) -> list[NodeRecord]:
         """The nodes of the fleet this node knows of (itself included), by name."""
         return sorted(self._view.nodes.values(), key=lambda record: record.node)
+
+    def fleet_summary(self) -> str:
+        """One line on the fleet for the live table: its nodes, its tunnels, the store."""
+        nodes = [f"{r.node} (this)" if r.node == self.fleet.node else r.node for r in self.nodes()]
+        store = (
+            "registry reachable"
+            if self._store.healthy
+            else f"registry unreachable ({self._store.reason}): degraded, tunnels go on"
+        )
+        count = len(self._view.tunnels)
+        tunnels = f"{count} tunnel{'s' if count != 1 else ''} in the fleet"
+        return f"fleet: {', '.join(nodes)}; {tunnels}; {store}"
 
     def fleet_tunnels(self) -> list[NameClaim]:
         """Every tunnel registered in the fleet, as this node last saw them."""

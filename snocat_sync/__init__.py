@@ -6,6 +6,11 @@ loop: :class:`TunnelClient` exposes a local port through an aggregator, and
 sockets (:class:`TunnelStream`) and may be shared between threads.  The flows are
 generated from snocat_anyio's (docs/architecture.md); everything not listed in
 ``__all__`` is internal.
+
+A :class:`TunnelServer` here is one node with the embedded registry: a fleet's node
+(``ServerConfig.fleet``, docs/fleet.md) is ``snocat_anyio.FleetServer`` only, whose
+store client (coredis) and node links run on anyio.  Clients of both bindings fail
+over between the nodes of a fleet (``ClientConfig.more_servers``).
 """
 
 from __future__ import annotations

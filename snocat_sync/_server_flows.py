@@ -130,6 +130,9 @@ class _Session(TunnelSession):
 class ServerCore(ServerEvents[_Session, TunnelStream]):
     """The aggregator's flows; the binding's ``TunnelServer`` subclasses it."""
 
+    #: Whether this class is a node of a fleet (``ServerConfig.fleet``).
+    serves_fleet = False
+
     def __init__(
         self,
         config: ServerConfig,
@@ -137,6 +140,11 @@ class ServerCore(ServerEvents[_Session, TunnelStream]):
         authenticate: Authenticate | None = None,
         route: Router | None = None,
     ) -> None:
+        if config.fleet is not None and not self.serves_fleet:
+            raise ValueError(
+                "ServerConfig.fleet makes a node of a fleet: use snocat_anyio.FleetServer "
+                "(docs/fleet.md); this server is a single node"
+            )
         self.config = config
         self.activity = ActivityFeed(config.limits.max_subscriber_backlog)
         #: Guards the core, the books and every stream (a no-op on an event loop).

@@ -58,10 +58,12 @@ def status(name: str = "office-1", **changes: object) -> TunnelStatus:
     return TunnelStatus(**fields)  # type: ignore[arg-type]
 
 
-def rendered(statuses: list[TunnelStatus], width: int, now: float = NOW) -> list[str]:
+def rendered(
+    statuses: list[TunnelStatus], width: int, now: float = NOW, fleet: str | None = None
+) -> list[str]:
     out = io.StringIO()
     Console(file=out, width=width, color_system=None, legacy_windows=False).print(
-        status_view(statuses, now, width)
+        status_view(statuses, now, width, fleet)
     )
     return out.getvalue().rstrip("\n").split("\n")
 
@@ -71,6 +73,14 @@ def body(lines: list[str]) -> list[str]:
     rule = next(n for n, line in enumerate(lines) if line.startswith("──"))
     assert HEADER.match(lines[rule - 1]), lines
     return lines[rule + 1 :]
+
+
+def test_a_node_of_a_fleet_shows_the_fleet_under_the_title() -> None:
+    line = "fleet: a (this), b; 3 tunnels in the fleet; registry reachable"
+    lines = rendered([status()], 100, fleet=line)
+    assert TITLE.match(lines[0]) and lines[1].strip() == line
+    assert body(lines)[0].startswith("office-1")
+    assert not any(text.startswith("fleet:") for text in rendered([status()], 100))
 
 
 # The table at a given width and time -----------------------------------------------

@@ -28,6 +28,7 @@ from cli_harness import (  # noqa: F401 (fixtures)
     wait_until,
     website_fixture,
 )
+from conftest import Identity
 from fleet_harness import LEASE, Fleet, fetch, fetch_until, make_fleet, node_host
 from store_harness import Store, store_fixture  # noqa: F401 (fixtures)
 
@@ -378,3 +379,24 @@ def test_no_port_is_left_claimed_after_a_clean_stop(fleet: Fleet, website: Websi
     wait_until(lambda: not fleet.store.keys("snocat:port:*"), 5, "the port released")
     node.stop()
     assert not fleet.store.keys("snocat:node:*")
+
+
+def test_a_single_node_server_refuses_a_fleet_config(server_identity: Identity) -> None:
+    from snocat_anyio import TunnelServer
+    from snocat_proto import FleetConfig, ServerConfig
+    from snocat_sync import TunnelServer as BlockingServer
+
+    config = ServerConfig(
+        certificate_pem=server_identity.certificate_pem,
+        private_key_pem=server_identity.private_key_pem,
+        tokens={"a": b"0123456789abcdef"},
+        fleet=FleetConfig(
+            registry_url="redis://127.0.0.1:1/0",
+            node="n",
+            advertise=("127.0.0.1", 9),
+            secret=b"0123456789abcdef",
+        ),
+    )
+    for server in (TunnelServer, BlockingServer):
+        with pytest.raises(ValueError, match=r"use snocat_anyio\.FleetServer"):
+            server(config)

@@ -118,8 +118,11 @@ _MIN_NAME = 6
 _GAP = 2
 
 
-def status_view(statuses: Sequence[TunnelStatus], now: float, width: int) -> RenderableType:
-    """The live view at ``width`` columns: a title line and a table of ``statuses``.
+def status_view(
+    statuses: Sequence[TunnelStatus], now: float, width: int, fleet: str | None = None
+) -> RenderableType:
+    """The live view at ``width`` columns: a title line, the ``fleet`` line of a node
+    of a fleet, and a table of ``statuses`` (this node's tunnels).
 
     ``now`` is wall-clock time (``time.time()``), as ``TunnelStatus.connected_at`` is.
     When the table is too wide, the peer column folds, then goes; then the ports and
@@ -152,6 +155,9 @@ def status_view(statuses: Sequence[TunnelStatus], now: float, width: int) -> Ren
         )
     for row in rows:
         table.add_row(*(row[index] for index in columns))
+    if fleet is not None:
+        degraded = "unreachable" in fleet
+        return Group(title, Text(fleet, style="bold red" if degraded else ""), table)
     return Group(title, table)
 
 
@@ -225,9 +231,16 @@ async def live_status(server: TunnelServer, interval: float = 1.0) -> None:
     stray writes to stderr (or to stdout on the same terminal) are sent above it too.
     The snapshot is taken here, in the event loop: no refresh thread reads the books."""
     console = stderr_console()
+    fleet_line: Callable[[], str] | None = None
+    if server.config.fleet is not None:
+        from .._fleet import FleetServer  # imports the store's client
+
+        assert isinstance(server, FleetServer)
+        fleet_line = server.fleet_summary
 
     def view() -> RenderableType:
-        return status_view(server.tunnels(), time.time(), console.width)
+        fleet = fleet_line() if fleet_line is not None else None
+        return status_view(server.tunnels(), time.time(), console.width, fleet)
 
     with Live(
         view(),
