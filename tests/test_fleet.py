@@ -14,6 +14,7 @@ import signal
 import socket
 import ssl
 import time
+from pathlib import Path
 
 import anyio
 import pytest
@@ -30,7 +31,7 @@ from cli_harness import (  # noqa: F401 (fixtures)
 )
 from conftest import Identity
 from fleet_harness import LEASE, Fleet, fetch, fetch_until, make_fleet, node_host
-from store_harness import Store, store_fixture  # noqa: F401 (fixtures)
+from store_harness import Store, store_binary, store_fixture  # noqa: F401 (fixtures)
 
 from snocat_anyio._host import TunnelHost
 from snocat_proto import Limits
@@ -400,3 +401,28 @@ def test_a_single_node_server_refuses_a_fleet_config(server_identity: Identity) 
     for server in (TunnelServer, BlockingServer):
         with pytest.raises(ValueError, match=r"use snocat_anyio\.FleetServer"):
             server(config)
+
+
+def test_a_store_with_a_password(lab: Lab, tmp_path: Path, website: Website) -> None:
+    binary = store_binary()
+    assert binary is not None
+    store = Store(binary, tmp_path / "locked", password="store-password-0123")
+    store.start()
+    try:
+        fleet = make_fleet(lab, store)
+        password = lab.tokens("registry.password", "store-password-0123\n")
+        password.chmod(0o600)
+        node = fleet.start_node(0, "--registry-password-file", str(password))
+        node.wait_event("fleet_recovered")
+        client = fleet.start_client(website.port, 0)
+        port = public_port(client)
+        assert fetch(node_host(0), port, SMALL) == website.digests[SMALL]
+        assert store.keys("snocat:name:*") == ["snocat:name:alpha"]
+        # A wrong password: one line, and the node keeps trying (it never crashes).
+        wrong = lab.tokens("wrong.password", "not-the-password\n")
+        other = fleet.start_node(1, "--registry-password-file", str(wrong))
+        line = other.wait_line("registry .* is unreachable", stream="stderr", timeout=15)
+        assert "not-the-password" not in "\n".join(other.stderr + other.stdout)
+        assert other.popen.poll() is None, line.string
+    finally:
+        store.kill()
