@@ -500,7 +500,7 @@ class FleetLink:
             limits=server.config.limits,
             name=f"snocat-link-{self.record.node}",
         )
-        self._host.start(server.group)
+        server.spawn_task(self._pump, self._host, sock, name=f"link-{self.record.node}")
         with anyio.move_on_after(LINK_TIMEOUT):
             await self._ready.wait()
         if not self.up:
@@ -518,14 +518,23 @@ class FleetLink:
         elif stream is not None and self._host is not None:
             self._host.refuse(stream)  # a link carries this node's streams only
 
+    @staticmethod
+    async def _pump(host: TunnelHost, sock: socket.socket) -> None:
+        """Run the link's pump until :meth:`close` stops it, then close its socket
+        (never while the pump may still wait on it)."""
+        try:
+            async with anyio.create_task_group() as group:
+                host.start(group)
+        finally:
+            sock.close()
+
     def close(self) -> None:
+        """Say goodbye and stop the pump (which then closes the socket)."""
         if self._tunnel is not None and self._host is not None:
             if self._tunnel.state is not TunnelState.CLOSED:
                 self._tunnel.close(CloseCode.NORMAL, "link closed")
                 self._host.flush(self._tunnel)
             self._host.stop()
-        if self._sock is not None:
-            self._sock.close()
         self._tunnel = self._host = self._sock = None
 
 
@@ -626,10 +635,6 @@ class FleetServer(TunnelServer):
     def store_operations(self) -> collections.Counter[str]:
         """The store operations made so far, by kind (see :class:`FleetStore`)."""
         return collections.Counter(self._store.round_trips)
-
-    @property
-    def group(self) -> Any:
-        return self._group
 
     def nodes(self) -> list[NodeRecord]:
         """The nodes of the fleet this node knows of (itself included), by name."""
@@ -738,7 +743,7 @@ class FleetServer(TunnelServer):
     def _registered(self, session: _Session) -> None:
         registration = _Registration(session, time.time())
         self._registrations[session.tunnel_id] = registration
-        self._spawn_task(self._keep_record, registration, name="record")
+        self.spawn_task(self._keep_record, registration, name="record")
 
     def _deregistered(self, session: _Session) -> None:
         registration = self._registrations.get(session.tunnel_id)
@@ -1074,7 +1079,7 @@ class FleetServer(TunnelServer):
         for port in sorted(change.unlisten):
             await self._stop_listening(port)
         for port in sorted(change.listen):
-            self._spawn_task(self._listen_for_other, port, name=f"remote-{port}")
+            self.spawn_task(self._listen_for_other, port, name=f"remote-{port}")
 
     def _held_under(self, key: str) -> Iterable[_Held]:
         for registration in list(self._registrations.values()):
@@ -1260,6 +1265,7 @@ class FleetServer(TunnelServer):
         async with self._claims_lock:
             return await self._store.update(key, old, new, EventKind.TUNNEL_UPDATED)
 
-    def _spawn_task(self, fn: Callable[..., Awaitable[object]], *args: Any, name: str) -> None:
+    def spawn_task(self, fn: Callable[..., Awaitable[object]], *args: Any, name: str) -> None:
+        """Run ``fn(*args)`` among the node's own tasks (stopped when it stops)."""
         if self._tasks is not None:
             self._tasks.spawn(fn, *args, name=name)
