@@ -97,11 +97,27 @@ def free_port_range(count: int) -> tuple[int, int]:
     raise RuntimeError("no free port range")
 
 
-def wait_connectable(port: int, timeout: float = 20.0) -> None:
+def free_udp_port_on(hosts: Sequence[str]) -> int:
+    """A UDP port free on every one of ``hosts`` (the nodes of a fleet on 127.0.0.2, ...)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind((hosts[0], 0))
+            port = int(probe.getsockname()[1])
+        try:
+            for host in hosts[1:]:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+                    other.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no UDP port free on every address")
+
+
+def wait_connectable(port: int, timeout: float = 20.0, *, host: str = HOST) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with socket.create_connection((HOST, port), timeout=1):
+            with socket.create_connection((host, port), timeout=1):
                 return
         except OSError:
             if time.monotonic() > deadline:

@@ -41,12 +41,14 @@ from bench.common import (
     Target,
     cpu_seconds,
     free_port_range,
+    free_udp_port_on,
     make_credentials,
     process,
     scratch_directory,
     snocat,
     table,
     transfer,
+    wait_connectable,
     wait_for_json_line,
 )
 from bench.valkey import Store, store_binary
@@ -54,20 +56,6 @@ from bench.valkey import Store, store_binary
 
 def node_host(index: int) -> str:
     return f"127.0.0.{index + 2}"
-
-
-def free_udp_port_on(hosts: Sequence[str]) -> int:
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.bind((hosts[0], 0))
-            port = int(probe.getsockname()[1])
-        try:
-            for host in hosts[1:]:
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
-                    other.bind((host, port))
-        except OSError:
-            continue
-        return port
 
 
 @dataclass
@@ -158,18 +146,6 @@ def lab(names: Sequence[str] = ("bench",), nodes: int = 3) -> Iterator[Lab]:
         )
 
 
-def wait_port(host: str, port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=1):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 def open_latency(host: str, port: int, count: int) -> list[float]:
     """Seconds from connect() to the target's greeting byte, ``count`` times."""
     seconds = []
@@ -193,8 +169,8 @@ def bench_relay(size: int) -> str:
         _, port = fleet.client("bench", data.port, 0)
         _, greet_port = fleet.client("greet", greet.port, 0)
         for index in (0, 1):
-            wait_port(node_host(index), port)
-            wait_port(node_host(index), greet_port)
+            wait_connectable(port, host=node_host(index))
+            wait_connectable(greet_port, host=node_host(index))
         rows = []
         results = {}
         for label, index in (("direct (owning node)", 0), ("relayed (other node)", 1)):
@@ -239,7 +215,7 @@ def bench_workers(size: int) -> str:
             clients = [fleet.client(name, target.port, 0) for name in names]
             ports = [port for _, port in clients]
             for port in ports:
-                wait_port(node_host(0), port)
+                wait_connectable(port, host=node_host(0))
                 transfer(port, DOWNLOAD, MB, host=node_host(0))
             per = size // len(ports)
             aggregator = [node.pid, *_descendants(node.pid)]
@@ -319,7 +295,7 @@ def bench_failover(runs: int) -> str:
             first = fleet.node(0)
             fleet.node(1)
             _, port = fleet.client("bench", target.port, 0, 1)
-            wait_port(node_host(1), port)
+            wait_connectable(port, host=node_host(1))
             transfer(port, DOWNLOAD, MB, host=node_host(1))
             time.sleep(1.0)  # idle, as a tunnel mostly is
             killed = time.monotonic()

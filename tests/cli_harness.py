@@ -153,9 +153,10 @@ def website_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Websit
         server.server_close()
 
 
-def fetch_digest(port: int, name: str, timeout: float = 30.0) -> str:
-    """GET ``/name`` through ``port`` (http.client: no proxy settings apply)."""
-    connection = http.client.HTTPConnection(HOST, port, timeout=timeout)
+def fetch_digest(port: int, name: str, timeout: float = 30.0, *, host: str = HOST) -> str:
+    """GET ``/name`` through ``host:port`` (http.client: no proxy settings apply); the
+    SHA-256 of the body."""
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         connection.request("GET", f"/{name}")
         response = connection.getresponse()

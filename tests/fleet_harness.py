@@ -7,16 +7,16 @@ the registry.  Fetches go to a node's address and are checked by SHA-256.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import secrets
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli_harness import TOKEN, Lab, Snocat, free_port_range
+from cli_harness import TOKEN, Lab, Snocat, fetch_digest, free_port_range
 from store_harness import Store
+
+from bench.common import free_udp_port_on
 
 #: Short leases, so the fault tests see a lease run out in seconds.
 LEASE = 3.0
@@ -25,22 +25,6 @@ LEASE = 3.0
 def node_host(index: int) -> str:
     """The loopback address of node ``index`` (from 0): 127.0.0.2, 127.0.0.3, ..."""
     return f"127.0.0.{index + 2}"
-
-
-def free_udp_port_on_all(hosts: list[str]) -> int:
-    """A UDP port free on every one of ``hosts``."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.bind((hosts[0], 0))
-            port = int(probe.getsockname()[1])
-        try:
-            for host in hosts[1:]:
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
-                    other.bind((host, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no UDP port free on every node address")
 
 
 @dataclass
@@ -132,7 +116,7 @@ def make_fleet(lab: Lab, store: Store) -> Fleet:
     return Fleet(
         lab=lab,
         store=store,
-        quic_port=free_udp_port_on_all(hosts),
+        quic_port=free_udp_port_on(hosts),
         ports=free_port_range(4),
         certificate=certificate,
         key=key,
@@ -144,14 +128,7 @@ def make_fleet(lab: Lab, store: Store) -> Fleet:
 
 def fetch(host: str, port: int, name: str, timeout: float = 30.0) -> str:
     """GET ``/name`` from ``host:port``; the SHA-256 of the body."""
-    connection = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        connection.request("GET", f"/{name}")
-        response = connection.getresponse()
-        assert response.status == 200, response.status
-        return hashlib.sha256(response.read()).hexdigest()
-    finally:
-        connection.close()
+    return fetch_digest(port, name, timeout, host=host)
 
 
 def fetch_until(host: str, port: int, name: str, digest: str, timeout: float) -> float:
