@@ -123,6 +123,12 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+def _entry_id(text: str) -> tuple[int, int]:
+    """A stream entry id (``MS-SEQ``) as a pair that orders as the store does."""
+    ms, _, seq = text.partition("-")
+    return int(ms or 0), int(seq or 0)
+
+
 def _text(value: str | bytes) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
@@ -414,6 +420,18 @@ class FleetStore:
             "last_event", lambda client: client.xrevrange(self.keys.events, count=1)
         )
         return _text(entries[0].identifier) if entries else "0-0"
+
+    async def has_events_after(self, last_id: str) -> bool:
+        """Whether the stream still holds everything after ``last_id`` (its oldest
+        entry is ``last_id`` or older, or it is empty and was never trimmed past it)."""
+
+        async def run(client: coredis.Redis[bytes]) -> Any:
+            return await client.xrange(self.keys.events, count=1)
+
+        entries = await self.call("first_event", run)
+        if not entries:
+            return last_id == "0-0"
+        return _entry_id(_text(entries[0].identifier)) <= _entry_id(last_id)
 
     async def events_after(self, last_id: str, block: float) -> tuple[str, list[FleetEvent]]:
         """The entries after ``last_id`` (waiting up to ``block`` seconds for one): the
@@ -1016,17 +1034,31 @@ class FleetServer(TunnelServer):
     # The event stream -------------------------------------------------------------
 
     async def _follow_events(self) -> None:
+        """Follow the event stream in order.  At start, from its newest entry; after a
+        disconnect, from the last entry read (no event is lost that the store still
+        has), once the view is rebuilt from the keys; entries the store no longer has
+        (it restarted, or trimmed them while this node was away) are said in a line."""
         last: str | None = None
+        resync = True
         while True:
             if not await self._store.wait_healthy(STORE_WAIT):
                 continue
             try:
-                if last is None:
-                    last = await self._store.last_event_id()
+                if resync:
+                    if last is None:
+                        last = await self._store.last_event_id()
+                    elif not await self._store.has_events_after(last):
+                        logger.warning(
+                            "the registry no longer has the fleet's changes since %s (it "
+                            "restarted, or this node was away long); rebuilt from its keys",
+                            last,
+                        )
                     await self._rebuild()
+                    resync = False
+                assert last is not None
                 last, events = await self._store.events_after(last, block=1.0)
             except StoreUnavailable:
-                last = None  # it may have restarted: rebuild from the keys, then follow
+                resync = True
                 continue
             for event in events:
                 if event.kind is EventKind.NODE_LEFT and event.node == self.fleet.node:

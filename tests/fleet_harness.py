@@ -7,8 +7,11 @@ the registry.  Fetches go to a node's address and are checked by SHA-256.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import secrets
+import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,3 +146,67 @@ def fetch_until(host: str, port: int, name: str, digest: str, timeout: float) ->
             last = exc
         time.sleep(0.1)
     raise AssertionError(f"no good fetch of {name} from {host}:{port} in {timeout} s: {last!r}")
+
+
+class StoreProxy:
+    """A TCP relay in front of the store for one node, which a test can cut: every
+    connection through it is dropped, and new ones refused, until it is restored."""
+
+    def __init__(self, store_port: int) -> None:
+        self.store_port = store_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.cut_off = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                visitor, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.cut_off:
+                visitor.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.store_port))
+            except OSError:
+                visitor.close()
+                continue
+            with self._lock:
+                self._open += [visitor, upstream]
+            for source, sink in ((visitor, upstream), (upstream, visitor)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        self.cut_off = True
+        with self._lock:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            self._open.clear()
+
+    def restore(self) -> None:
+        self.cut_off = False
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()

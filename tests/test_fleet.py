@@ -30,7 +30,15 @@ from cli_harness import (  # noqa: F401 (fixtures)
     website_fixture,
 )
 from conftest import Identity
-from fleet_harness import LEASE, Fleet, fetch, fetch_until, make_fleet, node_host
+from fleet_harness import (
+    LEASE,
+    Fleet,
+    StoreProxy,
+    fetch,
+    fetch_until,
+    make_fleet,
+    node_host,
+)
 from store_harness import Store, store_binary, store_fixture  # noqa: F401 (fixtures)
 
 from snocat_anyio._host import TunnelHost
@@ -426,3 +434,40 @@ def test_a_store_with_a_password(lab: Lab, tmp_path: Path, website: Website) -> 
         assert other.popen.poll() is None, line.string
     finally:
         store.kill()
+
+
+def test_a_node_cut_off_from_the_store_misses_no_change(fleet: Fleet, website: Website) -> None:
+    proxy = StoreProxy(fleet.store.port)
+    try:
+        cut = fleet.start_node(0, registry=proxy.url)
+        other = fleet.start_node(1)
+        cut.wait_event("fleet_recovered")
+        wait_until(lambda: len(fleet.store.keys("snocat:node:*")) == 2, 10, "both nodes")
+        before = len(cut.stdout)
+        proxy.cut()
+        cut.wait_event("fleet_degraded", after=before, timeout=15)
+        # Meanwhile, through the other node: a tunnel registers and gets a port.
+        beta = fleet.lab.tokens("beta.token", "beta b3ta-b3ta-b3ta-b3ta-2\n")
+        client = fleet.start_client(website.port, 1, token=beta)
+        port = public_port(client)
+        wait_until(lambda: bool(events_of(other, "tunnel_updated")), 10, "beta's ports recorded")
+        proxy.restore()
+        cut.wait_event("fleet_recovered", after=before, timeout=20)
+        # The cut-off node reports every change it missed, in order, once.
+        wait_until(
+            lambda: bool(events_of(cut, "tunnel_updated")), 15, "the missed changes reported"
+        )
+        changes = [
+            (e["change"], e["name"])
+            for e in cut.events()[before:]
+            if e.get("event") == "fleet_changed" and e.get("name") == "beta"
+        ]
+        assert changes == [
+            ("tunnel_registered", "beta"),
+            ("port_claimed", "beta"),
+            ("tunnel_updated", "beta"),
+        ], changes
+        # And it serves the tunnel it learned of meanwhile.
+        fetch_until(node_host(0), port, SMALL, website.digests[SMALL], timeout=15)
+    finally:
+        proxy.close()
