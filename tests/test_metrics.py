@@ -365,6 +365,7 @@ def test_the_status_document_and_reading_it_back() -> None:
         "peer": "192.0.2.1:40000",
         "scheme": "token",
         "ports": [8080, 8081],
+        "names": [],
         "age": 60.0,
         "open_streams": 3,
         "connections": 1,
