@@ -86,13 +86,17 @@ from ._backend import (
 from ._errors import StreamRefusedError, TunnelClosedError
 from ._stream import TunnelStream
 
-__all__ = ["SharedListeners", "next_proxyme_event"]
+__all__ = ["ListenerBindError", "SharedListeners", "next_proxyme_event"]
 
 logger = logging.getLogger(f"{LOG_PREFIX}.server")
 
 #: A pool's visitor whose first member refuses is tried on one more (docs/protocol.md
 #: 3.14.6); a name with one tunnel has nobody else to try.
 ATTEMPTS_PER_VISITOR = 2
+
+
+class ListenerBindError(OSError):
+    """A shared listener cannot listen where it was told (``strerror`` says where)."""
 
 
 class SharedListeners(ServerEvents[Any, TunnelStream]):
@@ -158,7 +162,7 @@ class SharedListeners(ServerEvents[Any, TunnelStream]):
                     listener.close_now()
                 self._shared.clear()
                 text = format_host_port(host, port)
-                raise OSError(
+                raise ListenerBindError(
                     exc.errno, f"cannot listen on --{kind.value} {text}: {exc.strerror or exc}"
                 ) from None
 
