@@ -18,6 +18,8 @@ from snocat_proto import (
     ProxyTcpTarget,
     RouteAddress,
     ServerConfig,
+    TrustedNetworks,
+    TunnelDomain,
     TunnelStatus,
 )
 
@@ -59,8 +61,10 @@ __all__ = [
     "StreamRefusedError",
     "StreamResetError",
     "Subscription",
+    "TrustedNetworks",
     "TunnelClient",
     "TunnelClosedError",
+    "TunnelDomain",
     "TunnelNotFoundError",
     "TunnelServer",
     "TunnelStatus",
