@@ -19,7 +19,7 @@ Why a suffix of the route address rather than a frame after it: the acceptor has
 visitor's address when it decides (an allow-list by source could refuse there), the
 status byte is still the whole answer, nothing new is buffered before the service bytes,
 and the address frame already has its parser and its bound (``max_address_size``; the
-longest suffix, two IPv6 addresses, is 124 bytes).  It is also the form the UDP flow
+longest suffix, two IPv6 addresses, is 116 bytes).  It is also the form the UDP flow
 setup uses for its visitor (3.17.3).
 """
 
