@@ -274,6 +274,10 @@ class SharedListeners(ServerEvents[Any, TunnelStream]):
             decision = start.receive_data(data) if data else start.receive_eof()
         with self._lock:
             self._sniffing.discard(client)
+            stopping = not self._books.accepting
+        if isinstance(decision, Refuse) and stopping:
+            # Cut off by the wind-down (_stop_shared), not by what it sent.
+            decision = Refuse(Failure.SHUTTING_DOWN, b"", "the aggregator is shutting down")
         if isinstance(decision, Refuse):
             self._count(kind, format_endpoint(connection.source, connection.source_port), decision)
             await close_gracefully(
