@@ -351,6 +351,7 @@ def snocat_pair(
     *,
     max_datagram_size: int | None = None,
     extra_server: Sequence[str] = (),
+    extra_client: Sequence[str] = (),
     profile: bool = False,
 ) -> Iterator[SnocatPair]:
     """A real ``snocat server`` and ``snocat client`` publishing ``target_port``.
@@ -385,6 +386,7 @@ def snocat_pair(
         "--log-level", "warning",
         "--json",
         *size,
+        *extra_client,
     )  # fmt: skip
     with process(server_args, log=directory / "server.log") as server:
         wait_for_json_line(directory / "server.log", "listening_on", server)

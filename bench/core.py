@@ -16,7 +16,9 @@ many small Python calls, so read the shares as an upper bound for Python-heavy p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import pstats
+import ssl
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -29,12 +31,16 @@ from bench.memory_pair import (
     raw_transfer,
     tunnel_transfer,
 )
+from snocat_proto._service.visitors import Forward, ListenerKind, VisitorStart
 from snocat_proto._wire.address import RouteAddress
 from snocat_proto._wire.framing import FrameDecoder, encode_frame
 from snocat_proto._wire.limits import Limits
+from snocat_proto._wire.names import TunnelDomain
 from snocat_proto._wire.negotiation import AcceptorNegotiation, OpenerNegotiation
+from snocat_proto._wire.proxy_protocol import ProxyAddresses, ProxyHeaderParser, encode_v2
 from snocat_proto._wire.targets import ProxyTcpTarget
 from snocat_proto._wire.udp_flows import FlowTable, decode_flow_datagram, encode_flow_datagram
+from snocat_proto._wire.visitor import split_visitor, with_visitor
 
 LIMITS = Limits()
 ADDRESS = ProxyTcpTarget.parse_host_port("127.0.0.1:8080").to_address()
@@ -89,6 +95,56 @@ def _flow_table_both_ways() -> None:
     _FLOWS.incoming(_DATAGRAM, 1.0)
 
 
+# The shared listeners' work per visitor (docs/protocol.md 3.14, 3.18) ----------------
+
+_DOMAIN = TunnelDomain.parse("tunnels.example.com")
+_VISITOR = ProxyAddresses.from_sockaddrs(("203.0.113.7", 40000), ("198.51.100.1", 443))
+#: A browser-like request head (curl's, plus the headers a browser adds).
+_HEAD = (
+    b"GET /index.html HTTP/1.1\r\nHost: office-1.tunnels.example.com\r\n"
+    b"User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0\r\n"
+    b"Accept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8\r\n"
+    b"Accept-Language: en-US,en;q=0.5\r\nAccept-Encoding: gzip, deflate, br\r\n"
+    b"Connection: keep-alive\r\nUpgrade-Insecure-Requests: 1\r\n\r\n"
+)
+
+
+def _client_hello() -> bytes:
+    """A real ClientHello (Python's ssl, TLS 1.3 and 1.2 offered) for the SNI benchmark."""
+    context = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="office-1.tunnels.example.com")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+_HELLO = _client_hello()
+_V2 = encode_v2(_VISITOR)
+_SUFFIXED = with_visitor(ADDRESS, _VISITOR).encode()
+
+
+def _sniff(kind: ListenerKind, data: bytes) -> None:
+    start = VisitorStart(kind, limits=LIMITS, connection=_VISITOR, domain=_DOMAIN)
+    assert isinstance(start.receive_data(data), Forward)
+
+
+def _sniff_head() -> None:
+    _sniff(ListenerKind.HTTP, _HEAD)
+
+
+def _sniff_hello() -> None:
+    _sniff(ListenerKind.TLS, _HELLO)
+
+
+def _proxy_v2() -> None:
+    ProxyHeaderParser(limits=LIMITS).feed(_V2)
+
+
+def _visitor_suffix() -> None:
+    split_visitor(RouteAddress.decode(with_visitor(ADDRESS, _VISITOR).encode()))
+
+
 def ops_per_second(function: Callable[[], None], seconds: float = 1.0) -> float:
     count, batch = 0, 1000
     start = time.perf_counter()
@@ -107,6 +163,10 @@ CODECS: list[tuple[str, Callable[[], None]]] = [
     ("NYAN negotiation, both sides, accept", _negotiation),
     ("flow datagram encode + decode (1000 B)", _flow_datagram_codec),
     ("flow table: one datagram out and one in", _flow_table_both_ways),
+    (f"--http: request head ({len(_HEAD)} B) -> tunnel name", _sniff_head),
+    (f"--tls: ClientHello ({len(_HELLO)} B) -> tunnel name", _sniff_hello),
+    (f"PROXY v2 header parse ({len(_V2)} B)", _proxy_v2),
+    (f"visitor suffix: add, encode, decode, read ({len(_SUFFIXED)} B)", _visitor_suffix),
 ]
 
 

@@ -117,7 +117,7 @@ LIMITS = Limits()
 SMALL_LIMITS = Limits(
     max_address_size=24,
     max_frame_size=40,
-    max_auth_message_size=120,
+    max_auth_message_size=160,  # room for the default features list (148 bytes)
     max_proxyme_subject_size=12,
 )
 

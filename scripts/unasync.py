@@ -27,7 +27,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "snocat_anyio"
 TARGET = ROOT / "snocat_sync"
 #: The modules generated, by name (the same in both packages).
-FILES = ("_server_flows.py", "_client_flows.py", "_dial.py", "_feed.py", "_udp.py")
+FILES = (
+    "_server_flows.py",
+    "_client_flows.py",
+    "_dial.py",
+    "_feed.py",
+    "_udp.py",
+    "_shared_listeners.py",
+)
 
 SUBSTITUTIONS = [
     (r"\basync def\b", "def"),

@@ -21,6 +21,8 @@ from snocat_proto import (
     ProxyTcpTarget,
     RouteAddress,
     ServerConfig,
+    TrustedNetworks,
+    TunnelDomain,
     TunnelStatus,
 )
 
@@ -75,8 +77,10 @@ __all__ = [
     "StreamRefusedError",
     "StreamResetError",
     "Subscription",
+    "TrustedNetworks",
     "TunnelClient",
     "TunnelClosedError",
+    "TunnelDomain",
     "TunnelNotFoundError",
     "TunnelServer",
     "TunnelStatus",

@@ -15,7 +15,9 @@ threads in its own ``_backend``.  Each name means the same on both sides:
   their streams and sockets close.
 * :func:`shield` protects cleanup from cancellation (nothing to protect in threads).
 * :class:`Listener`, :func:`accepted`, :func:`connect_address`, :func:`connect_name`,
-  :func:`resolve`, :func:`resolve_stream` and :func:`relay` are the TCP and DNS I/O.
+  :func:`resolve`, :func:`resolve_stream` and :func:`relay` are the TCP and DNS I/O;
+  :func:`receive_within` and :func:`close_gracefully` read a visitor's first bytes
+  and answer a refused one (the shared listeners).
 """
 
 from __future__ import annotations
@@ -50,11 +52,13 @@ __all__ = [
     "Lock",
     "TaskSet",
     "accepted",
+    "close_gracefully",
     "connect_address",
     "connect_name",
     "current_time",
     "join_group",
     "open_group",
+    "receive_within",
     "relay",
     "resolve",
     "resolve_stream",
@@ -190,14 +194,24 @@ class TaskSet:
 class Listener:
     """The listening sockets of one public port, and the tasks that accept on them."""
 
-    def __init__(self, listener: MultiListener[anyio.abc.SocketStream], port: int) -> None:
+    def __init__(
+        self,
+        listener: MultiListener[anyio.abc.SocketStream] | None,
+        port: int,
+        sockets: list[socket.socket] | None = None,
+    ) -> None:
         self.port = port
         self._logger = logging.getLogger(f"{LOG_PREFIX}.server")
         self._listener = listener
-        self._sockets = [s for s in listener.listeners if isinstance(s, anyio.abc.SocketListener)]
-        self.addresses = tuple(
-            format_address(s.extra(SocketAttribute.local_address)) for s in self._sockets
-        )
+        if listener is not None:
+            self._sockets = [
+                s.extra(SocketAttribute.raw_socket)
+                for s in listener.listeners
+                if isinstance(s, anyio.abc.SocketListener)
+            ]
+        else:
+            self._sockets = list(sockets or ())
+        self.addresses = tuple(format_address(s.getsockname()) for s in self._sockets)
         self._accepting = anyio.CancelScope()
         self._started = False
         self._closed = anyio.Event()
@@ -207,6 +221,14 @@ class Listener:
         """Listen on every address of ``host`` (None: every interface); ``OSError`` if
         the port cannot be bound."""
         return cls(await anyio.create_tcp_listener(local_host=host, local_port=port), port)
+
+    @classmethod
+    def bind(cls, host: str | None, port: int) -> Listener:
+        """Listen now, without waiting (before the event loop serves anything: a
+        shared listener binds as the server starts); ``OSError`` if it cannot.
+        Port 0 takes a free one (:attr:`port` says which)."""
+        sockets = bind_tcp(host, port)
+        return cls(None, sockets[0].getsockname()[1], sockets)
 
     def start(
         self, host: object, tasks: TaskSet, on_accept: Callable[[socket.socket], None]
@@ -224,16 +246,22 @@ class Listener:
                         tg.start_soon(self._accept_loop, sub, on_accept)
         finally:
             with shield():
-                await self._listener.aclose()
+                await self._close_sockets()
             self._closed.set()
 
+    async def _close_sockets(self) -> None:
+        if self._listener is not None:
+            await self._listener.aclose()
+        else:
+            for sock in self._sockets:
+                sock.close()
+
     async def _accept_loop(
-        self, listener: anyio.abc.SocketListener, on_accept: Callable[[socket.socket], None]
+        self, sock: socket.socket, on_accept: Callable[[socket.socket], None]
     ) -> None:
         # Not listener.accept(): cancelling a pending accept as a connection arrives
         # drops that connection and raises in asyncio's loop (python/cpython#153761),
         # and this loop is stopped by cancellation.  Waiting for readability is safe.
-        sock = listener.extra(SocketAttribute.raw_socket)
         while True:
             await anyio.wait_readable(sock)
             try:
@@ -246,6 +274,13 @@ class Listener:
                 continue
             on_accept(client)
 
+    def close_now(self) -> None:
+        """Close a listener that was bound and never started."""
+        if self._started:
+            raise RuntimeError("close_now() is for a listener that never started")
+        for sock in self._sockets:
+            sock.close()
+
     async def aclose(self) -> None:
         """Stop accepting and close the sockets; returns once they are closed."""
         with shield():
@@ -253,7 +288,39 @@ class Listener:
                 self._accepting.cancel()
                 await self._closed.wait()
             else:
-                await self._listener.aclose()
+                await self._close_sockets()
+
+
+def bind_tcp(host: str | None, port: int) -> list[socket.socket]:
+    """Listening, non-blocking sockets on every address of ``host`` (None: every
+    interface), ``port`` (0: one free port, the same on each)."""
+    infos = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_ADDRCONFIG
+    )
+    sockets: list[socket.socket] = []
+    seen: set[tuple[int, str]] = set()
+    try:
+        for family, _, proto, _, sockaddr in infos:
+            key = (int(family), str(sockaddr[0]))
+            if key in seen:
+                continue
+            seen.add(key)
+            sock = socket.socket(family, socket.SOCK_STREAM, proto)
+            sockets.append(sock)
+            if os.name != "nt":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:
+                sockaddr = (sockaddr[0], sockets[0].getsockname()[1], *sockaddr[2:])
+            sock.bind(sockaddr)
+            sock.listen(socket.SOMAXCONN)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 async def accepted(sock: socket.socket) -> Connection:
@@ -262,6 +329,37 @@ async def accepted(sock: socket.socket) -> Connection:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return read_on_demand(await anyio.abc.SocketStream.from_socket(sock))
+
+
+async def receive_within(conn: Connection, max_bytes: int, timeout: float) -> bytes:
+    """What ``conn`` sends next, at most ``max_bytes``; ``b""`` once it ended its
+    sending.  ``TimeoutError`` if nothing came within ``timeout`` seconds."""
+    with anyio.fail_after(max(0.0, timeout)):
+        try:
+            return await conn.receive(max_bytes)
+        except anyio.EndOfStream:
+            return b""
+
+
+async def close_gracefully(conn: Connection, reply: bytes, linger: float, max_bytes: int) -> None:
+    """Send ``reply``, end our sending, then read and drop what ``conn`` still sends
+    (at most ``max_bytes``, for at most ``linger`` seconds) before closing: a socket
+    closed with unread data sends a reset, which may destroy the reply unread."""
+    with shield():
+        try:
+            with anyio.move_on_after(linger):
+                if reply:
+                    await conn.send(reply)
+                await conn.send_eof()
+                dropped = 0
+                while dropped < max_bytes:
+                    dropped += len(await conn.receive(max_bytes - dropped))
+        except BROKEN:
+            pass
+        except OSError:
+            pass
+        finally:
+            await conn.aclose()
 
 
 async def connect_address(

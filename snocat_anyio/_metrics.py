@@ -44,8 +44,10 @@ from prometheus_client.process_collector import ProcessCollector
 
 from snocat_proto._service import activity
 from snocat_proto._service.aggregator import NO_SERVICE, SHUTTING_DOWN, TunnelStatus
+from snocat_proto._service.visitors import FAILURES
 from snocat_proto._wire.codes import CloseCode
 from snocat_proto._wire.network import format_host_port
+from snocat_proto._wire.proxyme import NAMED_SERVICES
 
 from ._errors import FeedOverflowError
 from ._server import TunnelServer, forwarded_connections
@@ -405,6 +407,20 @@ class ServerMetrics:
             "Streams refused (a visitor's connection, or a stream a client opened), by reason.",
             self.stream_refusals,
         )
+        yield _by_reason(
+            "snocat_name_routing_failures",
+            "Visitors of the public listeners not forwarded (shared --http/--tls, and PROXY "
+            "headers on the ports), by reason.",
+            {failure.value: 0 for failure in FAILURES} | dict(counters.name_routing_failures),
+        )
+        published = GaugeMetricFamily(
+            "snocat_names_published",
+            "Tunnels that publish a target by name on the shared listeners now, by service.",
+            labels=["service"],
+        )
+        for service in NAMED_SERVICES:
+            published.add_metric([service], sum(service in status.names for status in statuses))
+        yield published
         yield _gauge("snocat_ports_in_use", "Public ports granted now.", len(server.ports_in_use))
         yield _gauge(
             "snocat_port_range_size",
@@ -504,6 +520,7 @@ def tunnel_document(status: TunnelStatus, now: float) -> dict[str, Any]:
         "peer": status.peer,
         "scheme": status.scheme,
         "ports": list(status.ports),
+        "names": list(status.names),
         "age": round(max(0.0, now - status.connected_at), 3),
         "open_streams": status.open_streams,
         "connections": forwarded_connections(status),
@@ -522,6 +539,7 @@ def status_from_document(tunnel: dict[str, Any], now: float) -> TunnelStatus:
         peer=str(tunnel["peer"]),
         scheme=str(tunnel.get("scheme", "")),
         ports=tuple(int(port) for port in tunnel["ports"]),
+        names=tuple(str(service) for service in tunnel.get("names", ())),
         connected_at=now - float(tunnel["age"]),
         open_streams=int(tunnel["open_streams"]),
         bytes_in=int(tunnel["bytes_in"]),

@@ -9,8 +9,8 @@ period), and nothing outlives ``serve()``: no task, socket, port or record.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 
 import anyio
 import anyio.abc
@@ -40,8 +40,9 @@ Router = Callable[[TunnelStatus, RouteAddress], RouteHandler | None]
 def forwarded_connections(status: TunnelStatus) -> int:
     """The visitors' TCP connections a tunnel carries now (the live table's conns).
     ``open_streams`` counts every stream, including the ``proxyme`` stream that holds
-    each granted port open for the tunnel's whole life: one per port, not a visitor."""
-    return max(0, status.open_streams - len(status.ports))
+    each granted port open for the tunnel's whole life: one per port, not a visitor
+    (and one per target published by name)."""
+    return max(0, status.open_streams - len(status.ports) - len(status.names))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,6 +61,9 @@ class ServerCounters:
     datagrams_dropped_sent: int = 0
     #: Tunnels closed because handling them raised (a bug; the others went on).
     tunnels_failed: int = 0
+    #: Visitors of the public listeners not forwarded, by reason (the values of
+    #: :class:`~snocat_proto._service.visitors.Failure`).
+    name_routing_failures: Mapping[str, int] = field(default_factory=dict)
 
 
 class TunnelServer(ServerCore):
@@ -86,6 +90,7 @@ class TunnelServer(ServerCore):
             datagrams_dropped_received=endpoint.dropped_datagrams,
             datagrams_dropped_sent=host.datagrams_dropped,
             tunnels_failed=endpoint.failed_tunnels,
+            name_routing_failures=self.name_routing_failures(),
         )
 
     async def serve(

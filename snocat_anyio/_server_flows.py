@@ -24,7 +24,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Concatenate, ParamSpec
 
 from snocat_proto._service import notices
@@ -39,7 +39,7 @@ from snocat_proto._service.aggregator import (
 )
 from snocat_proto._service.config import ServerConfig
 from snocat_proto._service.notices import Notice
-from snocat_proto._service.server_events import ServerEvents
+from snocat_proto._service.visitors import ListenerKind
 from snocat_proto._wire.address import RouteAddress
 from snocat_proto._wire.auth import (
     NONCE_SIZE,
@@ -50,7 +50,7 @@ from snocat_proto._wire.auth import (
 from snocat_proto._wire.codes import CloseCode, StreamCode
 from snocat_proto._wire.endpoint import ServerEndpoint
 from snocat_proto._wire.errors import LocalProtocolError, ProtocolError
-from snocat_proto._wire.features import PROXYME_OPTIONS
+from snocat_proto._wire.features import BY_NAME, PROXYME_OPTIONS
 from snocat_proto._wire.network import format_address
 from snocat_proto._wire.proxyme import (
     ProxymeEvent,
@@ -60,12 +60,12 @@ from snocat_proto._wire.proxyme import (
     SubjectReceived,
 )
 from snocat_proto._wire.tunnel import TunnelConnection
+from snocat_proto._wire.visitor import format_endpoint
 
 from ._backend import (
     BROKEN,
     LOG_PREFIX,
     Condition,
-    EndOfStream,
     Listener,
     Lock,
     TaskSet,
@@ -79,6 +79,7 @@ from ._backend import (
 from ._errors import StreamRefusedError, TunnelClosedError, TunnelNotFoundError
 from ._feed import ActivityFeed
 from ._host import TunnelHost
+from ._shared_listeners import SharedListeners, next_proxyme_event
 from ._stream import TunnelStream
 from ._udp import bind_udp
 
@@ -126,8 +127,9 @@ class _Session(TunnelSession):
         self.leases: dict[int, _Lease] = {}
 
 
-class ServerCore(ServerEvents[_Session, TunnelStream]):
-    """The aggregator's flows; the binding's ``TunnelServer`` subclasses it."""
+class ServerCore(SharedListeners):
+    """The aggregator's flows; the binding's ``TunnelServer`` subclasses it.  Its
+    shared listeners and visitors' addresses are :class:`SharedListeners`'."""
 
     #: Whether this class is a node of a fleet (``ServerConfig.fleet``).
     serves_fleet = False
@@ -164,6 +166,7 @@ class ServerCore(ServerEvents[_Session, TunnelStream]):
         #: Notified whenever a port is released (and counted).
         self._ports_changed = Condition(self._lock)
         self._port_releases = 0
+        self._init_shared()
 
     # Public API ---------------------------------------------------------------
 
@@ -209,6 +212,7 @@ class ServerCore(ServerEvents[_Session, TunnelStream]):
         config = self.config
         self._endpoint = server_endpoint(config, self._new_authenticator)
         self._sock = bind_udp(config.quic_host, config.quic_port, reuse_port=config.quic_reuse_port)
+        self._open_shared()
         self._host = TunnelHost(
             self._endpoint,
             self._sock,
@@ -224,6 +228,7 @@ class ServerCore(ServerEvents[_Session, TunnelStream]):
         self._group = group
         host = self._require_host()
         host.start(group)
+        self._start_shared(group)
         address = format_address(host.local_address)
         if self.config.auth == SCHEME_SIMPLE_ACK:
             logger.warning(
@@ -242,6 +247,7 @@ class ServerCore(ServerEvents[_Session, TunnelStream]):
         for session in sessions:
             for lease in list(session.leases.values()):
                 await lease.listener.aclose()
+        await self._stop_shared()
         await self._services_changed.wait_for(lambda: self._services == 0, grace)
         host, endpoint = self._host, self._endpoint
         if host is not None and endpoint is not None:
@@ -259,6 +265,7 @@ class ServerCore(ServerEvents[_Session, TunnelStream]):
             sessions = self._books.sessions()
         for session in sessions:
             session.tasks.cancel()
+        self._cancel_shared()
         if host is not None:
             host.stop()
         left = await join_group(self._group, TASK_JOIN_TIMEOUT)
@@ -307,13 +314,18 @@ class ServerCore(ServerEvents[_Session, TunnelStream]):
         with self._lock:
             return self._tokens.get(name)
 
-    def replace_tokens(self, tokens: Mapping[str, bytes]) -> tuple[str, ...]:
+    def replace_tokens(
+        self, tokens: Mapping[str, bytes], pools: Iterable[str] | None = None
+    ) -> tuple[str, ...]:
         """Take ``tokens`` (name -> secret) for the default credential lookup from now
-        on, e.g. after the tokens file changed.  No tunnel is dropped for it, except
+        on, e.g. after the tokens file changed, and ``pools`` (if given) as the names
+        several tunnels may serve at once.  No tunnel is dropped for it, except
         those whose name's token was removed or changed: they are closed with
         :attr:`CloseCode.AUTHENTICATION_FAILED` and a reason.  Returns their names."""
         with self._lock:
             old, self._tokens = self._tokens, dict(tokens)
+            if pools is not None:
+                self._books.names.set_pools(pools)
             closing = self._books.revoked(old, self._tokens)
             for session, (code, reason) in closing:
                 session.tunnel.close(code, reason)
@@ -342,14 +354,21 @@ class ServerCore(ServerEvents[_Session, TunnelStream]):
     async def _serve_proxyme(
         self, session: _Session, stream: TunnelStream, request: ProxymeRequest
     ) -> None:
-        options = PROXYME_OPTIONS in session.tunnel.features
-        machine = ProxymeServer(limits=self.config.limits, options=options)
+        features = session.tunnel.features
+        options = PROXYME_OPTIONS in features
+        by_name = BY_NAME in features
+        machine = ProxymeServer(limits=self.config.limits, options=options, by_name=by_name)
         pending: list[ProxymeEvent] = []
         lease: _Lease | None = None
         try:
-            event = await _next_proxyme_event(stream, machine, pending)
+            event = await next_proxyme_event(stream, machine, pending)
             if not isinstance(event, SubjectReceived):
                 stream.reset(StreamCode.PROTOCOL_VIOLATION)
+                return
+            if event.service is not None:
+                await self._serve_published_name(
+                    session, stream, machine, pending, request, event.service
+                )
                 return
             leased = await self._lease_port(session, request, event.port)
             if isinstance(leased, PortRefusal):
@@ -360,7 +379,7 @@ class ServerCore(ServerEvents[_Session, TunnelStream]):
             lease = leased
             await stream.sendall(machine.grant(lease.addresses))
             self._port_granted(session, lease)
-            event = await _next_proxyme_event(stream, machine, pending)
+            event = await next_proxyme_event(stream, machine, pending)
             await self._stop_lease(session, lease)
             lease = None
             if isinstance(event, ReleaseRequested):
@@ -486,16 +505,40 @@ class ServerCore(ServerEvents[_Session, TunnelStream]):
         address = lease.request.target().to_address()
         try:
             conn = await accepted(client)
+            started = await self._visitor_start(ListenerKind.PORT, client, conn)
+            if started is None:
+                return  # refused (a PROXY header, or none from a load balancer)
+            start, guard = started
+            visitor = format_endpoint(start.visitor.source, start.visitor.source_port)
             try:
-                stream = await self._open_on(session, address)
+                stream = await self._open_on(session, self._with_visitor(session, address, start))
             except (StreamRefusedError, TunnelClosedError) as exc:
                 self._report(notices.stream_refused, session.tunnel_id, address, str(exc))
                 with shield():
                     await conn.aclose()
                 return
-            self._report(notices.stream_opened, session.tunnel_id, stream.stream_id, address, "out")
-            result = await relay(stream, conn, self.config.limits.relay_chunk_size)
-            self._report(notices.relayed, session.tunnel_id, stream.stream_id, address, result)
+            name = session.name
+            self._report(
+                notices.stream_opened,
+                session.tunnel_id,
+                stream.stream_id,
+                address,
+                "out",
+                name=name,
+                visitor=visitor,
+            )
+            chunk = self.config.limits.relay_chunk_size
+            result = await relay(stream, conn, chunk, initial=start.data, guard=guard)
+            self._guard_refused(visitor, result.error)
+            self._report(
+                notices.relayed,
+                session.tunnel_id,
+                stream.stream_id,
+                address,
+                result,
+                name=name,
+                visitor=visitor,
+            )
         finally:
             client.close()
             self._service_finished()
@@ -570,17 +613,3 @@ class ServerCore(ServerEvents[_Session, TunnelStream]):
         """Log and publish what the core reports (``build(now, *args, **kwargs)``)."""
         notice = build(time.time(), *args, **kwargs)
         notices.deliver(notice, logger.log, self.activity.publish)
-
-
-async def _next_proxyme_event(
-    stream: TunnelStream, machine: ProxymeServer, pending: list[ProxymeEvent]
-) -> ProxymeEvent | None:
-    """The next event of the ``proxyme`` exchange; None if the client ended without one."""
-    while not pending:
-        try:
-            data = await stream.receive()
-        except EndOfStream:
-            pending.extend(machine.receive_eof())
-            break
-        pending.extend(machine.receive_data(data))
-    return pending.pop(0) if pending else None

@@ -17,6 +17,8 @@ from __future__ import annotations
 from ._service.activity import (
     Activity,
     ListeningOn,
+    NamePublished,
+    NameWithdrawn,
     PortDenied,
     PortGranted,
     PortReleased,
@@ -33,6 +35,7 @@ from ._service.attempts import connect_tunnel
 from ._service.config import ClientConfig, FleetConfig, ServerConfig
 from ._service.fanout import Fanout, Subscription
 from ._service.ports import PortRange
+from ._service.publications import NamedTarget
 from ._service.registry import (
     RegistryEvent,
     TunnelDeregistered,
@@ -41,7 +44,8 @@ from ._service.registry import (
     TunnelRegistry,
     TunnelUpdated,
 )
-from ._service.tokens import format_tokens, parse_single_token, parse_tokens
+from ._service.tokens import format_tokens, parse_single_token, parse_token_file, parse_tokens
+from ._service.visitors import TrustedNetworks
 from ._wire.address import RouteAddress
 from ._wire.auth import SCHEME_SIMPLE_ACK, SCHEME_TOKEN, ClientCredentials
 from ._wire.certificates import fingerprint, generate_self_signed
@@ -76,7 +80,9 @@ from ._wire.events import (
 )
 from ._wire.handshake_rate import HandshakeRate
 from ._wire.limits import Limits
+from ._wire.names import TunnelDomain
 from ._wire.network import format_host_port, parse_host_port
+from ._wire.proxy_protocol import ProxyAddresses
 from ._wire.targets import ProxyTcpTarget, TargetKind
 from ._wire.tunnel import Role, TunnelConnection, TunnelState
 from ._wire.udp_flows import DatagramCounters, DropReason, FlowEnd, UdpTarget
@@ -109,11 +115,15 @@ __all__ = [
     "Limits",
     "ListeningOn",
     "LocalProtocolError",
+    "NamePublished",
+    "NameWithdrawn",
+    "NamedTarget",
     "PortDenied",
     "PortGranted",
     "PortRange",
     "PortReleased",
     "ProtocolError",
+    "ProxyAddresses",
     "ProxyTcpTarget",
     "Reconnecting",
     "RegistryEvent",
@@ -135,11 +145,13 @@ __all__ = [
     "StreamWritable",
     "Subscription",
     "TargetKind",
+    "TrustedNetworks",
     "TunnelAuthenticated",
     "TunnelClosed",
     "TunnelConnected",
     "TunnelConnection",
     "TunnelDeregistered",
+    "TunnelDomain",
     "TunnelEvent",
     "TunnelRecord",
     "TunnelRegistered",
@@ -156,6 +168,7 @@ __all__ = [
     "generate_self_signed",
     "parse_host_port",
     "parse_single_token",
+    "parse_token_file",
     "parse_tokens",
     "server_endpoint",
 ]

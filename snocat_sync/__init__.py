@@ -23,6 +23,8 @@ from snocat_proto import (
     ProxyTcpTarget,
     RouteAddress,
     ServerConfig,
+    TrustedNetworks,
+    TunnelDomain,
     TunnelStatus,
 )
 
@@ -64,8 +66,10 @@ __all__ = [
     "StreamRefusedError",
     "StreamResetError",
     "Subscription",
+    "TrustedNetworks",
     "TunnelClient",
     "TunnelClosedError",
+    "TunnelDomain",
     "TunnelNotFoundError",
     "TunnelServer",
     "TunnelStatus",

@@ -14,6 +14,8 @@ an anyio twin with the same meaning (see ``snocat_anyio/_backend.py``).  Here:
 * :func:`shield` has nothing to protect.
 * :class:`Listener` watches its sockets on the pump's selector, so accepting needs
   no thread of its own.
+* :func:`receive_within` and :func:`close_gracefully` read a visitor's first bytes
+  and answer a refused one (the shared listeners).
 """
 
 from __future__ import annotations
@@ -48,11 +50,13 @@ __all__ = [
     "Lock",
     "TaskSet",
     "accepted",
+    "close_gracefully",
     "connect_address",
     "connect_name",
     "current_time",
     "join_group",
     "open_group",
+    "receive_within",
     "relay",
     "resolve",
     "resolve_stream",
@@ -154,6 +158,13 @@ class Listener:
         the port cannot be bound."""
         return cls(_listen_tcp(host, port), port)
 
+    @classmethod
+    def bind(cls, host: str | None, port: int) -> Listener:
+        """Listen now (a shared listener binds as the server starts); ``OSError`` if
+        it cannot.  Port 0 takes a free one (:attr:`port` says which)."""
+        sockets = _listen_tcp(host, port)
+        return cls(sockets, sockets[0].getsockname()[1])
+
     def start(
         self, host: TunnelHost | None, tasks: TaskSet, on_accept: Callable[[socket.socket], None]
     ) -> None:
@@ -196,6 +207,10 @@ class Listener:
             if not self._stopped:
                 self._watch(listener)
 
+    def close_now(self) -> None:
+        """Close a listener that was bound and never started."""
+        self.close()
+
     def close(self) -> None:
         """Stop accepting and close the sockets (idempotent; call without the host's lock)."""
         with self._guard:
@@ -227,6 +242,8 @@ def _listen_tcp(host: str | None, port: int) -> list[socket.socket]:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:
+                sockaddr = (sockaddr[0], sockets[0].getsockname()[1], *sockaddr[2:])
             sock.bind(sockaddr)
             sock.listen(socket.SOMAXCONN)
             sock.setblocking(False)
@@ -243,6 +260,43 @@ def accepted(sock: socket.socket) -> Connection:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+def receive_within(conn: Connection, max_bytes: int, timeout: float) -> bytes:
+    """What ``conn`` sends next, at most ``max_bytes``; ``b""`` once it ended its
+    sending.  ``TimeoutError`` if nothing came within ``timeout`` seconds."""
+    conn.settimeout(max(0.001, timeout))
+    try:
+        return conn.recv(max_bytes)
+    finally:
+        with contextlib.suppress(OSError):
+            conn.settimeout(None)
+
+
+def close_gracefully(conn: Connection, reply: bytes, linger: float, max_bytes: int) -> None:
+    """Send ``reply``, end our sending, then read and drop what ``conn`` still sends
+    (at most ``max_bytes``, for at most ``linger`` seconds) before closing: a socket
+    closed with unread data sends a reset, which may destroy the reply unread."""
+    deadline = time.monotonic() + linger
+    try:
+        conn.settimeout(linger)
+        if reply:
+            conn.sendall(reply)
+        conn.shutdown(socket.SHUT_WR)
+        dropped = 0
+        while dropped < max_bytes:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            conn.settimeout(remaining)
+            data = conn.recv(max_bytes - dropped)
+            if not data:
+                break
+            dropped += len(data)
+    except OSError:
+        pass
+    finally:
+        conn.close()
 
 
 def connect_address(

@@ -67,16 +67,21 @@ from snocat_proto._service.backoff import Backoff
 from snocat_proto._service.client_events import ClientEvents
 from snocat_proto._service.config import ClientConfig
 from snocat_proto._service.notices import Notice
+from snocat_proto._service.publications import (
+    Publication,
+    client_route,
+    proxy_header,
+    proxyme_client,
+)
 from snocat_proto._wire.address import RouteAddress
 from snocat_proto._wire.codes import CloseCode, StreamCode
 from snocat_proto._wire.endpoint import ClientEndpoint
 from snocat_proto._wire.errors import LocalProtocolError, ProtocolError
 from snocat_proto._wire.events import ConnectionTerminated
-from snocat_proto._wire.features import PROXYME_OPTIONS
 from snocat_proto._wire.network import NetworkAddress, format_address, format_host_port
-from snocat_proto._wire.proxyme import ProxymeClient, ProxymeRequest
-from snocat_proto._wire.targets import ProxyTcpTarget
+from snocat_proto._wire.proxyme import ProxymeClient
 from snocat_proto._wire.tunnel import TunnelConnection, TunnelState
+from snocat_proto._wire.visitor import format_endpoint
 
 from ._backend import (
     BROKEN_OR_REFUSED,
@@ -113,10 +118,6 @@ P = ParamSpec("P")
 logger = logging.getLogger(f"{LOG_PREFIX}.client")
 
 _SHUTDOWN_REASON = "client shutting down"
-NO_PORT_REQUESTS = (
-    "the aggregator cannot be asked for a given public port: it does not offer "
-    "proxyme-options (a snocat 0.8 aggregator, or one with SimpleAck)"
-)
 #: How long a stopping session waits for its services beyond ``close_timeout``.
 TASK_JOIN_TIMEOUT = 5.0
 
@@ -152,13 +153,13 @@ class _Session:
         #: The aggregator dialled (``--driver``), for messages.
         self.label = peer
         #: The targets whose first port request was answered.
-        self.answered: set[ProxyTcpTarget] = set()
+        self.answered: set[Publication] = set()
         #: Why a target cannot have its port (this ends the client), if it cannot.
         self.refusal: AttemptEnd | None = None
         #: The session is ending: no new services, no new port requests.
         self.stopping = False
         #: The ``proxyme`` exchange of each target while it is open.
-        self.proxyme: dict[ProxyTcpTarget, tuple[ProxymeClient, TunnelStream]] = {}
+        self.proxyme: dict[Publication, tuple[ProxymeClient, TunnelStream]] = {}
 
 
 class ClientCore(ClientEvents[_Session, TunnelStream]):
@@ -167,9 +168,10 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
         self.activity = ActivityFeed(config.limits.max_subscriber_backlog)
-        #: The public address(es) the aggregator listens on for each target, while granted.
-        self.grants: dict[ProxyTcpTarget, tuple[str, ...]] = {}
-        self._allow = AllowList(config.targets)
+        #: The public address(es) the aggregator listens on for each target (on its
+        #: port, or by name), while granted.
+        self.grants: dict[Publication, tuple[str, ...]] = {}
+        self._allow = AllowList(config.allowed_targets)
         #: Guards everything below, the core and the streams (a no-op on an event loop).
         self._lock = Lock()
         self._changed = Condition(self._lock)
@@ -252,7 +254,7 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
                 return
 
     def _all_granted(self) -> bool:
-        return all(target in self.grants for target in self.config.targets)
+        return all(target in self.grants for target in self.config.publications)
 
     def _request_stop(self) -> None:
         with self._lock:
@@ -379,12 +381,12 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
             )
         if config.request_port:
             assert session.services is not None
-            for target in config.targets:
+            for target in config.publications:
                 session.services.spawn(self._proxyme_loop, session, target, name="proxyme")
             # Bounded: an aggregator that never answers must not hold up the caller.
             self._changed.wait_for(
                 lambda: (
-                    session.answered.issuperset(config.targets)
+                    session.answered.issuperset(config.publications)
                     or session.closed is not None
                     or session.refusal is not None
                     or self._stop
@@ -477,19 +479,19 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
             session.unreachable = error.strerror or str(error)
             self._changed.notify_all()
 
-    def _answered(self, session: _Session, target: ProxyTcpTarget) -> None:
+    def _answered(self, session: _Session, target: Publication) -> None:
         with self._lock:
             if target not in session.answered:
                 session.answered.add(target)
                 self._changed.notify_all()
 
-    def _refused(self, session: _Session, target: ProxyTcpTarget, reason: str) -> None:
+    def _refused(self, session: _Session, target: Publication, reason: str) -> None:
         with self._lock:
             if session.refusal is None:
                 session.refusal = port_refused(target, reason)
                 self._changed.notify_all()
 
-    def _set_granted(self, target: ProxyTcpTarget, addresses: tuple[str, ...] | None) -> None:
+    def _set_granted(self, target: Publication, addresses: tuple[str, ...] | None) -> None:
         with self._lock:
             if addresses is None:
                 self.grants.pop(target, None)
@@ -499,7 +501,7 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
 
     # proxyme (the session's proxyme task) ------------------------------------------
 
-    def _proxyme_loop(self, session: _Session, target: ProxyTcpTarget) -> None:
+    def _proxyme_loop(self, session: _Session, target: Publication) -> None:
         """Request ``target``'s port; after a denial or a withdrawal, ask again with backoff."""
         config = self.config
         retry = Backoff(config.backoff_initial, config.backoff_max)
@@ -517,16 +519,20 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
                 or session.refusal is not None
             )
 
-    def _request_port(self, session: _Session, target: ProxyTcpTarget) -> bool:
-        """One ``proxyme`` exchange for ``target``, kept open while the port is ours;
-        True if it was granted."""
-        wanted = self.config.public_ports.get(target)
-        options = PROXYME_OPTIONS in session.tunnel.features
-        if wanted is not None and not options:
-            self._refused(session, target, NO_PORT_REQUESTS)
-            self._port_denied(session, target, NO_PORT_REQUESTS)
+    def _request_port(self, session: _Session, target: Publication) -> bool:
+        """One ``proxyme`` exchange for ``target``, kept open while the port (or the
+        name) is ours; True if it was granted."""
+        asked = proxyme_client(
+            target,
+            session.tunnel.features,
+            limits=self.config.limits,
+            public_ports=self.config.public_ports,
+        )
+        if isinstance(asked, str):
+            self._refused(session, target, asked)
+            self._port_denied(session, target, asked)
             return False
-        request = ProxymeRequest(host=target.connect_host(), port=target.port)
+        request, client = asked
         try:
             stream = session.host.open_stream(session.tunnel, request.to_address())
         except StreamRefusedError as exc:
@@ -535,7 +541,6 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
             return False
         except (TunnelClosedError, LocalProtocolError):
             return False
-        client = ProxymeClient(limits=self.config.limits, options=options, public_port=wanted)
         with self._lock:
             if session.stopping:
                 stream.reset(StreamCode.CANCELLED)
@@ -561,7 +566,7 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
     def _read_proxyme(
         self,
         session: _Session,
-        target: ProxyTcpTarget,
+        target: Publication,
         client: ProxymeClient,
         stream: TunnelStream,
     ) -> bool:
@@ -590,11 +595,12 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
     # proxy-tcp (a task or thread per stream) -----------------------------------------
 
     def _serve_stream(self, session: _Session, stream: TunnelStream) -> None:
-        address = str(stream.address)
-        target = self._allow.check(stream.address)
-        if isinstance(target, str):
-            self._refuse(session, stream, target)
+        route = client_route(stream.address, session.tunnel.features, self._allow)
+        if isinstance(route, str):
+            self._refuse(session, stream, route)
             return
+        target, address, whose = route
+        visitor = None if whose is None else format_endpoint(whose.source, whose.source_port)
         try:
             tcp = connect_target(target, self.config.target_connect_timeout)
         except OSError as exc:
@@ -612,9 +618,27 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
             with shield():
                 tcp.close()
             return
-        self._report(notices.stream_opened, session.tunnel_id, stream.stream_id, address, "in")
-        result = relay(stream, tcp, self.config.limits.relay_chunk_size)
-        self._report(notices.client_relayed, session.tunnel_id, stream.stream_id, address, result)
+        name = session.name
+        self._report(
+            notices.stream_opened,
+            session.tunnel_id,
+            stream.stream_id,
+            address,
+            "in",
+            name=name,
+            visitor=visitor,
+        )
+        header = proxy_header(self.config.proxy_protocol, whose)
+        result = relay(stream, tcp, self.config.limits.relay_chunk_size, header=header)
+        self._report(
+            notices.client_relayed,
+            session.tunnel_id,
+            stream.stream_id,
+            address,
+            result,
+            name=name,
+            visitor=visitor,
+        )
 
     def _refuse(self, session: _Session, stream: TunnelStream, reason: str) -> None:
         with self._lock:

@@ -14,14 +14,29 @@ import socket
 import threading
 
 from snocat_proto._service.notices import RelayResult
+from snocat_proto._service.visitors import ProxyHeaderGuard
+from snocat_proto._wire.errors import RemoteProtocolError
 
 from ._stream import TunnelStream
 
 
-def relay(stream: TunnelStream, sock: socket.socket, chunk_size: int) -> RelayResult:
+def relay(
+    stream: TunnelStream,
+    sock: socket.socket,
+    chunk_size: int,
+    *,
+    initial: bytes = b"",
+    header: bytes = b"",
+    guard: ProxyHeaderGuard | None = None,
+) -> RelayResult:
     """Copy both ways, ``chunk_size`` bytes at most per read (``Limits.relay_chunk_size``),
     until both directions have ended (or one side fails); then close the stream and
-    the socket."""
+    the socket.
+
+    ``initial``: bytes already read from ``sock`` (a shared listener's peek), sent to
+    the tunnel first; ``header``: written to ``sock`` before anything from the tunnel
+    (a PROXY protocol header), at once; ``guard``: ``sock`` 's bytes pass it on their
+    way to the tunnel (it refuses a PROXY header, which aborts the relay)."""
     result = RelayResult()
     errors: list[BaseException] = []
     lock = threading.Lock()
@@ -39,14 +54,25 @@ def relay(stream: TunnelStream, sock: socket.socket, chunk_size: int) -> RelayRe
 
     def to_tunnel() -> None:
         try:
+            if initial:
+                stream.sendall(initial)
+                result.sent_to_tunnel += len(initial)
             while True:
                 data = sock.recv(chunk_size)
                 if not data:
+                    held = guard.end() if guard is not None else b""
+                    if held:
+                        stream.sendall(held)
+                        result.sent_to_tunnel += len(held)
                     stream.shutdown(socket.SHUT_WR)
                     return
+                if guard is not None:
+                    data = guard.feed(data)
+                    if not data:
+                        continue
                 stream.sendall(data)
                 result.sent_to_tunnel += len(data)
-        except OSError as exc:
+        except (OSError, RemoteProtocolError) as exc:
             abort(exc)
 
     stream.add_abort_callback(shut_socket)
@@ -55,6 +81,8 @@ def relay(stream: TunnelStream, sock: socket.socket, chunk_size: int) -> RelayRe
     )
     helper.start()
     try:
+        if header:
+            sock.sendall(header)
         while True:
             data = stream.recv(chunk_size)
             if not data:

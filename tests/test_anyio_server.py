@@ -49,7 +49,7 @@ from snocat_proto._wire.events import (
     StreamRequested,
     TunnelEvent,
 )
-from snocat_proto._wire.features import FEATURES, PROXYME_OPTIONS
+from snocat_proto._wire.features import FEATURES, PROXYME_OPTIONS, VISITOR_ADDRESS
 from snocat_proto._wire.limits import Limits
 from snocat_proto._wire.network import format_address
 from snocat_proto._wire.proxyme import (
@@ -61,6 +61,7 @@ from snocat_proto._wire.proxyme import (
     Released,
 )
 from snocat_proto._wire.tunnel import TunnelConnection
+from snocat_proto._wire.visitor import split_visitor
 
 pytestmark = pytest.mark.anyio
 
@@ -548,9 +549,17 @@ async def test_forwarding_carries_megabytes_both_ways_with_half_close(
                 reply = await tcp_exchange(handle.port, upload)
             assert reply[:64] == hashlib.sha256(upload).hexdigest().encode()
             assert hashlib.sha256(reply[64:]).digest() == hashlib.sha256(download).digest()
-            assert [str(a) for a in peer.incoming] == [PROXY_TCP_ADDRESS]
+            # visitor-address (agreed by default): the suffix names the visitor and
+            # the public port it came to (docs/protocol.md 3.18).
+            [(address, visitor)] = [split_visitor(a) for a in peer.incoming]
+            assert str(address) == PROXY_TCP_ADDRESS
+            assert visitor is not None
+            assert (str(visitor.source), str(visitor.destination)) == ("127.0.0.1", "127.0.0.1")
+            assert visitor.destination_port == handle.port
             closed = await next_activity(feed, activity.StreamClosed)
             assert closed.address == PROXY_TCP_ADDRESS
+            assert closed.name == "alpha"
+            assert closed.visitor == f"127.0.0.1:{visitor.source_port}"
             assert (closed.bytes_out, closed.bytes_in) == (len(upload), len(reply))
             assert closed.error is None
             [status] = server.tunnels()
@@ -1050,3 +1059,36 @@ async def test_configuration_errors_and_shutdown_before_serve(
     with anyio.fail_after(1):
         await server.serve()  # returns at once: it was shut down before it started
     assert server.tunnels() == []
+
+
+# visitor-address: only to peers that agreed (docs/protocol.md 3.18) -----------------------
+
+#: The route address of 2.8's trace (a snocat 0.8 aggregator's), byte for byte.
+REFERENCE_ADDRESS = bytes.fromhex(
+    "2F70726F78792D7463702F646E732F3132372E302E302E312F7463702F35303030"
+)
+
+
+@pytest.mark.parametrize(
+    ("auth", "features"),
+    [
+        ("simple-ack", frozenset()),  # a snocat 0.8 peer: SimpleAck lists nothing
+        ("token", frozenset({PROXYME_OPTIONS})),  # a snocat of ours before 3.18
+    ],
+    ids=["simple-ack", "token-without-it"],
+)
+async def test_a_peer_that_did_not_agree_gets_the_0_8_route_address(
+    server_identity: Any, auth: str, features: frozenset[str]
+) -> None:
+    credentials = ClientCredentials.simple_ack() if auth == "simple-ack" else None
+    async with (
+        running(server_identity, auth=auth) as server,
+        connect(server, server_identity, credentials, features=features) as peer,
+    ):
+        assert VISITOR_ADDRESS not in peer.tunnel.features
+        handle = await peer.request_port()
+        with anyio.fail_after(10):
+            await tcp_exchange(handle.port, b"hello")
+        [address] = peer.incoming
+        assert address.encode() == REFERENCE_ADDRESS
+        assert split_visitor(address) == (address, None)

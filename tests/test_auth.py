@@ -40,7 +40,7 @@ from snocat_proto._wire.auth import (
     validate_tunnel_name,
 )
 from snocat_proto._wire.errors import LocalProtocolError
-from snocat_proto._wire.features import FEATURES
+from snocat_proto._wire.features import FEATURES, PROXYME_OPTIONS
 from snocat_proto._wire.limits import Limits
 
 LIMITS = Limits()
@@ -372,7 +372,8 @@ def test_token_wire_bytes_are_exact() -> None:
 def test_wire_additions_are_agreed_in_the_token_exchange() -> None:
     """The connector lists what it speaks, the listener answers with what both do
     (docs/protocol.md 3.12); both report the same set."""
-    listener, connector = token_pair(features=FEATURES)
+    options = frozenset({PROXYME_OPTIONS})
+    listener, connector = token_pair(features=options)
     connector.receive_data(listener.data_to_send())
     response = connector.data_to_send()
     mac = expected_mac(SECRET, NONCE, NAME)
@@ -383,15 +384,30 @@ def test_wire_additions_are_agreed_in_the_token_exchange() -> None:
     listener.supply_credential(SECRET)
     result = b'{"ok":true,"features":["proxyme-options"]}'
     assert listener.data_to_send() == len(result).to_bytes(4, "big") + result
-    assert drain(listener) == [Authenticated(name=NAME, features=FEATURES)]
+    assert drain(listener) == [Authenticated(name=NAME, features=options)]
     connector.receive_data(len(result).to_bytes(4, "big") + result)
-    assert drain(connector) == [Authenticated(name=NAME, features=FEATURES)]
+    assert drain(connector) == [Authenticated(name=NAME, features=options)]
+
+
+def test_the_default_additions_are_listed_sorted() -> None:
+    """What our sides offer by default (docs/protocol.md 3.12), byte for byte."""
+    listener, connector = token_pair(features=FEATURES)
+    connector.receive_data(listener.data_to_send())
+    response = connector.data_to_send()
+    listed = b'"features":["by-name","proxyme-options","visitor-address"]}'
+    assert response.endswith(listed)
+    listener.receive_data(response)
+    drain(listener)
+    listener.supply_credential(SECRET)
+    result = b'{"ok":true,"features":["by-name","proxyme-options","visitor-address"]}'
+    assert listener.data_to_send() == len(result).to_bytes(4, "big") + result
+    assert drain(listener) == [Authenticated(name=NAME, features=FEATURES)]
 
 
 @pytest.mark.parametrize(
     ("offered", "supported", "agreed"),
     [
-        (frozenset({"proxyme-options", "x-later"}), FEATURES, FEATURES),  # only common ones
+        (FEATURES | {"x-later"}, FEATURES, FEATURES),  # only common ones
         (FEATURES, frozenset(), frozenset()),  # an older aggregator: the base bytes
         (frozenset(), FEATURES, frozenset()),  # an older client: nothing is offered
     ],

@@ -177,6 +177,26 @@ def test_a_scrape_reads_the_live_state() -> None:
     assert not [s for s in samples if "name" in s.labels]
 
 
+def test_name_routing_is_counted_by_reason_from_zero() -> None:
+    server = StandIn()
+    metrics = metrics_of(server)
+    server.statuses = [
+        tunnel("alpha", names=("http", "tls"), open_streams=3),
+        tunnel("beta", names=("http",), open_streams=1),
+    ]
+    server.counts = ServerCounters(name_routing_failures={"timeout": 2, "offline": 1})
+    samples = scrape(metrics)
+    failures = "snocat_name_routing_failures_total"
+    assert value(samples, failures, reason="timeout") == 2
+    assert value(samples, failures, reason="offline") == 1
+    for reason in ("unknown_name", "no_service", "refused", "busy", "proxy_header"):
+        assert value(samples, failures, reason=reason) == 0
+    assert value(samples, "snocat_names_published", service="http") == 2
+    assert value(samples, "snocat_names_published", service="tls") == 1
+    # A publication's stream is not a visitor's connection.
+    assert value(samples, "snocat_forwarded_connections") == 1
+
+
 def test_records_are_counted_by_reason_and_every_reason_is_there_from_the_start() -> None:
     server = StandIn()
     metrics = metrics_of(server)
@@ -365,6 +385,7 @@ def test_the_status_document_and_reading_it_back() -> None:
         "peer": "192.0.2.1:40000",
         "scheme": "token",
         "ports": [8080, 8081],
+        "names": [],
         "age": 60.0,
         "open_streams": 3,
         "connections": 1,

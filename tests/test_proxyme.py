@@ -670,3 +670,49 @@ def test_without_udp_datagrams_a_udp_member_is_ignored_and_never_sent() -> None:
 def test_a_udp_member_that_is_not_a_boolean_is_a_protocol_error(payload: bytes) -> None:
     with pytest.raises(RemoteProtocolError, match="udp"):
         ProxymeServer(limits=LIMITS, options=True, udp=True).receive_data(encode_frame(payload))
+
+
+# by-name: a target published on the shared listeners (docs/protocol.md 3.14.6) ---------
+
+
+@pytest.mark.parametrize("service", ["http", "tls"])
+def test_a_target_is_published_by_name_in_the_subject_object(service: str) -> None:
+    client = ProxymeClient(limits=LIMITS, options=True, service=service)
+    initial = client.initial_data()
+    assert initial == encode_frame(b'{"' + service.encode() + b'":true}')
+    for chunks in chunkings(initial, [1, 3]):
+        server = ProxymeServer(limits=LIMITS, options=True, by_name=True)
+        assert feed(server, chunks) == [SubjectReceived("", None, False, service)]
+    grant = server.grant(["office-1.tunnels.example.com:443"])
+    assert client.receive_data(grant) == [Granted(("office-1.tunnels.example.com:443",))]
+    # Released as a port is.
+    assert client.release() == RELEASE_REQUEST
+    assert server.receive_data(RELEASE_REQUEST) == [ReleaseRequested()]
+    assert client.receive_data(server.release_ack()) == [Released()]
+
+
+def test_without_by_name_a_name_is_never_sent_and_its_member_is_ignored() -> None:
+    with pytest.raises(LocalProtocolError, match="proxyme-options"):
+        ProxymeClient(limits=LIMITS, service="http")
+    with pytest.raises(LocalProtocolError, match="service"):
+        ProxymeClient(limits=LIMITS, options=True, service="ftp")
+    with pytest.raises(LocalProtocolError, match="alone"):
+        ProxymeClient(limits=LIMITS, options=True, service="http", public_port=8080)
+    # An aggregator that did not agree on by-name reads an unknown member (3.13): the
+    # client therefore asks only where by-name was agreed.
+    server = ProxymeServer(limits=LIMITS, options=True)
+    assert server.receive_data(encode_frame(b'{"http":true}')) == [SubjectReceived("")]
+
+
+@pytest.mark.parametrize(
+    ("payload", "match"),
+    [
+        (b'{"http":1}', "http"),
+        (b'{"tls":"yes"}', "tls"),
+        (b'{"http":true,"tls":true}', "one service"),
+        (b'{"http":true,"port":8080}', "no port"),
+    ],
+)
+def test_a_bad_by_name_subject_is_a_protocol_error(payload: bytes, match: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=match):
+        ProxymeServer(limits=LIMITS, options=True, by_name=True).receive_data(encode_frame(payload))

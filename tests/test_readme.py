@@ -21,6 +21,7 @@ from cli_harness import (  # noqa: F401 (fixtures)
     Snocat,
     Website,
     free_port_range,
+    free_tcp_port,
     free_udp_port,
     lab_fixture,
     private_env,
@@ -181,6 +182,55 @@ def test_three_terminals_and_the_python_snippets_as_written(
         server.stderr.clear()
     server.send(signal.SIGTERM)
     finish(server)
+
+
+def test_reach_tunnels_by_name_as_written(lab: Lab, clone: Path, website: Website) -> None:
+    """The section's commands: the aggregator with shared listeners, a client by name,
+    curl through it (a name that reaches nothing answers 404), a pool's token."""
+    setup = shell_commands(
+        code_blocks(section("Three terminals: a real aggregator and client"), "sh")[0]
+    )
+    for command in setup[:2]:  # the certificate and the office-1 token
+        finish(shell(lab, clone, command))
+    blocks = code_blocks(section("Reach tunnels by name"), "sh")
+    server_command, client_command, reach, unknown = shell_commands(blocks[0])
+    quic_port, ports = free_udp_port(), free_port_range()
+    http_port, tls_port = free_tcp_port(), free_tcp_port()
+
+    def ported(command: str) -> str:
+        return (
+            command.replace("127.0.0.1:9090", f"{HOST}:{quic_port}")
+            .replace("127.0.0.1:8000", f"{HOST}:{website.port}")
+            .replace(":8880", f":{http_port}")
+            .replace(":8443", f":{tls_port}")
+        )
+
+    assert "--http 127.0.0.1:8880 --tls 127.0.0.1:8443" in server_command
+    server = shell(
+        lab,
+        clone,
+        f"exec {ported(server_command)} --quic {HOST}:{quic_port} --ports {ports[0]}:{ports[1]}",
+    )
+    server.wait_line(r"listening on .* \(HTTP: NAME\.tunnels\.example\.com", stream="stderr")
+    client = shell(lab, clone, "exec " + ported(client_command))
+    client.wait_line(
+        rf"public address: office-1\.tunnels\.example\.com:{http_port} -> forwards to "
+        rf"127\.0\.0\.1:{website.port} \(http by name\)"
+    )
+    fetched = shell(lab, clone, ported(reach))
+    finish(fetched)
+    assert any("small.bin" in line for line in fetched.stdout), fetched.describe()
+    refused = shell(lab, clone, ported(unknown))
+    finish(refused)
+    assert refused.stdout == ["no tunnel named nobody"], refused.describe()
+    client.send(signal.SIGTERM)
+    finish(client)
+    server.send(signal.SIGTERM)
+    finish(server)
+    [pool_command] = shell_commands(blocks[1])
+    finish(shell(lab, clone, pool_command))
+    name, secret = (clone / "web.token").read_text().split()
+    assert f"{name} {secret} pool\n" in (clone / "tokens").read_text() and name == "web"
 
 
 def test_the_trio_extra_exists() -> None:

@@ -44,7 +44,7 @@ from snocat_proto._wire.events import (
     StreamRequested,
     TunnelEvent,
 )
-from snocat_proto._wire.features import FEATURES, PROXYME_OPTIONS, UDP_DATAGRAMS
+from snocat_proto._wire.features import FEATURES, UDP_DATAGRAMS
 from snocat_proto._wire.limits import Limits
 from snocat_proto._wire.targets import TargetKind
 from snocat_proto._wire.tunnel import TunnelConnection
@@ -679,7 +679,7 @@ def test_a_peer_that_did_not_agree_gets_nothing_and_its_datagrams_are_dropped() 
     # Both ends advertise DATAGRAM frames, but the client does not list udp-datagrams.
     sim = udp_sim(client_features=FEATURES)
     client, server = sim.client, sim.server_tunnel
-    assert server.features == client.features == frozenset({PROXYME_OPTIONS})
+    assert server.features == client.features == FEATURES
     assert not server.flows_enabled and not client.flows_enabled
     with pytest.raises(LocalProtocolError, match="udp-datagrams"):
         server.open_flow(TARGET, VISITOR, sim.now)

@@ -35,6 +35,7 @@ from ._common import (
 )
 from ._config import config_option
 from ._group import backend_option, cli, datagram_option, liveness_options
+from ._names import client_name_options, client_name_settings
 from ._output import output_options, report, setup_logging
 from ._running import run, until_signalled
 from ._targets import watch_targets
@@ -81,11 +82,10 @@ def load_client_token(token_file: Path | None) -> tuple[str, bytes] | None:
 @click.option(
     "--target",
     "targets",
-    required=True,
     multiple=True,
-    help="HOST:PORT to forward to; only these are ever connected. Each gets a public port "
-    "of its own; PUBLIC=HOST:PORT asks for that public port (a refusal if the aggregator "
-    "cannot give it). Repeat for more.",
+    help="HOST:PORT to forward to; only these (and --http, --tls) are ever connected. Each "
+    "gets a public port of its own; PUBLIC=HOST:PORT asks for that public port (a refusal "
+    "if the aggregator cannot give it). Repeat for more.",
 )
 @click.option(
     "--authority",
@@ -123,6 +123,7 @@ def load_client_token(token_file: Path | None) -> tuple[str, bytes] | None:
     help="Longest wait between reconnect attempts, in seconds.",
 )
 @liveness_options(keepalive=CONNECT_KEEPALIVE_INTERVAL, who="aggregator (keeps NAT mappings open)")
+@client_name_options
 @datagram_option
 @output_options
 @backend_option
@@ -139,6 +140,9 @@ def client(
     backoff_max: float,
     idle_timeout: float,
     keepalive: float,
+    http_target: str | None,
+    tls_target: str | None,
+    proxy_protocol: str | None,
     max_datagram_size: int,
     log_level: str,
     log_file: Path | None,
@@ -160,6 +164,9 @@ def client(
         # Nodes of a fleet: notice a dead one within seconds even when idle, and fail
         # over (a ping every few seconds is a few bytes).
         keepalive = FAILOVER_KEEPALIVE
+    by_name = client_name_settings(http_target, tls_target, proxy_protocol)
+    if not targets and not (http_target or tls_target):
+        raise UsageProblem("give at least one --target HOST:PORT (or --http / --tls HOST:PORT)")
     publications = [parse_publication(t) for t in targets]
     parsed_targets = tuple(target for target, _ in publications)
     if len(set(parsed_targets)) != len(parsed_targets):
@@ -209,6 +216,7 @@ def client(
             keepalive_interval=keepalive or None,
             max_datagram_size=max_datagram_size,
             secrets_log_file=open_key_log(),
+            **by_name,
         )
     except (ValueError, LocalProtocolError) as exc:
         raise UsageProblem(getattr(exc, "reason", str(exc))) from None
@@ -240,7 +248,7 @@ def client(
                 await tg.start(until_signalled, running)
                 dialled = " or ".join(format_host_port(*server) for server in servers)
                 out.print(f"connecting to {dialled} ...")
-                tg.start_soon(watch_targets, parsed_targets)
+                tg.start_soon(watch_targets, config.allowed_targets)
                 await tunnel_client.run()
             await tunnel_client.aclose()
             tg.cancel_scope.cancel()

@@ -40,6 +40,7 @@ from snocat_proto._wire.network import format_host_port
 from snocat_proto._wire.tunnel import LISTEN_KEEPALIVE_INTERVAL
 
 from .._server import TunnelServer
+from .._shared_listeners import ListenerBindError
 from ._common import (
     DEFAULT_ADMIN_HOST,
     STATE_ENVIRONMENT,
@@ -57,6 +58,7 @@ from ._common import (
 )
 from ._config import config_option, loaded_config
 from ._group import backend_option, cli, datagram_option, liveness_options
+from ._names import server_name_options, server_name_settings
 from ._output import live_status, output_options, report, setup_logging
 from ._running import run, until_signalled
 from ._tokens import TokenReloader, TokenSources, config_tokens
@@ -350,6 +352,7 @@ def local_only(host: str) -> str | None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="A bearer token that /metrics and /status then require (`Authorization: Bearer TOKEN`).",
 )
+@server_name_options
 @datagram_option
 @output_options
 @backend_option
@@ -381,6 +384,10 @@ def server(
     metrics_address: str | None,
     metrics_per_tunnel: bool,
     admin_token_file: Path | None,
+    domain: str | None,
+    http_listen: str | None,
+    tls_listen: str | None,
+    proxy_protocol_from: tuple[str, ...],
     max_datagram_size: int,
     log_level: str,
     log_file: Path | None,
@@ -407,6 +414,7 @@ def server(
     except ValueError:
         raise UsageProblem(f"--tcp must be an IP address to bind, not {tcp_bind!r}") from None
     admin = _admin_settings(metrics_address, admin_token_file, metrics_per_tunnel)
+    by_name = server_name_settings(domain, http_listen, tls_listen, proxy_protocol_from)
     if admin is not None and worker_index > 1:
         # Each worker serves its own numbers, on the next port up.
         admin = dataclasses.replace(admin, port=admin.port + worker_index - 1)
@@ -452,6 +460,7 @@ def server(
         )
     sources: TokenSources | None = None
     tokens: dict[str, bytes] = {}
+    pools: frozenset[str] = frozenset()
     if token_auth:
         if tokens_path is None and not inline:
             raise UsageProblem(
@@ -459,7 +468,7 @@ def server(
                 "[tokens] table in --config; or use --auth simple-ack for snocat 0.8 clients"
             )
         sources = TokenSources(tokens_path, config_file.path if inline and config_file else None)
-        tokens = sources.load(config_file)
+        tokens, pools = sources.load_with_pools(config_file)
         if not tokens:
             raise UsageProblem(
                 f"{sources.describe()} lists no tunnel names; add lines 'NAME SECRET'"
@@ -528,6 +537,8 @@ def server(
             secrets_log_file=open_key_log(),
             fleet=fleet,
             quic_reuse_port=worker_group is not None,
+            pools=pools,
+            **by_name,
         )
     except (ValueError, LocalProtocolError) as exc:
         raise UsageProblem(getattr(exc, "reason", str(exc))) from None
@@ -552,6 +563,8 @@ def server(
                 await _start_admin(tg, server, admin)
             try:
                 await tg.start(server.serve)
+            except ListenerBindError as exc:
+                raise UsageProblem(f"{exc.strerror}; choose another address") from None
             except OSError as exc:
                 message = f"cannot listen for tunnels on {quic} (UDP): {exc.strerror or exc}"
                 if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import rich_click as click
 
+from snocat_proto._service.tokens import POOL_FLAG
 from snocat_proto._wire.auth import validate_tunnel_name
 from snocat_proto._wire.errors import LocalProtocolError
 
@@ -41,7 +42,13 @@ def token() -> None:
 @token.command()
 @click.argument("name")
 @_tokens_option
-def add(name: str, tokens_path: Path | None) -> None:
+@click.option(
+    "--pool",
+    is_flag=True,
+    help="Make NAME a pool: several clients may serve it at once, sharing this token "
+    "(the line gets the flag `pool`).",
+)
+def add(name: str, tokens_path: Path | None, pool: bool) -> None:
     """Give NAME a new secret and print its line, `NAME SECRET`, once: the client's
     --token-file (e.g. `snocat token add office-1 > office-1.token`)."""
     path = _path(tokens_path)
@@ -53,7 +60,8 @@ def add(name: str, tokens_path: Path | None) -> None:
     if name in tokens:
         raise UsageProblem(f"{name!r} already has a token in {path}; revoke it first")
     line = f"{name} {secrets.token_urlsafe(SECRET_BYTES)}\n"
-    rewrite_tokens(path, lambda lines: [*lines, line])
+    stored = line.replace("\n", f" {POOL_FLAG}\n") if pool else line
+    rewrite_tokens(path, lambda lines: [*lines, stored])
     click.echo(line, nl=False)
     click.echo(
         f"added {name} to {path} (mode 0600); the 'NAME SECRET' line on stdout is the "

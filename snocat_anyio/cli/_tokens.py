@@ -22,7 +22,7 @@ from pathlib import Path
 
 import anyio
 
-from snocat_proto._service.tokens import MIN_SECRET_LENGTH, parse_tokens
+from snocat_proto._service.tokens import MIN_SECRET_LENGTH, parse_token_file, parse_tokens
 from snocat_proto._wire.auth import validate_tunnel_name
 from snocat_proto._wire.errors import LocalProtocolError
 
@@ -54,13 +54,22 @@ class TokenSources:
 
     def load(self, config: ConfigFile | None = None) -> dict[str, bytes]:
         """Every token, or a :class:`UsageProblem` naming the file and line."""
+        return self.load_with_pools(config)[0]
+
+    def load_with_pools(
+        self, config: ConfigFile | None = None
+    ) -> tuple[dict[str, bytes], frozenset[str]]:
+        """Every token, and the names the tokens file marks as pools (``NAME SECRET
+        pool``), or a :class:`UsageProblem` naming the file and line."""
         tokens: dict[str, bytes] = {}
+        pools: frozenset[str] = frozenset()
         if self.file is not None:
             text = read_file(self.file, "tokens file").decode("utf-8", "replace")
             try:
-                tokens = parse_tokens(text, source=str(self.file))
+                parsed = parse_token_file(text, source=str(self.file))
             except LocalProtocolError as exc:
                 raise UsageProblem(exc.reason) from None
+            tokens, pools = parsed.tokens, parsed.pools
         if self.config is not None:
             if config is None:
                 config = read_config(self.config)
@@ -72,7 +81,7 @@ class TokenSources:
                         "tokens",
                     )
                 tokens[name] = secret
-        return tokens
+        return tokens, pools
 
     def signature(self) -> Signature:
         """What changes when a file is written or replaced (None: it is missing)."""
@@ -125,7 +134,7 @@ class TokenReloader:
         """Read the files now; True if the server took the new tokens."""
         self._seen = self.sources.signature()
         try:
-            tokens = self.sources.load()
+            tokens, pools = self.sources.load_with_pools()
         except UsageProblem as exc:
             logger.warning("%s: %s; keeping the previous tokens", trigger, exc.format_message())
             return False
@@ -138,7 +147,7 @@ class TokenReloader:
             )
             return False
         logger.info("%s: reading the tokens from %s", trigger, self.sources.describe())
-        self.server.replace_tokens(tokens)
+        self.server.replace_tokens(tokens, pools)
         return True
 
     async def watch(self, interval: float = POLL_INTERVAL) -> None:

@@ -89,6 +89,11 @@ class StreamOpened(Activity):
     address: str
     #: "in" when the peer opened it, "out" when we did.
     direction: str
+    #: The tunnel's name (None before authentication, or where none is known).
+    name: str | None = None
+    #: Whose connection it carries, ``HOST:PORT`` (``[v6]:PORT``), when known: on the
+    #: aggregator, the visitor; on a client, what the aggregator said (visitor-address).
+    visitor: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,6 +111,30 @@ class StreamClosed(Activity):
     bytes_in: int
     bytes_out: int
     error: str | None
+    #: As :class:`StreamOpened`'s.
+    name: str | None = None
+    visitor: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NamePublished(Activity):
+    """(Aggregator) A tunnel publishes ``target`` by name: ``service`` (``http``,
+    ``tls``) visitors of the ``addresses`` (``NAME.DOMAIN:PORT``) go to it."""
+
+    tunnel_id: str
+    name: str
+    service: str
+    addresses: tuple[str, ...]
+    target: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NameWithdrawn(Activity):
+    """(Aggregator) A tunnel no longer publishes ``service`` by name."""
+
+    tunnel_id: str
+    name: str
+    service: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

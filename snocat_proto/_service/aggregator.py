@@ -36,6 +36,7 @@ from .._wire.network import format_address
 from .._wire.proxyme import ProxymeRequest
 from .._wire.tunnel import TunnelConnection
 from .config import ServerConfig
+from .name_routes import NameRoutes, host_label
 from .ports import PortAllocator, PortsExhausted, StickyPorts
 from .registry import TunnelRecord, TunnelRegistry
 from .stream_handle import StreamHandle
@@ -123,6 +124,9 @@ class TunnelStatus:
     #: Bytes received from / sent to the tunnel, over the streams the server knows of.
     bytes_in: int
     bytes_out: int
+    #: What it publishes by name on the shared listeners (``"http"``, ``"tls"``); each
+    #: holds a stream open, as a port does.
+    names: tuple[str, ...] = ()
 
 
 class TunnelSession:
@@ -239,6 +243,8 @@ class Aggregator(Generic[S]):
         self._sticky = StickyPorts(remember_for=config.sticky_port_seconds)
         self._sessions: dict[TunnelConnection, S] = {}
         self._by_id: dict[str, S] = {}
+        #: What each tunnel publishes by name, and the pools (docs/protocol.md 3.14).
+        self.names: NameRoutes[S] = NameRoutes(config.pools)
         #: Closed sessions that still hold ports (their listeners are closing).
         self._closing: list[S] = []
 
@@ -268,6 +274,13 @@ class Aggregator(Generic[S]):
         """The session an outbound stream for ``name`` goes to: the newest of that name."""
         record = self.registry.route(name)
         return None if record is None else self._by_id.get(record.tunnel_id)
+
+    def has_tunnel(self, label: str) -> bool:
+        """Whether a tunnel is up whose name ``label`` reaches (by name, lower-case)."""
+        return any(
+            session.registered and not session.closed and host_label(session.name) == label
+            for session in self._sessions.values()
+        )
 
     # Tunnel decisions ---------------------------------------------------------
 
@@ -344,8 +357,8 @@ class Aggregator(Generic[S]):
         theirs until their listeners close; :meth:`allocate_port` makes the newcomer
         wait for them (:data:`PORT_PENDING`) rather than take others."""
         name = session.name
-        if name is None or session.is_link:
-            return []
+        if name is None or session.is_link or self.names.is_pool(name):
+            return []  # a pool's tunnels serve its name together
         displaced = [
             other
             for other in self._sessions.values()
@@ -369,6 +382,7 @@ class Aggregator(Generic[S]):
             return None
         self._by_id.pop(session.tunnel_id, None)
         session.closed = True
+        self.names.forget(session)
         session.prune_streams()
         self.registry.deregister(session.tunnel_id, reason)
         if session.ports:
@@ -547,6 +561,7 @@ class Aggregator(Generic[S]):
             open_streams=len(session.streams),
             bytes_in=session.done_bytes_in + sum(s.bytes_received for s in session.streams),
             bytes_out=session.done_bytes_out + sum(s.bytes_sent for s in session.streams),
+            names=self.names.services_of(session),
         )
 
     def statuses(self) -> list[TunnelStatus]:

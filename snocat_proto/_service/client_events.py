@@ -24,7 +24,6 @@ from .._wire.events import (
     TunnelEvent,
 )
 from .._wire.proxyme import Denied, Granted, ProxymeEvent, Released
-from .._wire.targets import ProxyTcpTarget
 from .._wire.tunnel import TunnelConnection
 from .attempts import enforce_pin
 from .config import ClientConfig
@@ -37,6 +36,7 @@ from .notices import (
     tunnel_closed,
     tunnel_connected,
 )
+from .publications import Publication
 from .server_events import EventStream
 
 __all__ = ["Attempt", "ClientEvents"]
@@ -66,13 +66,13 @@ class ClientEvents(ABC, Generic[A, T]):
 
     config: ClientConfig
     #: The public address(es) the aggregator listens on for each target, while granted.
-    grants: dict[ProxyTcpTarget, tuple[str, ...]]
+    grants: dict[Publication, tuple[str, ...]]
     _session: A | None
 
     @property
     def granted(self) -> tuple[str, ...] | None:
         """The public address(es) of the first target; None while it has no port."""
-        return self.grants.get(self.config.targets[0])
+        return self.grants.get(self.config.publications[0])
 
     # What the binding does ------------------------------------------------------
 
@@ -95,15 +95,15 @@ class ClientEvents(ABC, Generic[A, T]):
         """Wake whoever waits for the attempt's state to change."""
 
     @abstractmethod
-    def _set_granted(self, target: ProxyTcpTarget, addresses: tuple[str, ...] | None) -> None:
+    def _set_granted(self, target: Publication, addresses: tuple[str, ...] | None) -> None:
         """Record (and announce to waiters) the addresses granted for ``target``, or None."""
 
     @abstractmethod
-    def _answered(self, session: A, target: ProxyTcpTarget) -> None:
+    def _answered(self, session: A, target: Publication) -> None:
         """The aggregator answered the first port request of ``target`` on ``session``."""
 
     @abstractmethod
-    def _refused(self, session: A, target: ProxyTcpTarget, reason: str) -> None:
+    def _refused(self, session: A, target: Publication, reason: str) -> None:
         """``target`` cannot get its public port and waiting cannot help: end the client."""
 
     @abstractmethod
@@ -158,7 +158,7 @@ class ClientEvents(ABC, Generic[A, T]):
     def _follow_proxyme(
         self,
         session: A,
-        target: ProxyTcpTarget,
+        target: Publication,
         events: Iterable[ProxymeEvent],
         was_granted: bool,
     ) -> tuple[bool, bool]:
@@ -180,23 +180,23 @@ class ClientEvents(ABC, Generic[A, T]):
                 return was_granted, True
         return was_granted, False
 
-    def _proxyme_failed(self, session: A, target: ProxyTcpTarget, reason: str) -> None:
+    def _proxyme_failed(self, session: A, target: Publication, reason: str) -> None:
         """The ``proxyme`` exchange broke: no port, and the one we had is gone."""
         self._port_denied(session, target, reason)
         self._port_gone(session, target)
 
-    def _port_granted(self, session: A, target: ProxyTcpTarget, addresses: tuple[str, ...]) -> None:
+    def _port_granted(self, session: A, target: Publication, addresses: tuple[str, ...]) -> None:
         self._set_granted(target, addresses)
         self._answered(session, target)
         self._report(client_port_granted, session, addresses, target)
 
-    def _port_gone(self, session: A, target: ProxyTcpTarget) -> None:
+    def _port_gone(self, session: A, target: Publication) -> None:
         granted = self.grants.get(target)
         if granted is None:
             return
         self._set_granted(target, None)
         self._report(client_port_released, session, granted)
 
-    def _port_denied(self, session: A, target: ProxyTcpTarget, reason: str) -> None:
+    def _port_denied(self, session: A, target: Publication, reason: str) -> None:
         self._report(client_port_denied, session, reason, target)
         self._answered(session, target)

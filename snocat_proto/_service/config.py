@@ -17,11 +17,14 @@ from .._wire.certificates import load_certificate_chain, parse_fingerprint
 from .._wire.engine import SMALLEST_MAX_DATAGRAM_SIZE
 from .._wire.handshake_rate import DEFAULT_HANDSHAKE_RATE, HandshakeRate
 from .._wire.limits import Limits
+from .._wire.names import TunnelDomain
 from .._wire.network import format_host_port
 from .._wire.targets import ProxyTcpTarget
 from .._wire.tunnel import CONNECT_KEEPALIVE_INTERVAL, LISTEN_KEEPALIVE_INTERVAL
 from .backoff import Backoff
 from .ports import PortRange
+from .publications import PROXY_PROTOCOL_VERSIONS, NamedTarget, Publication
+from .visitors import TrustedNetworks
 
 __all__ = ["DEFAULT_MAX_DATAGRAM_SIZE", "MAX_DATAGRAM_SIZE_LIMIT", "ClientConfig", "ServerConfig"]
 
@@ -128,6 +131,18 @@ class ServerConfig:
     #: Bind the QUIC port with ``SO_REUSEPORT``, shared by the processes of one
     #: server (``--workers``); the kernel spreads the clients across them.
     quic_reuse_port: bool = False
+    #: Tunnel names several tunnels serve at once (the tokens file's ``pool`` flag):
+    #: no takeover, visitors by name spread across them (docs/protocol.md 3.14.6).
+    pools: frozenset[str] = frozenset()
+    #: Name routing (``--domain``): ``NAME.DOMAIN`` reaches the tunnel named NAME on
+    #: the shared listeners below, each ``(host, port)`` (port 0: any free one).
+    domain: TunnelDomain | None = None
+    http_listen: tuple[str, int] | None = None
+    tls_listen: tuple[str, int] | None = None
+    #: ``--accept-proxy-protocol-from``: peers of these networks must start every
+    #: connection to a public listener with a PROXY protocol header (their visitors'
+    #: addresses); from others such a connection is refused.
+    proxy_protocol_from: TrustedNetworks = field(default_factory=TrustedNetworks)
 
     def __post_init__(self) -> None:
         if self.auth not in SCHEMES:
@@ -145,6 +160,8 @@ class ServerConfig:
         if self.keepalive_interval is not None and not self.keepalive_interval > 0:
             raise ValueError("keepalive_interval must be positive or None")
         check_max_datagram_size(self.max_datagram_size)
+        if (self.http_listen or self.tls_listen) and self.domain is None:
+            raise ValueError("the shared --http and --tls listeners need --domain")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,10 +208,19 @@ class ClientConfig:
     #: over to the next one when a tunnel is lost or an aggregator does not answer
     #: (``--driver`` given more than once).  They must carry ``server_name`` too.
     more_servers: tuple[tuple[str, int], ...] = ()
+    #: Targets published by name (``--http``, ``--tls``) on the aggregator's shared
+    #: listeners, as ``NAME.DOMAIN`` (an aggregator that offers ``by-name``).
+    http_target: ProxyTcpTarget | None = None
+    tls_target: ProxyTcpTarget | None = None
+    #: ``--proxy-protocol``: write a PROXY protocol header of this version (1 or 2)
+    #: with the visitor's address to the target before the first byte.
+    proxy_protocol: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.targets:
+        if not self.targets and self.http_target is None and self.tls_target is None:
             raise ValueError("a client needs at least one target")
+        if self.proxy_protocol is not None and self.proxy_protocol not in PROXY_PROTOCOL_VERSIONS:
+            raise ValueError(f"proxy_protocol must be 1 or 2, not {self.proxy_protocol!r}")
         if len(set(self.targets)) != len(self.targets):
             raise ValueError("each target may be given once")
         for target, port in self.public_ports.items():
@@ -229,3 +255,20 @@ class ClientConfig:
     def servers(self) -> tuple[tuple[str, int], ...]:
         """Every aggregator to dial, in the order tried."""
         return ((self.server_host, self.server_port), *self.more_servers)
+
+    @property
+    def named_targets(self) -> tuple[NamedTarget, ...]:
+        """The targets published by name (``--http``, ``--tls``)."""
+        named = (("http", self.http_target), ("tls", self.tls_target))
+        return tuple(NamedTarget(service, target) for service, target in named if target)
+
+    @property
+    def publications(self) -> tuple[Publication, ...]:
+        """Every ``proxyme`` exchange the client keeps: each target's port, then the
+        targets by name."""
+        return (*self.targets, *self.named_targets)
+
+    @property
+    def allowed_targets(self) -> tuple[ProxyTcpTarget, ...]:
+        """Every target a stream may be forwarded to (the allow-list)."""
+        return (*self.targets, *(named.target for named in self.named_targets))

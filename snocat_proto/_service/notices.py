@@ -35,6 +35,9 @@ __all__ = [
     "deliver",
     "error_message",
     "listening",
+    "name_published",
+    "name_routing_failed",
+    "name_withdrawn",
     "port_denied",
     "port_granted",
     "port_released",
@@ -222,7 +225,14 @@ def stream_refused(at: float, tunnel_id: str, address: object, reason: str) -> N
 
 
 def stream_opened(
-    at: float, tunnel_id: str, stream_id: int, address: object, direction: str
+    at: float,
+    tunnel_id: str,
+    stream_id: int,
+    address: object,
+    direction: str,
+    *,
+    name: str | None = None,
+    visitor: str | None = None,
 ) -> Notice:
     return Notice(
         activity.StreamOpened(
@@ -231,6 +241,8 @@ def stream_opened(
             stream_id=stream_id,
             address=str(address),
             direction=direction,
+            name=name,
+            visitor=visitor,
         )
     )
 
@@ -244,6 +256,9 @@ def stream_closed(
     bytes_out: int,
     error: BaseException | str | None,
     describe: Callable[[BaseException], str] = repr,
+    *,
+    name: str | None = None,
+    visitor: str | None = None,
 ) -> Notice:
     """A stream ended; ``error`` (an exception is reported by ``describe``) or None."""
     return Notice(
@@ -255,6 +270,8 @@ def stream_closed(
             bytes_in=bytes_in,
             bytes_out=bytes_out,
             error=error if error is None or isinstance(error, str) else describe(error),
+            name=name,
+            visitor=visitor,
         )
     )
 
@@ -266,6 +283,9 @@ def relayed(
     address: object,
     result: RelayResult,
     describe: Callable[[BaseException], str] = repr,
+    *,
+    name: str | None = None,
+    visitor: str | None = None,
 ) -> Notice:
     """A relayed stream ended (:func:`stream_closed` with the relay's counts)."""
     return stream_closed(
@@ -277,6 +297,8 @@ def relayed(
         result.sent_to_tunnel,
         result.error,
         describe,
+        name=name,
+        visitor=visitor,
     )
 
 
@@ -290,6 +312,53 @@ def served(at: float, tunnel_id: str, stream: Counted, error: str | None) -> Not
         stream.bytes_received,
         stream.bytes_sent,
         error,
+    )
+
+
+def name_published(
+    at: float,
+    session: TunnelSession,
+    service: str,
+    addresses: tuple[str, ...],
+    request: ProxymeRequest,
+) -> Notice:
+    """(Aggregator) A tunnel publishes a target by name."""
+    target = str(request.target())
+    return Notice(
+        activity.NamePublished(
+            at=at,
+            tunnel_id=session.tunnel_id,
+            name=session.label,
+            service=service,
+            addresses=addresses,
+            target=target,
+        ),
+        "tunnel %s (%s): %s by name at %s -> %s",
+        (session.tunnel_id, session.label, service, ", ".join(addresses), target),
+    )
+
+
+def name_withdrawn(at: float, session: TunnelSession, service: str) -> Notice:
+    """(Aggregator) A tunnel no longer publishes ``service`` by name."""
+    return Notice(
+        activity.NameWithdrawn(
+            at=at, tunnel_id=session.tunnel_id, name=session.label, service=service
+        ),
+        "tunnel %s (%s): %s by name withdrawn",
+        (session.tunnel_id, session.label, service),
+    )
+
+
+def name_routing_failed(
+    at: float, listener: str, visitor: str, failure: str, detail: str
+) -> Notice:
+    """(Aggregator) A shared listener (or a public port) did not forward a visitor:
+    only a debug line (the counts are ``snocat_name_routing_failures_total``)."""
+    return Notice(
+        None,
+        "%s listener: not forwarding %s (%s): %s",
+        (listener, visitor, failure, detail),
+        Severity.DEBUG,
     )
 
 
@@ -311,10 +380,19 @@ def listening(at: float, address: str) -> Notice:
 
 
 def client_relayed(
-    at: float, tunnel_id: str, stream_id: int, address: object, result: RelayResult
+    at: float,
+    tunnel_id: str,
+    stream_id: int,
+    address: object,
+    result: RelayResult,
+    *,
+    name: str | None = None,
+    visitor: str | None = None,
 ) -> Notice:
     """The client's :func:`relayed`: errors are reported by :func:`error_message`."""
-    return relayed(at, tunnel_id, stream_id, address, result, error_message)
+    return relayed(
+        at, tunnel_id, stream_id, address, result, error_message, name=name, visitor=visitor
+    )
 
 
 def error_message(error: BaseException) -> str:

@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["FEATURES", "PROXYME_OPTIONS", "UDP_DATAGRAMS", "parse_features"]
+__all__ = [
+    "BY_NAME",
+    "FEATURES",
+    "PROXYME_OPTIONS",
+    "UDP_DATAGRAMS",
+    "VISITOR_ADDRESS",
+    "parse_features",
+]
 
 #: The ``proxyme`` subject may be a JSON object asking for a public port
 #: (``{"port": 8085}``), and a denial may say why (``{"denied": REASON, "retry": BOOL}``).
@@ -22,10 +29,19 @@ PROXYME_OPTIONS: Final = "proxyme-options"
 #: serves UDP lists it, and it needs the QUIC transport parameter
 #: ``max_datagram_frame_size`` in the handshake (``udp_flows.advertise_datagrams``).
 UDP_DATAGRAMS: Final = "udp-datagrams"
+#: Each ``proxy-tcp`` stream the Listen side opens for a visitor's connection names the
+#: visitor's address and the public address it came to, as a suffix of the route
+#: address (``.../from/ip4/203.0.113.7/tcp/40000/to/ip4/198.51.100.1/tcp/443``,
+#: docs/protocol.md 3.18; :mod:`~snocat_proto._wire.visitor`).
+VISITOR_ADDRESS: Final = "visitor-address"
+#: A ``proxyme`` subject may publish a target by name on the aggregator's shared
+#: listeners instead of asking for a port: ``{"http": true}`` or ``{"tls": true}``
+#: (with ``proxyme-options``; docs/protocol.md 3.14.6).
+BY_NAME: Final = "by-name"
 #: The additions a side offers by default.  ``udp-datagrams`` is left out: a side offers
 #: it when it serves UDP (an aggregator with a UDP port range, a client with UDP
 #: targets), as it also costs a transport parameter in every handshake.
-FEATURES: Final = frozenset({PROXYME_OPTIONS})
+FEATURES: Final = frozenset({PROXYME_OPTIONS, VISITOR_ADDRESS, BY_NAME})
 
 #: A peer listing more than this many names, or longer ones, lists junk: ignored.
 _MAX_FEATURES = 32

@@ -145,6 +145,16 @@ class Limits:
     #: Largest PROXY protocol v2 header accepted (16 bytes, addresses, TLVs); v1 lines
     #: are bounded at 107 bytes by the spec.  At least 232: the largest address block.
     max_proxy_header_bytes: int = 4096
+    #: Seconds a public listener waits for the bytes that decide where a visitor goes
+    #: (the ClientHello, the request head, a trusted load balancer's PROXY header),
+    #: counted from the accept: a visitor that trickles or sends nothing is cut off
+    #: then, whatever it sent (408 to a partial HTTP head, else a plain close).
+    sniff_timeout: float = 10.0
+    #: Visitors of the aggregator's public listeners that are being read before a
+    #: decision at once (shared listeners, PROXY headers); past it a new one is closed
+    #: at once (503 on ``--http``), so silent connections cannot pile up.  Each is a
+    #: task (a thread in the blocking binding) for at most ``sniff_timeout``.
+    max_sniffing_visitors: int = 512
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:

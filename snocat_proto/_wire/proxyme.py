@@ -21,7 +21,11 @@ asking again can help, ``{"denied": "port 8085 is in use", "retry": true}``.  Ne
 is ever sent to a peer that did not agree to it.  With ``udp-datagrams`` agreed as well
 (docs/protocol.md 3.17), the subject object may ask for a UDP port instead,
 ``{"udp": true}``; the grant and the release are the same, and each visitor of that
-port becomes a flow (:mod:`~snocat_proto._wire.udp_flows`) rather than a stream.
+port becomes a flow (:mod:`~snocat_proto._wire.udp_flows`) rather than a stream.  With
+``by-name`` agreed as well (docs/protocol.md 3.14.6) it may publish the target by name
+on the aggregator's shared listeners instead of asking for a port, ``{"http": true}``
+or ``{"tls": true}``: the grant then lists where the name is reached
+(``["office-1.tunnels.example.com:443"]``), and the release withdraws it.
 
 Choices the reference leaves open, decided here:
 
@@ -59,10 +63,13 @@ from .targets import ProxyTcpTarget, TargetKind, parse_port, validate_host_name
 
 __all__ = [
     "DEFAULT_HOST",
+    "NAMED_SERVICES",
     "PROXYME",
     "PROXYME_VERSION",
     "RELEASE_ACK",
     "RELEASE_REQUEST",
+    "SERVICE_HTTP",
+    "SERVICE_TLS",
     "Denied",
     "Granted",
     "ProxymeClient",
@@ -84,6 +91,12 @@ DEFAULT_HOST = "localhost"
 RELEASE_REQUEST = bytes(8)
 #: What the server sends once the port is freed.
 RELEASE_ACK = bytes(8)
+
+#: The services a target may be published as by name (``by-name``): the subject's
+#: member, and the shared listener that reaches it.
+SERVICE_HTTP = "http"
+SERVICE_TLS = "tls"
+NAMED_SERVICES = (SERVICE_HTTP, SERVICE_TLS)
 
 _RELEASE_SIZE = 8
 _JSON_SEPARATORS = (",", ":")
@@ -188,11 +201,14 @@ class Released(ProxymeEvent):
 class SubjectReceived(ProxymeEvent):
     """Server: the client's subject arrived; now call ``grant()`` or ``deny()``.
     ``port``: the public port it asks for (``proxyme-options`` only), else None;
-    ``udp``: it asks for a UDP port (``udp-datagrams`` too), not a TCP one."""
+    ``udp``: it asks for a UDP port (``udp-datagrams`` too), not a TCP one;
+    ``service``: it publishes the target by name as this service (``"http"`` or
+    ``"tls"``, with ``by-name`` too), not on a port of its own."""
 
     subject: str
     port: int | None = None
     udp: bool = False
+    service: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,21 +323,31 @@ class ProxymeClient:
         options: bool = False,
         public_port: int | None = None,
         udp: bool = False,
+        service: str | None = None,
     ) -> None:
         """``options``: the tunnel agreed on ``proxyme-options``; only then may
-        ``public_port`` ask for a given public port, and ``udp`` (if ``udp-datagrams``
-        was agreed too) for a UDP port."""
+        ``public_port`` ask for a given public port, ``udp`` (if ``udp-datagrams``
+        was agreed too) for a UDP port, and ``service`` (if ``by-name`` was agreed
+        too) publish the target by name as ``"http"`` or ``"tls"``."""
         if not isinstance(subject, str):
             raise LocalProtocolError(f"subject must be str, not {type(subject).__name__}")
-        if (public_port is not None or udp) and not options:
-            raise LocalProtocolError("asking for a public port or a UDP port needs proxyme-options")
-        if public_port is not None or udp:
+        if (public_port is not None or udp or service is not None) and not options:
+            raise LocalProtocolError(
+                "asking for a public port, a UDP port or a name needs proxyme-options"
+            )
+        if service is not None and (service not in NAMED_SERVICES or public_port or udp):
+            raise LocalProtocolError(
+                f"service must be one of {', '.join(NAMED_SERVICES)}, alone, not {service!r}"
+            )
+        if public_port is not None or udp or service is not None:
             request: dict[str, object] = {}
             if public_port is not None:
                 _check_port(public_port, "the public port asked for")
                 request["port"] = public_port
             if udp:
                 request["udp"] = True
+            if service is not None:
+                request[service] = True
             payload = _dump_json(request, "the proxyme subject")
         else:
             payload = _dump_json(subject, "the proxyme subject")
@@ -497,6 +523,7 @@ class ProxymeServer:
     """
 
     __slots__ = (
+        "_by_name",
         "_eof",
         "_frames",
         "_max_reason",
@@ -507,13 +534,17 @@ class ProxymeServer:
         "_udp",
     )
 
-    def __init__(self, *, limits: Limits, options: bool = False, udp: bool = False) -> None:
+    def __init__(
+        self, *, limits: Limits, options: bool = False, udp: bool = False, by_name: bool = False
+    ) -> None:
         """``options``: the tunnel agreed on ``proxyme-options`` (port requests in the
         subject, reasons in a denial); ``udp``: it agreed on ``udp-datagrams`` too (the
         subject may ask for a UDP port; without it a ``udp`` member is ignored, as any
-        member we do not know)."""
+        member we do not know); ``by_name``: it agreed on ``by-name`` too (the subject
+        may publish the target as ``http`` or ``tls``; without it those are ignored)."""
         self._options = options
         self._udp = options and udp
+        self._by_name = options and by_name
         self._max_reason = limits.max_reason_length
         self._frames = FrameDecoder(limits.max_proxyme_subject_size)
         self._max_response = limits.max_frame_size
@@ -636,12 +667,31 @@ class ProxymeServer:
             udp = value.get("udp", False) if self._udp else False
             if not isinstance(udp, bool):
                 raise RemoteProtocolError('a proxyme subject\'s "udp" must be true or false')
+            service = self._service(value) if self._by_name else None
+            if service is not None and (port is not None or udp):
+                raise RemoteProtocolError(
+                    f'a proxyme subject publishing "{service}" by name asks for no port'
+                )
             self._advance(_ServerInput.PEER_SUBJECT)
-            return SubjectReceived("", port if isinstance(port, int) else None, udp)
+            return SubjectReceived("", port if isinstance(port, int) else None, udp, service)
         if not isinstance(value, str) or not _is_clean_text(value):
             raise RemoteProtocolError("the proxyme subject must be a JSON string")
         self._advance(_ServerInput.PEER_SUBJECT)
         return SubjectReceived(value)
+
+    @staticmethod
+    def _service(value: dict[str, object]) -> str | None:
+        """The service a subject object publishes by name (``{"http": true}``), if any."""
+        services = []
+        for name in NAMED_SERVICES:
+            flag = value.get(name, False)
+            if not isinstance(flag, bool):
+                raise RemoteProtocolError(f'a proxyme subject\'s "{name}" must be true or false')
+            if flag:
+                services.append(name)
+        if len(services) > 1:
+            raise RemoteProtocolError("a proxyme subject publishes one service by name at most")
+        return services[0] if services else None
 
     def _advance(self, event: _ServerInput) -> None:
         next_state = _SERVER_TRANSITIONS.get((self._state, event))
