@@ -58,6 +58,7 @@ from snocat_proto._service.fleet import (
     ViewChange,
     renew_interval,
 )
+from snocat_proto._service.visitors import Failure, Forward, ListenerKind
 from snocat_proto._wire.address import RouteAddress
 from snocat_proto._wire.auth import NONCE_SIZE, Authenticator
 from snocat_proto._wire.certificates import load_identity
@@ -66,12 +67,16 @@ from snocat_proto._wire.endpoint import ClientEndpoint
 from snocat_proto._wire.engine import ALPN, quic_configuration
 from snocat_proto._wire.errors import LocalProtocolError
 from snocat_proto._wire.events import AuthenticationCompleted, ConnectionTerminated, TunnelEvent
+from snocat_proto._wire.features import VISITOR_ADDRESS
 from snocat_proto._wire.fleet_auth import FLEET_ALPN, SCHEME_FLEET, FleetConnector, FleetListener
 from snocat_proto._wire.network import format_host_port, parse_host_port
+from snocat_proto._wire.proxy_protocol import ProxyAddresses
 from snocat_proto._wire.proxyme import ProxymeRequest
 from snocat_proto._wire.tunnel import TunnelConnection, TunnelState
+from snocat_proto._wire.visitor import split_visitor, with_visitor
 
 from ._backend import (
+    Connection,
     Listener,
     TaskSet,
     accepted,
@@ -92,8 +97,11 @@ __all__ = ["FleetServer", "StoreUnavailable"]
 logger = logging.getLogger("snocat.fleet")
 T = TypeVar("T")
 
-#: The route address of a relay stream on a node link: /fleet/relay/PORT/FENCE.
+#: The route addresses of relay streams on a node link (docs/protocol.md 3.16): a
+#: visitor of a public port, /fleet/relay/PORT/FENCE, and of a name on a shared
+#: listener, /fleet/name/NAME/SERVICE; either followed by the visitor's address (3.18).
 RELAY = ("fleet", "relay")
+BY_NAME = ("fleet", "name")
 #: How long a claim waits for an unreachable store before it is refused (the client
 #: asks again), and how long making a node link may take.
 STORE_WAIT = 10.0
@@ -252,9 +260,12 @@ class FleetStore:
 
     # The operations ----------------------------------------------------------------
 
-    async def claim_port(self, claim: PortClaim) -> tuple[Stored | None, PortClaim | None]:
+    async def claim_port(
+        self, claim: PortClaim, *, take_over: bool = True
+    ) -> tuple[Stored | None, PortClaim | None]:
         """Claim ``claim.port``: ``(stored, None)`` if it is ours now, else ``(None,
-        holder)`` (None if the holder's value is not a snocat claim)."""
+        holder)`` (None if the holder's value is not a snocat claim).  ``take_over``:
+        a holder of the same name and target gives way (not so in a pool)."""
         keys = self.keys
         won, detail = await self._eval(
             "claim_port",
@@ -268,6 +279,7 @@ class FleetStore:
                 self.node,
                 EVENTS_KEPT,
                 EventKind.PORT_CLAIMED.value,
+                "1" if take_over else "0",
             ],
         )
         if won:
@@ -279,10 +291,11 @@ class FleetStore:
     async def claim_name(self, record: NameClaim) -> tuple[Stored, NameClaim | None]:
         """Take ``record.name`` (the newest tunnel wins); the previous holder's record."""
         keys = self.keys
+        key = keys.of_tunnel(record)
         fence, previous = await self._eval(
             "claim_name",
             CLAIM_NAME,
-            [keys.name(record.name), keys.fence, keys.events],
+            [key, keys.fence, keys.events],
             [
                 record.encode(),
                 self._lease_ms,
@@ -400,6 +413,11 @@ class FleetStore:
         for key, value in (await self._scan(keys.name_pattern)).items():
             with contextlib.suppress(LocalProtocolError):
                 tunnels[key.removeprefix(prefix)] = Stored.parse(value)
+        prefix = keys.pool_member("", "")[:-1]
+        for key, value in (await self._scan(keys.pool_pattern)).items():
+            name, _, tunnel_id = key.removeprefix(prefix).rpartition(":")
+            with contextlib.suppress(LocalProtocolError):
+                tunnels[f"{name}@{tunnel_id}"] = Stored.parse(value)
         return nodes, ports, tunnels
 
     async def _scan(self, pattern: str) -> dict[str, bytes]:
@@ -778,7 +796,12 @@ class FleetServer(TunnelServer):
             scheme=session.scheme,
             since=registration.since,
             ports=tuple(sorted(session.ports)),
+            services=self._books.names.services_of(session),
+            pool=self._books.names.is_pool(session.name),
         )
+
+    def _publications_changed(self, session: _Session) -> None:
+        self._record_changed(session)
 
     async def _keep_record(self, registration: _Registration) -> None:
         """Claim the tunnel's name, keep its record's ports up to date, and release
@@ -807,7 +830,7 @@ class FleetServer(TunnelServer):
         held = registration.held
         if held is None:
             stored, previous = await self._store.claim_name(record)
-            key = self._store.keys.name(record.name)
+            key = self._store.keys.of_tunnel(record)
             registration.held = _Held(key, stored, registration.session)
             self._view.hold(key, stored.fence)
             if previous is not None and previous.node != self.fleet.node:
@@ -863,7 +886,8 @@ class FleetServer(TunnelServer):
                 name=name,
                 target=target,
             )
-            stored, holder = await self._store.claim_port(claim)
+            pool = self._books.names.is_pool(session.name)
+            stored, holder = await self._store.claim_port(claim, take_over=not pool)
             if stored is None:
                 if wanted is not None:
                     where = f" on node {holder.node}" if holder is not None else ""
@@ -1168,12 +1192,17 @@ class FleetServer(TunnelServer):
         self._tasks.spawn(self._relay_visitor, port, client, name="relay")
 
     async def _relay_visitor(self, port: int, client: socket.socket) -> None:
-        """A visitor on a port another node holds: relay it there.  If the port moves
-        meanwhile (its tunnel came back through this node, or another), the visitor
-        goes where it is now instead of waiting on the old holder."""
+        """A visitor on a port another node holds: relay it there, with its address
+        (and past the PROXY header rules of a public port, as a local visitor).  If
+        the port moves meanwhile (its tunnel came back through this node, or another),
+        the visitor goes where it is now instead of waiting on the old holder."""
         chunk = self.config.limits.relay_chunk_size
         try:
             conn = await accepted(client)
+            started = await self._visitor_start(ListenerKind.PORT, client, conn)
+            if started is None:
+                return  # refused (a PROXY header it may not send), or gone
+            start, guard = started
             deadline = current_time() + LINK_TIMEOUT
             while current_time() < deadline:
                 held = self._ports.get(port)
@@ -1182,26 +1211,27 @@ class FleetServer(TunnelServer):
                     if lease is None:
                         await anyio.sleep(0.05)
                         continue
-                    address = lease.request.target().to_address()
+                    target = lease.request.target().to_address()
+                    address = self._with_visitor(held.session, target, start)
                     try:
                         stream = await self._open_on(held.session, address, LINK_TIMEOUT)
                     except (StreamRefusedError, TunnelClosedError, TimeoutError) as exc:
                         logger.info("port %d: %s", port, exc)
                         break
-                    await relay(stream, conn, chunk)
+                    await relay(stream, conn, chunk, initial=start.data, guard=guard)
                     return
-                target = self._view.relay_to(port)
-                if target is None:
+                holder = self._view.relay_to(port)
+                if holder is None:
                     break
-                stream_or_none = await self._open_relay(port, *target, deadline)
-                if stream_or_none is None:
+                node, fence = holder
+                route = with_visitor(RouteAddress((*RELAY, str(port), str(fence))), start.visitor)
+                opened = await self._open_relay(port, node, route, deadline)
+                if opened is None:
                     continue  # the port moved: look again
-                if isinstance(stream_or_none, BaseException):
-                    logger.info(
-                        "no relay to node %s for port %d: %s", target[0].node, port, stream_or_none
-                    )
+                if isinstance(opened, BaseException):
+                    logger.info("no relay to node %s for port %d: %s", node.node, port, opened)
                     break
-                await relay(stream_or_none, conn, chunk)
+                await relay(opened, conn, chunk, initial=start.data, guard=guard)
                 return
             with shield():
                 await conn.aclose()
@@ -1209,34 +1239,41 @@ class FleetServer(TunnelServer):
             client.close()
 
     async def _open_relay(
-        self, port: int, node: NodeRecord, fence: int, deadline: float
+        self, port: int, node: NodeRecord, address: RouteAddress, deadline: float
     ) -> TunnelStream | BaseException | None:
-        """A relay stream to ``node`` for ``port``; the error if there is none by
+        """A relay stream for ``port`` to ``node``; the error if there is none by
         ``deadline``; None if the port moved meanwhile."""
-        link = self._links.get(node.node)
-        if link is None or link.record != node:
-            if link is not None:
-                link.close()
-            link = self._links[node.node] = FleetLink(self, node)
         with anyio.CancelScope() as scope:
             waiting = self._relaying.setdefault(port, set())
             waiting.add(scope)
             try:
-                with anyio.fail_after(max(0.0, deadline - current_time())):
-                    return await link.open_stream(RouteAddress((*RELAY, str(port), str(fence))))
-            except (
-                OSError,
-                TimeoutError,
-                StreamRefusedError,
-                TunnelClosedError,
-                LocalProtocolError,
-            ) as exc:
-                return exc
+                return await self._link_stream(node, address, deadline)
             finally:
                 waiting.discard(scope)
                 if not waiting:
                     self._relaying.pop(port, None)
         return None  # cancelled: the port moved
+
+    async def _link_stream(
+        self, node: NodeRecord, address: RouteAddress, deadline: float
+    ) -> TunnelStream | BaseException:
+        """A stream to ``address`` over the link to ``node``, or why there is none."""
+        link = self._links.get(node.node)
+        if link is None or link.record != node:
+            if link is not None:
+                link.close()
+            link = self._links[node.node] = FleetLink(self, node)
+        try:
+            with anyio.fail_after(max(0.0, deadline - current_time())):
+                return await link.open_stream(address)
+        except (
+            OSError,
+            TimeoutError,
+            StreamRefusedError,
+            TunnelClosedError,
+            LocalProtocolError,
+        ) as exc:
+            return exc
 
     def _port_moved(self, port: int) -> None:
         """``port`` has a new holder: visitors waiting on a relay for it look again."""
@@ -1246,29 +1283,41 @@ class FleetServer(TunnelServer):
     def _route_fleet(self, status: TunnelStatus, address: RouteAddress) -> RouteHandler | None:
         if status.scheme != SCHEME_FLEET:
             return None if self._user_route is None else self._user_route(status, address)
-        segments = address.segments
-        if len(segments) != 4 or tuple(segments[:2]) != RELAY:
+        try:
+            base, visitor = split_visitor(address)
+        except LocalProtocolError:
             return None
-        port_text, fence_text = segments[2], segments[3]
-        if not (port_text.isdigit() and fence_text.isdigit()):
+        segments = tuple(base.segments)
+        if len(segments) != 4:
             return None
-        port, fence = int(port_text), int(fence_text)
-        held = self._ports.get(port)
-        holder = self._view.holder_of(port)
-        if held is not None and held.stored.fence == fence:
-            pass
-        elif holder is None or not self._view.is_sibling(holder.node):
-            return None  # not (any more) this node's: refused, the other node gives up
-        return functools.partial(self._serve_relay, port, fence)
+        if segments[:2] == RELAY and segments[2].isdigit() and segments[3].isdigit():
+            port, fence = int(segments[2]), int(segments[3])
+            held = self._ports.get(port)
+            holder = self._view.holder_of(port)
+            if held is not None and held.stored.fence == fence:
+                pass
+            elif holder is None or not self._view.is_sibling(holder.node):
+                return None  # not (any more) this node's: refused, the other node gives up
+            return functools.partial(self._serve_relay, port, fence, visitor)
+        if segments[:2] == BY_NAME and segments[3] in ("http", "tls"):
+            name, service = segments[2], segments[3]
+            if not self._books.names.publishers(name, service):
+                return None  # not (any more) published here
+            return functools.partial(self._serve_relayed_name, name, service, visitor)
+        return None
 
-    async def _serve_relay(self, port: int, fence: int, stream: TunnelStream) -> None:
+    async def _serve_relay(
+        self, port: int, fence: int, visitor: ProxyAddresses | None, stream: TunnelStream
+    ) -> None:
         """(The node that holds the port) A visitor relayed from another node."""
         held = self._ports.get(port)
         if held is not None and held.stored.fence == fence and not held.session.closed:
             lease = held.session.leases.get(port)
             if lease is None:
                 raise OSError(f"port {port} is not listening here")
-            tunnel_stream = await self._open_on(held.session, lease.request.target().to_address())
+            target = lease.request.target().to_address()
+            address = self._visitor_route(held.session, target, visitor)
+            tunnel_stream = await self._open_on(held.session, address)
             await relay(tunnel_stream, stream, self.config.limits.relay_chunk_size)
             return
         claim = self._view.holder_of(port)
@@ -1285,6 +1334,62 @@ class FleetServer(TunnelServer):
             await relay(stream, conn, self.config.limits.relay_chunk_size)
             return
         raise OSError(f"port {port} (fence {fence}) is not held here")
+
+    # By name: any node routes any name -----------------------------------------
+
+    async def _carry_by_name(self, kind: ListenerKind, conn: Connection, start: Forward) -> None:
+        """A visitor of a shared listener: to a tunnel of its name on this node, else
+        relayed to a node that has one (the bytes read so far first)."""
+        name, service = start.name, kind.value
+        assert name is not None
+        with self._lock:
+            local = bool(self._books.names.publishers(name, service))
+        remote = [] if local else self._view.publishers(name, service)
+        deadline = current_time() + LINK_TIMEOUT
+        for node in remote[:2]:  # a second node if the first refuses
+            route = with_visitor(RouteAddress((*BY_NAME, name, service)), start.visitor)
+            opened = await self._link_stream(node, route, deadline)
+            if isinstance(opened, BaseException):
+                logger.info("no relay to node %s for %s (%s): %s", node.node, name, service, opened)
+                continue
+            await relay(opened, conn, self.config.limits.relay_chunk_size, initial=start.data)
+            return
+        await super()._carry_by_name(kind, conn, start)  # here, or the refusal
+
+    def _unroutable(self, name: str, service: str) -> Failure:
+        if self._view.publishers(name, service):
+            return Failure.REFUSED  # the nodes that publish it did not take the visitor
+        if self._view.has_name(name):
+            return Failure.NO_SERVICE
+        return super()._unroutable(name, service)
+
+    async def _serve_relayed_name(
+        self, name: str, service: str, visitor: ProxyAddresses | None, stream: TunnelStream
+    ) -> None:
+        """(A node with a tunnel of ``name``) A by-name visitor relayed from another
+        node: to one of this node's tunnels that publish ``service``."""
+        with self._lock:
+            choice = self._route_name(name, service, ())
+        if choice is None:
+            raise OSError(f"{name} publishes no {service} here any more")
+        session, target = choice
+        address = self._visitor_route(session, target.to_address(), visitor)
+        tunnel_stream = await self._open_on(session, address)
+        with self._lock:
+            self._books.names.opened(session)
+        try:
+            await relay(tunnel_stream, stream, self.config.limits.relay_chunk_size)
+        finally:
+            with self._lock:
+                self._books.names.finished(session)
+
+    def _visitor_route(
+        self, session: _Session, address: RouteAddress, visitor: ProxyAddresses | None
+    ) -> RouteAddress:
+        """``address`` with the visitor's address, where the tunnel agreed on it."""
+        if visitor is not None and VISITOR_ADDRESS in session.tunnel.features:
+            return with_visitor(address, visitor)
+        return address
 
     # Helpers --------------------------------------------------------------------
 

@@ -340,6 +340,10 @@ class SharedListeners(ServerEvents[Any, TunnelStream]):
         self._count(kind, format_endpoint(start.visitor.source, start.visitor.source_port), answer)
         close_gracefully(conn, answer.reply, REFUSAL_LINGER_SECONDS, REFUSAL_LINGER_BYTES)
 
+    def _publications_changed(self, session: Any) -> None:
+        """``session`` published a target by name, or withdrew one (a fleet node
+        tells the others)."""
+
     def _route_name(
         self, name: str, service: str, exclude: Collection[Any]
     ) -> tuple[Any, ProxyTcpTarget] | None:
@@ -425,12 +429,14 @@ class SharedListeners(ServerEvents[Any, TunnelStream]):
         try:
             stream.sendall(machine.grant(addresses))
             self._report(notices.name_published, session, service, addresses, request)
+            self._publications_changed(session)
             event = next_proxyme_event(stream, machine, pending)
         finally:
             with self._lock:
                 withdrawn = self._books.names.withdraw(session, service)
             if withdrawn:
                 self._report(notices.name_withdrawn, session, service)
+                self._publications_changed(session)
         if isinstance(event, ReleaseRequested):
             stream.sendall(machine.release_ack())
             stream.close()

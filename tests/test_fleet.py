@@ -9,6 +9,7 @@ nodes and the store, and say how long recovery took.
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import http.client
 import signal
 import socket
@@ -24,6 +25,7 @@ from cli_harness import (  # noqa: F401 (fixtures)
     Snocat,
     Website,
     assert_one_line_error,
+    free_port_range,
     lab_fixture,
     public_port,
     wait_until,
@@ -49,6 +51,7 @@ from snocat_proto._wire.endpoint import ClientEndpoint
 from snocat_proto._wire.engine import quic_configuration
 from snocat_proto._wire.events import ConnectionTerminated
 from snocat_proto._wire.fleet_auth import FLEET_ALPN, FleetConnector
+from snocat_proto._wire.network import format_host_port
 from snocat_proto._wire.tunnel import TunnelConnection
 
 BIG = "big.bin"
@@ -471,3 +474,101 @@ def test_a_node_cut_off_from_the_store_misses_no_change(fleet: Fleet, website: W
         fetch_until(node_host(0), port, SMALL, website.digests[SMALL], timeout=15)
     finally:
         proxy.close()
+
+
+def test_any_node_routes_any_name_and_every_relay_carries_the_visitor(
+    fleet: Fleet, website: Website
+) -> None:
+    """A tunnel on node 0 publishes its target by name; node 1's shared HTTP listener
+    relays a visitor to it (4 MiB checksummed), and both a by-name and a by-port visitor
+    that came through node 1 reach the client with their own address."""
+    http_port = free_port_range(1)[0]
+    assert not fleet.ports[0] <= http_port <= fleet.ports[1], (http_port, fleet.ports)
+    for index in range(2):
+        fleet.start_node(
+            index, "--domain", "tunnels.test", "--http", f"{node_host(index)}:{http_port}"
+        )
+    client = fleet.start_client(
+        website.port, 0, extra=("--http", f"127.0.0.1:{website.port}", "--json")
+    )
+
+    def granted_port() -> int | None:
+        for event in client.events():
+            addresses = event.get("addresses") or []
+            if event.get("event") == "port_granted" and "tunnels.test" not in str(addresses):
+                return int(str(event["port"]))
+        return None
+
+    wait_until(lambda: granted_port() is not None, 15, "a public port")
+    port = granted_port()
+    assert port is not None
+
+    seen: list[str] = []
+
+    def by_name(host: str) -> str:
+        connection = http.client.HTTPConnection(host, http_port, timeout=30)
+        try:
+            connection.request("GET", f"/{BIG}", headers={"Host": "alpha.tunnels.test"})
+            seen.append(format_host_port(*connection.sock.getsockname()[:2]))
+            response = connection.getresponse()
+            body = response.read()
+            assert response.status == 200, (response.status, body[:200])
+            return hashlib.sha256(body).hexdigest()
+        finally:
+            connection.close()
+
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            assert by_name(node_host(1)) == website.digests[BIG]
+            break
+        except AssertionError:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    assert by_name(node_host(0)) == website.digests[BIG]
+    # The client saw the visitor, not node 1, on both kinds of relay.
+    with socket.create_connection((node_host(1), port), timeout=10) as visitor:
+        seen.append(format_host_port(*visitor.getsockname()[:2]))
+        visitor.sendall(f"GET /{SMALL} HTTP/1.0\r\n\r\n".encode())
+        while visitor.recv(65536):
+            pass
+    wait_until(
+        lambda: all(any(e.get("visitor") == address for e in client.events()) for address in seen),
+        10,
+        "every visitor's own address on the client",
+    )
+    opened = [e for e in client.events() if e.get("event") == "stream_opened"]
+    assert all(e.get("name") == "alpha" for e in opened), opened
+    # An unknown name is a 404 from whichever node; it names the name.
+    connection = http.client.HTTPConnection(node_host(1), http_port, timeout=10)
+    connection.request("GET", "/", headers={"Host": "nobody.tunnels.test"})
+    response = connection.getresponse()
+    assert response.status == 404 and b"nobody" in response.read()
+    connection.close()
+
+
+def test_a_pool_spans_nodes_without_taking_over(fleet: Fleet, website: Website) -> None:
+    fleet.tokens.write_text(fleet.tokens.read_text() + "crew crew-secret-0123456789ab pool\n")
+    crew = fleet.lab.tokens("crew.token", "crew crew-secret-0123456789ab\n")
+    http_port = free_port_range(1)[0]
+    for index in range(2):
+        fleet.start_node(
+            index, "--domain", "tunnels.test", "--http", f"{node_host(index)}:{http_port}"
+        )
+    members = [
+        fleet.start_client(
+            website.port, index, token=crew, extra=("--http", f"127.0.0.1:{website.port}")
+        )
+        for index in range(2)
+    ]
+    for member in members:
+        member.wait_line("public address: crew.tunnels.test")
+    wait_until(lambda: len(fleet.store.keys("snocat:pool:crew:*")) == 2, 10, "two members")
+    for index in range(2):
+        connection = http.client.HTTPConnection(node_host(index), http_port, timeout=10)
+        connection.request("GET", f"/{SMALL}", headers={"Host": "crew.tunnels.test"})
+        assert hashlib.sha256(connection.getresponse().read()).hexdigest() == website.digests[SMALL]
+        connection.close()
+    time.sleep(1.0)  # an exclusive name would have taken one over by now
+    assert all(member.popen.poll() is None for member in members), [m.describe() for m in members]
+    assert fleet.store.keys("snocat:name:crew") == []

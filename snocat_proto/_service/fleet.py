@@ -35,6 +35,7 @@ from typing import Any, Final
 
 from .._wire.errors import LocalProtocolError
 from .._wire.network import parse_host_port
+from .name_routes import host_label
 
 __all__ = [
     "CLAIM_NAME",
@@ -85,6 +86,16 @@ class FleetKeys:
     def name(self, name: str) -> str:
         return f"{self.prefix}:name:{name}"
 
+    def pool_member(self, name: str, tunnel_id: str) -> str:
+        """A pool's names are shared: each member tunnel has a key of its own."""
+        return f"{self.prefix}:pool:{name}:{tunnel_id}"
+
+    def of_tunnel(self, record: NameClaim) -> str:
+        """The key of a tunnel's record: its name's, or its own in a pool."""
+        if record.pool:
+            return self.pool_member(record.name, record.tunnel_id)
+        return self.name(record.name)
+
     def port(self, port: int) -> str:
         return f"{self.prefix}:port:{port}"
 
@@ -113,6 +124,10 @@ class FleetKeys:
     @property
     def port_pattern(self) -> str:
         return f"{self.prefix}:port:*"
+
+    @property
+    def pool_pattern(self) -> str:
+        return f"{self.prefix}:pool:*"
 
 
 def renew_interval(lease: float) -> float:
@@ -162,26 +177,41 @@ class NameClaim:
     #: When it authenticated (seconds since the epoch).
     since: float
     ports: tuple[int, ...] = ()
+    #: What it publishes by name (``"http"``, ``"tls"``: docs/protocol.md 3.14.6).
+    services: tuple[str, ...] = ()
+    #: One member of a pool (several tunnels serve the name; none takes it over).
+    pool: bool = False
+
+    @property
+    def slot(self) -> str:
+        """Where a view keeps it: by name, or for a pool member, by name and tunnel."""
+        return f"{self.name}@{self.tunnel_id}" if self.pool else self.name
 
     def encode(self) -> bytes:
-        return _json(
-            {
-                "name": self.name,
-                "node": self.node,
-                "tunnel": self.tunnel_id,
-                "scheme": self.scheme,
-                "since": self.since,
-                "ports": list(self.ports),
-            }
-        )
+        fields: dict[str, Any] = {
+            "name": self.name,
+            "node": self.node,
+            "tunnel": self.tunnel_id,
+            "scheme": self.scheme,
+            "since": self.since,
+            "ports": list(self.ports),
+        }
+        if self.services:
+            fields["services"] = list(self.services)
+        if self.pool:
+            fields["pool"] = True
+        return _json(fields)
 
     @classmethod
     def decode(cls, value: bytes) -> NameClaim:
         what = "tunnel record"
         fields = _fields(value, what)
         since, ports = fields.get("since"), fields.get("ports", [])
+        services, pool = fields.get("services", []), fields.get("pool", False)
         if not isinstance(since, int | float) or not isinstance(ports, list):
             raise LocalProtocolError(f"a snocat {what} with a bad 'since' or 'ports'")
+        if not isinstance(services, list) or not all(isinstance(s, str) for s in services):
+            raise LocalProtocolError(f"a snocat {what} with bad 'services'")
         return cls(
             name=_text(fields, "name", what),
             node=_text(fields, "node", what),
@@ -189,6 +219,8 @@ class NameClaim:
             scheme=_text(fields, "scheme", what),
             since=float(since),
             ports=tuple(_port(port, what) for port in ports),
+            services=tuple(services),
+            pool=pool is True,
         )
 
 
@@ -331,16 +363,17 @@ class FleetEvent:
 # KEYS[1] is the key claimed, KEYS[2] the fence counter, KEYS[3] the event stream;
 # every script that changes something appends its event (kind, node, body).
 
-#: Claim a port: ARGV = body, lease ms, name, target, node, events kept, event kind.
-#: Returns ``{1, fence}`` if it is ours now (free, or held for the same name and
-#: target: a tunnel that came back through another node takes its port over), else
-#: ``{0, holder's value}``.
+#: Claim a port: ARGV = body, lease ms, name, target, node, events kept, event kind,
+#: "1" if a holder of the same name and target may be taken over (not for a pool's
+#: members, which share their name).  Returns ``{1, fence}`` if it is ours now (free,
+#: or so held: a tunnel that came back through another node takes its port over),
+#: else ``{0, holder's value}``.
 CLAIM_PORT: Final = """
 local current = redis.call('GET', KEYS[1])
 if current then
   local sep = string.find(current, '|', 1, true)
   local ok, holder = pcall(cjson.decode, string.sub(current, (sep or 0) + 1))
-  if not ok or holder['name'] ~= ARGV[3] or holder['target'] ~= ARGV[4] then
+  if ARGV[8] ~= '1' or not ok or holder['name'] ~= ARGV[3] or holder['target'] ~= ARGV[4] then
     return {0, current}
   end
 end
@@ -471,7 +504,7 @@ class FleetView:
         self.nodes: dict[str, NodeRecord] = {me.node: me}
         #: port -> (fence, claim)
         self.ports: dict[int, tuple[int, PortClaim]] = {}
-        #: name -> (fence, record)
+        #: slot (the name; a pool member's name@tunnel) -> (fence, record)
         self.tunnels: dict[str, tuple[int, NameClaim]] = {}
         #: Keys of this node's own claims -> their fence.
         self.held: dict[str, int] = {}
@@ -521,15 +554,16 @@ class FleetView:
             elif self.ports.get(record.port, (0,))[0] == event.fence:
                 del self.ports[record.port]
         elif isinstance(record, NameClaim):
-            key = self.keys.name(record.name)
+            slot = record.slot
             if event.kind is EventKind.TUNNEL_DEREGISTERED:
-                if self.tunnels.get(record.name, (0,))[0] == event.fence:
-                    del self.tunnels[record.name]
+                if self.tunnels.get(slot, (0,))[0] == event.fence:
+                    del self.tunnels[slot]
             else:
-                self._newer(key, event.fence, record.node, change)
-                held_name = self.tunnels.get(record.name)
+                if not record.pool:  # a pool's members never take the name over
+                    self._newer(self.keys.name(record.name), event.fence, record.node, change)
+                held_name = self.tunnels.get(slot)
                 if held_name is None or held_name[0] <= event.fence:
-                    self.tunnels[record.name] = (event.fence, record)
+                    self.tunnels[slot] = (event.fence, record)
         relisten = self._relisten()
         change.listen, change.unlisten = relisten.listen, relisten.unlisten
         return change
@@ -559,14 +593,15 @@ class FleetView:
                 self.ports[port] = (stored.fence, claim)
                 self._newer(self.keys.port(port), stored.fence, claim.node, change)
         self.tunnels = {}
-        for name, stored in tunnels.items():
+        for slot, stored in tunnels.items():
             try:
                 record = NameClaim.decode(stored.body)
             except LocalProtocolError:
                 continue
-            if record.name == name:
-                self.tunnels[name] = (stored.fence, record)
-                self._newer(self.keys.name(name), stored.fence, record.node, change)
+            if record.slot == slot:
+                self.tunnels[slot] = (stored.fence, record)
+                if not record.pool:
+                    self._newer(self.keys.name(record.name), stored.fence, record.node, change)
         relisten = self._relisten()
         change.listen, change.unlisten = relisten.listen, relisten.unlisten
         return change
@@ -626,6 +661,24 @@ class FleetView:
                 seen.add(port)
                 candidates.append(port)
         return candidates
+
+    def publishers(self, name: str, service: str) -> list[NodeRecord]:
+        """The other nodes with a tunnel of ``name`` that publishes ``service`` by
+        name, oldest tunnel first (host names match without regard to case)."""
+        found = sorted(
+            (
+                r
+                for _, r in self.tunnels.values()
+                if host_label(r.name) == name and service in r.services
+            ),
+            key=lambda r: r.since,
+        )
+        nodes = [self.nodes.get(r.node) for r in found if r.node != self.me.node]
+        return list({n.node: n for n in nodes if n is not None}.values())
+
+    def has_name(self, name: str) -> bool:
+        """Whether a tunnel of ``name`` is registered anywhere in the fleet."""
+        return any(host_label(r.name) == name for _, r in self.tunnels.values())
 
     def holder_of(self, port: int) -> PortClaim | None:
         held = self.ports.get(port)
