@@ -161,8 +161,15 @@ async def test_two_nodes_racing_for_a_port_exactly_one_wins(store: Store) -> Non
                 race.start_soon(claim, 1)
             assert sum(result is not None for result in results) == 1, round_
         # The same name and target takes its port over (the tunnel came back elsewhere).
-        won, _ = await stores[1].claim_port(port_claim(20000, "n1", name="name-0"))
+        won, holder = await stores[1].claim_port(port_claim(20000, "n1", name="stranger"))
+        assert won is None and holder is not None
+        won, _ = await stores[1].claim_port(port_claim(20000, "n1", name=holder.name))
         assert won is not None
+        # Not so for a pool's members, which share a name.
+        won, _ = await stores[0].claim_port(
+            port_claim(20000, "n0", name=holder.name), take_over=False
+        )
+        assert won is None
         tg.cancel_scope.cancel()
 
 
@@ -219,3 +226,15 @@ async def test_the_store_gone_is_store_unavailable_not_a_crash(store: Store) -> 
         assert await fleet_store.sticky("office", "t") is None
         tg.cancel_scope.cancel()
     assert changes == [True, False, True]
+
+
+def test_tcp_and_udp_ports_are_separate_ranges() -> None:
+    tcp, udp = FleetView(node("a"), KEYS), FleetView(node("a"), KEYS, protocol="udp")
+    udp_claim = dataclasses.replace(port_claim(8080, "b"), protocol="udp")
+    assert PortClaim.decode(udp_claim.encode()) == udp_claim
+    assert KEYS.port(8080) != KEYS.port(8080, "udp")
+    for view in (tcp, udp):
+        view.rebuild([node("b")], {}, {})
+        view.apply(event(EventKind.PORT_CLAIMED, 3, udp_claim))
+    assert udp.listening == {8080} and tcp.listening == set()
+    assert udp.holder_of(8080) == udp_claim and tcp.holder_of(8080) is None

@@ -96,8 +96,13 @@ class FleetKeys:
             return self.pool_member(record.name, record.tunnel_id)
         return self.name(record.name)
 
-    def port(self, port: int) -> str:
-        return f"{self.prefix}:port:{port}"
+    def port(self, port: int, protocol: str = "tcp") -> str:
+        """A public port's key: TCP and UDP ports are separate ranges."""
+        kind = "port" if protocol == "tcp" else "udp"
+        return f"{self.prefix}:{kind}:{port}"
+
+    def port_pattern_of(self, protocol: str) -> str:
+        return self.port_pattern if protocol == "tcp" else f"{self.prefix}:udp:*"
 
     def sticky(self, name: str, target: str) -> str:
         return f"{self.prefix}:sticky:{name} {target}"
@@ -234,17 +239,20 @@ class PortClaim:
     tunnel_id: str
     name: str
     target: str
+    #: ``"tcp"`` or ``"udp"`` (a ``--udp-ports`` port: docs/protocol.md 3.17).
+    protocol: str = "tcp"
 
     def encode(self) -> bytes:
-        return _json(
-            {
-                "port": self.port,
-                "node": self.node,
-                "tunnel": self.tunnel_id,
-                "name": self.name,
-                "target": self.target,
-            }
-        )
+        fields: dict[str, Any] = {
+            "port": self.port,
+            "node": self.node,
+            "tunnel": self.tunnel_id,
+            "name": self.name,
+            "target": self.target,
+        }
+        if self.protocol != "tcp":
+            fields["protocol"] = self.protocol
+        return _json(fields)
 
     @classmethod
     def decode(cls, value: bytes) -> PortClaim:
@@ -256,6 +264,7 @@ class PortClaim:
             tunnel_id=_text(fields, "tunnel", what),
             name=_text(fields, "name", what),
             target=_text(fields, "target", what),
+            protocol="udp" if fields.get("protocol") == "udp" else "tcp",
         )
 
 
@@ -496,11 +505,15 @@ class ViewChange:
 class FleetView:
     """One node's view of the fleet (from the events, and rebuilt from the keys):
     which nodes exist, which node holds each port and name, which claims are this
-    node's own (with their fences), and so what it should listen on and relay."""
+    node's own (with their fences), and so what it should listen on and relay.
 
-    def __init__(self, me: NodeRecord, keys: FleetKeys) -> None:
+    A view follows the ports of one ``protocol``: a node has one for TCP (which also
+    follows the names) and one for UDP."""
+
+    def __init__(self, me: NodeRecord, keys: FleetKeys, protocol: str = "tcp") -> None:
         self.me = me
         self.keys = keys
+        self.protocol = protocol
         self.nodes: dict[str, NodeRecord] = {me.node: me}
         #: port -> (fence, claim)
         self.ports: dict[int, tuple[int, PortClaim]] = {}
@@ -521,7 +534,7 @@ class FleetView:
 
     def claimed_port(self, fence: int, claim: PortClaim) -> ViewChange:
         """This node claimed ``claim.port``: it listens on it as the holder now."""
-        self.hold(self.keys.port(claim.port), fence)
+        self.hold(self.keys.port(claim.port, self.protocol), fence)
         self.ports[claim.port] = (fence, claim)
         return self._relisten()
 
@@ -545,7 +558,9 @@ class FleetView:
             return change
         change = ViewChange()
         if isinstance(record, PortClaim):
-            key = self.keys.port(record.port)
+            if record.protocol != self.protocol:
+                return change
+            key = self.keys.port(record.port, self.protocol)
             if event.kind is EventKind.PORT_CLAIMED:
                 self._newer(key, event.fence, record.node, change)
                 held_port = self.ports.get(record.port)
@@ -553,7 +568,7 @@ class FleetView:
                     self.ports[record.port] = (event.fence, record)
             elif self.ports.get(record.port, (0,))[0] == event.fence:
                 del self.ports[record.port]
-        elif isinstance(record, NameClaim):
+        elif isinstance(record, NameClaim) and self.protocol == "tcp":
             slot = record.slot
             if event.kind is EventKind.TUNNEL_DEREGISTERED:
                 if self.tunnels.get(slot, (0,))[0] == event.fence:
@@ -589,11 +604,11 @@ class FleetView:
                 claim = PortClaim.decode(stored.body)
             except LocalProtocolError:
                 continue
-            if claim.port == port:
+            if claim.port == port and claim.protocol == self.protocol:
                 self.ports[port] = (stored.fence, claim)
-                self._newer(self.keys.port(port), stored.fence, claim.node, change)
+                self._newer(self.keys.port(port, self.protocol), stored.fence, claim.node, change)
         self.tunnels = {}
-        for slot, stored in tunnels.items():
+        for slot, stored in tunnels.items() if self.protocol == "tcp" else ():
             try:
                 record = NameClaim.decode(stored.body)
             except LocalProtocolError:
