@@ -34,6 +34,8 @@ FILES = (
     "_feed.py",
     "_udp.py",
     "_shared_listeners.py",
+    "_server_udp.py",
+    "_client_udp.py",
 )
 
 SUBSTITUTIONS = [

@@ -24,6 +24,7 @@ from snocat_proto import (
     TrustedNetworks,
     TunnelDomain,
     TunnelStatus,
+    UdpTarget,
 )
 
 from ._client import TunnelClient
@@ -85,4 +86,5 @@ __all__ = [
     "TunnelServer",
     "TunnelStatus",
     "TunnelStream",
+    "UdpTarget",
 ]

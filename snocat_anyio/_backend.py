@@ -18,6 +18,8 @@ threads in its own ``_backend``.  Each name means the same on both sides:
   :func:`resolve`, :func:`resolve_stream` and :func:`relay` are the TCP and DNS I/O;
   :func:`receive_within` and :func:`close_gracefully` read a visitor's first bytes
   and answer a refused one (the shared listeners).
+* :class:`UdpSockets` reads non-blocking UDP sockets (a public UDP port's, a client
+  flow's to its target) a batch at a time, until stopped.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from snocat_proto._wire.network import NetworkAddress, format_address
 from ._errors import SnocatError
 from ._relay import read_on_demand, relay
 from ._stream import TunnelStream
+from ._udp import read_batch
 
 __all__ = [
     "BROKEN",
@@ -51,6 +54,7 @@ __all__ = [
     "Listener",
     "Lock",
     "TaskSet",
+    "UdpSockets",
     "accepted",
     "close_gracefully",
     "connect_address",
@@ -289,6 +293,71 @@ class Listener:
                 await self._closed.wait()
             else:
                 await self._close_sockets()
+
+
+# UDP ---------------------------------------------------------------------------
+
+#: Called with a socket and the datagrams read from it at once (never blocks).
+OnDatagrams = Callable[[socket.socket, list[tuple[bytes, NetworkAddress]]], None]
+
+
+class UdpSockets:
+    """Non-blocking UDP sockets, read in batches by a task of their owner's until
+    stopped; they are theirs from now on (closed by :meth:`stop` or :meth:`aclose`)."""
+
+    def __init__(self, sockets: list[socket.socket], batch: int) -> None:
+        self.sockets = sockets
+        self.addresses = tuple(format_address(s.getsockname()) for s in sockets)
+        self.port = int(sockets[0].getsockname()[1]) if sockets else 0
+        self._batch = batch
+        self._scope = anyio.CancelScope()
+        self._started = False
+        self._stopped = False
+        self._closed = anyio.Event()
+
+    def start(self, host: object, tasks: TaskSet, on_datagrams: OnDatagrams) -> None:
+        """Read in ``tasks`` until :meth:`stop`; each batch goes to ``on_datagrams``."""
+        if self._stopped:
+            return
+        self._started = True
+        tasks.spawn(self._serve, on_datagrams, name=f"udp-{self.port}")
+
+    async def _serve(self, on_datagrams: OnDatagrams) -> None:
+        try:
+            with self._scope:
+                async with anyio.create_task_group() as tg:
+                    for sock in self.sockets:
+                        tg.start_soon(self._read_loop, sock, on_datagrams)
+        finally:
+            self._close_sockets()
+            self._closed.set()
+
+    async def _read_loop(self, sock: socket.socket, on_datagrams: OnDatagrams) -> None:
+        while True:
+            await anyio.wait_readable(sock)
+            batch = read_batch(sock, self._batch)
+            if batch:
+                on_datagrams(sock, batch)
+
+    def _close_sockets(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+    def stop(self) -> None:
+        """Stop reading and close the sockets (never waits: a reading task closes them
+        as it ends).  Idempotent."""
+        self._stopped = True
+        if self._started:
+            self._scope.cancel()
+        else:
+            self._close_sockets()
+            self._closed.set()
+
+    async def aclose(self) -> None:
+        """:meth:`stop`, and return once the sockets are closed (a port is free)."""
+        self.stop()
+        with shield():
+            await self._closed.wait()
 
 
 def bind_tcp(host: str | None, port: int) -> list[socket.socket]:

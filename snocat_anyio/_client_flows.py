@@ -63,7 +63,6 @@ from snocat_proto._service.attempts import (
     unresolvable,
 )
 from snocat_proto._service.backoff import Backoff
-from snocat_proto._service.client_events import ClientEvents
 from snocat_proto._service.config import ClientConfig
 from snocat_proto._service.notices import Notice
 from snocat_proto._service.publications import (
@@ -97,6 +96,7 @@ from ._backend import (
     send_within,
     shield,
 )
+from ._client_udp import ClientFlow, ClientUdp
 from ._dial import connect_target
 from ._errors import (
     AuthenticationError,
@@ -159,10 +159,13 @@ class _Session:
         self.stopping = False
         #: The ``proxyme`` exchange of each target while it is open.
         self.proxyme: dict[Publication, tuple[ProxymeClient, TunnelStream]] = {}
+        #: The UDP flows the aggregator opened (``udp-datagrams``), by flow ID.
+        self.udp_flows: dict[int, ClientFlow] = {}
 
 
-class ClientCore(ClientEvents[_Session, TunnelStream]):
-    """The Connect side's flows; the binding's ``TunnelClient`` subclasses it."""
+class ClientCore(ClientUdp):
+    """The Connect side's flows; the binding's ``TunnelClient`` subclasses it.  Its
+    UDP targets are :class:`ClientUdp`'s."""
 
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
@@ -181,6 +184,7 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
         #: Asked to stop; and stopped.
         self._stop = False
         self._done = False
+        self._init_udp()
 
     # Public API ----------------------------------------------------------------
 
@@ -418,6 +422,7 @@ class ClientCore(ClientEvents[_Session, TunnelStream]):
         try:
             await self._goodbye(session, current_time() + self.config.close_timeout)
         finally:
+            await self._end_flows(session, "closed" if session.closed is None else "tunnel closed")
             if session.services is not None:
                 session.services.cancel()
             session.host.stop()

@@ -50,7 +50,7 @@ from snocat_proto._wire.auth import (
 from snocat_proto._wire.codes import CloseCode, StreamCode
 from snocat_proto._wire.endpoint import ServerEndpoint
 from snocat_proto._wire.errors import LocalProtocolError, ProtocolError
-from snocat_proto._wire.features import BY_NAME, PROXYME_OPTIONS
+from snocat_proto._wire.features import BY_NAME, PROXYME_OPTIONS, UDP_DATAGRAMS
 from snocat_proto._wire.network import format_address
 from snocat_proto._wire.proxyme import (
     ProxymeEvent,
@@ -79,6 +79,7 @@ from ._backend import (
 from ._errors import StreamRefusedError, TunnelClosedError, TunnelNotFoundError
 from ._feed import ActivityFeed
 from ._host import TunnelHost
+from ._server_udp import ServerUdp, UdpFlow, UdpLease
 from ._shared_listeners import SharedListeners, next_proxyme_event
 from ._stream import TunnelStream
 from ._udp import bind_udp
@@ -125,11 +126,15 @@ class _Session(TunnelSession):
         super().__init__(tunnel, tunnel_id, peer, connected_at)
         self.tasks = tasks
         self.leases: dict[int, _Lease] = {}
+        #: Its UDP ports (``udp-datagrams``) and their flows, by flow ID.
+        self.udp_leases: dict[int, UdpLease] = {}
+        self.udp_flows: dict[int, UdpFlow] = {}
 
 
-class ServerCore(SharedListeners):
+class ServerCore(SharedListeners, ServerUdp):
     """The aggregator's flows; the binding's ``TunnelServer`` subclasses it.  Its
-    shared listeners and visitors' addresses are :class:`SharedListeners`'."""
+    shared listeners and visitors' addresses are :class:`SharedListeners`', its UDP
+    ports :class:`ServerUdp`'s."""
 
     #: Whether this class is a node of a fleet (``ServerConfig.fleet``).
     serves_fleet = False
@@ -247,6 +252,8 @@ class ServerCore(SharedListeners):
         for session in sessions:
             for lease in list(session.leases.values()):
                 await lease.listener.aclose()
+            for udp_lease in list(session.udp_leases.values()):
+                await udp_lease.sockets.aclose()
         await self._stop_shared()
         await self._services_changed.wait_for(lambda: self._services == 0, grace)
         host, endpoint = self._host, self._endpoint
@@ -308,6 +315,7 @@ class ServerCore(SharedListeners):
             peer_name=peer_name,
             nonce=os.urandom(NONCE_SIZE),
             limits=self.config.limits,
+            features=self.config.features,
         )
 
     async def _lookup_token(self, name: str) -> bytes | None:
@@ -357,7 +365,10 @@ class ServerCore(SharedListeners):
         features = session.tunnel.features
         options = PROXYME_OPTIONS in features
         by_name = BY_NAME in features
-        machine = ProxymeServer(limits=self.config.limits, options=options, by_name=by_name)
+        udp = UDP_DATAGRAMS in features and self.config.udp_port_range is not None
+        machine = ProxymeServer(
+            limits=self.config.limits, options=options, udp=udp, by_name=by_name
+        )
         pending: list[ProxymeEvent] = []
         lease: _Lease | None = None
         try:
@@ -368,6 +379,11 @@ class ServerCore(SharedListeners):
             if event.service is not None:
                 await self._serve_published_name(
                     session, stream, machine, pending, request, event.service
+                )
+                return
+            if event.udp:
+                await self._serve_udp_port(
+                    session, stream, machine, pending, request, event.port, next_proxyme_event
                 )
                 return
             leased = await self._lease_port(session, request, event.port)

@@ -26,6 +26,7 @@ from snocat_proto import (
     TrustedNetworks,
     TunnelDomain,
     TunnelStatus,
+    UdpTarget,
 )
 
 from ._client import TunnelClient
@@ -74,4 +75,5 @@ __all__ = [
     "TunnelServer",
     "TunnelStatus",
     "TunnelStream",
+    "UdpTarget",
 ]

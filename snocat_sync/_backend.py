@@ -16,6 +16,8 @@ an anyio twin with the same meaning (see ``snocat_anyio/_backend.py``).  Here:
   no thread of its own.
 * :func:`receive_within` and :func:`close_gracefully` read a visitor's first bytes
   and answer a refused one (the shared listeners).
+* :class:`UdpSockets` watches non-blocking UDP sockets (a public UDP port's, a client
+  flow's to its target) on the pump's selector and reads them a batch at a time.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from ._host import TunnelHost
 from ._relay import relay
 from ._stream import TunnelStream
 from ._threads import ThreadGroup
+from ._udp import read_batch
 
 __all__ = [
     "BROKEN",
@@ -49,6 +52,7 @@ __all__ = [
     "Listener",
     "Lock",
     "TaskSet",
+    "UdpSockets",
     "accepted",
     "close_gracefully",
     "connect_address",
@@ -221,6 +225,60 @@ class Listener:
                 if self._host is not None:
                     self._host.unwatch(sock)
                 sock.close()
+
+
+# UDP ---------------------------------------------------------------------------
+
+#: Called with a socket and the datagrams read from it at once (never blocks).
+OnDatagrams = Callable[[socket.socket, list[tuple[bytes, NetworkAddress]]], None]
+
+
+class UdpSockets:
+    """Non-blocking UDP sockets, watched by the pump and read there in batches until
+    stopped; they are theirs from now on (closed by :meth:`stop` or :meth:`close`)."""
+
+    def __init__(self, sockets: list[socket.socket], batch: int) -> None:
+        self.sockets = sockets
+        self.addresses = tuple(format_address(s.getsockname()) for s in sockets)
+        self.port = int(sockets[0].getsockname()[1]) if sockets else 0
+        self._batch = batch
+        self._host: TunnelHost | None = None
+        #: Guards watching and closing the sockets.
+        self._guard = threading.Lock()
+        self._stopped = False
+
+    def start(self, host: TunnelHost | None, tasks: TaskSet, on_datagrams: OnDatagrams) -> None:
+        """Read on the pump thread (without the lock) until :meth:`stop`; each batch
+        goes to ``on_datagrams``.  Call from the pump thread, or without the lock."""
+        if host is None:
+            raise RuntimeError("UDP sockets need the pump that watches them")
+        with self._guard:
+            if self._stopped:
+                return
+            self._host = host
+            for sock in self.sockets:
+                host.watch(sock, functools.partial(self._ready, sock, on_datagrams))
+
+    def _ready(self, sock: socket.socket, on_datagrams: OnDatagrams) -> None:
+        batch = read_batch(sock, self._batch)
+        if batch:
+            on_datagrams(sock, batch)
+
+    def stop(self) -> None:
+        """Stop watching and close the sockets (idempotent).  Call from the pump
+        thread, or without the lock."""
+        with self._guard:
+            if self._stopped:
+                return
+            self._stopped = True
+            for sock in self.sockets:
+                if self._host is not None:
+                    self._host.unwatch(sock)
+                sock.close()
+
+    def close(self) -> None:
+        """:meth:`stop` (the sockets are closed when it returns)."""
+        self.stop()
 
 
 def _listen_tcp(host: str | None, port: int) -> list[socket.socket]:

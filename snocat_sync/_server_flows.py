@@ -51,7 +51,7 @@ from snocat_proto._wire.auth import (
 from snocat_proto._wire.codes import CloseCode, StreamCode
 from snocat_proto._wire.endpoint import ServerEndpoint
 from snocat_proto._wire.errors import LocalProtocolError, ProtocolError
-from snocat_proto._wire.features import BY_NAME, PROXYME_OPTIONS
+from snocat_proto._wire.features import BY_NAME, PROXYME_OPTIONS, UDP_DATAGRAMS
 from snocat_proto._wire.network import format_address
 from snocat_proto._wire.proxyme import (
     ProxymeEvent,
@@ -80,6 +80,7 @@ from ._backend import (
 from ._errors import StreamRefusedError, TunnelClosedError, TunnelNotFoundError
 from ._feed import ActivityFeed
 from ._host import TunnelHost
+from ._server_udp import ServerUdp, UdpFlow, UdpLease
 from ._shared_listeners import SharedListeners, next_proxyme_event
 from ._stream import TunnelStream
 from ._udp import bind_udp
@@ -126,11 +127,15 @@ class _Session(TunnelSession):
         super().__init__(tunnel, tunnel_id, peer, connected_at)
         self.tasks = tasks
         self.leases: dict[int, _Lease] = {}
+        #: Its UDP ports (``udp-datagrams``) and their flows, by flow ID.
+        self.udp_leases: dict[int, UdpLease] = {}
+        self.udp_flows: dict[int, UdpFlow] = {}
 
 
-class ServerCore(SharedListeners):
+class ServerCore(SharedListeners, ServerUdp):
     """The aggregator's flows; the binding's ``TunnelServer`` subclasses it.  Its
-    shared listeners and visitors' addresses are :class:`SharedListeners`'."""
+    shared listeners and visitors' addresses are :class:`SharedListeners`', its UDP
+    ports :class:`ServerUdp`'s."""
 
     #: Whether this class is a node of a fleet (``ServerConfig.fleet``).
     serves_fleet = False
@@ -248,6 +253,8 @@ class ServerCore(SharedListeners):
         for session in sessions:
             for lease in list(session.leases.values()):
                 lease.listener.close()
+            for udp_lease in list(session.udp_leases.values()):
+                udp_lease.sockets.close()
         self._stop_shared()
         self._services_changed.wait_for(lambda: self._services == 0, grace)
         host, endpoint = self._host, self._endpoint
@@ -309,6 +316,7 @@ class ServerCore(SharedListeners):
             peer_name=peer_name,
             nonce=os.urandom(NONCE_SIZE),
             limits=self.config.limits,
+            features=self.config.features,
         )
 
     def _lookup_token(self, name: str) -> bytes | None:
@@ -358,7 +366,10 @@ class ServerCore(SharedListeners):
         features = session.tunnel.features
         options = PROXYME_OPTIONS in features
         by_name = BY_NAME in features
-        machine = ProxymeServer(limits=self.config.limits, options=options, by_name=by_name)
+        udp = UDP_DATAGRAMS in features and self.config.udp_port_range is not None
+        machine = ProxymeServer(
+            limits=self.config.limits, options=options, udp=udp, by_name=by_name
+        )
         pending: list[ProxymeEvent] = []
         lease: _Lease | None = None
         try:
@@ -369,6 +380,11 @@ class ServerCore(SharedListeners):
             if event.service is not None:
                 self._serve_published_name(
                     session, stream, machine, pending, request, event.service
+                )
+                return
+            if event.udp:
+                self._serve_udp_port(
+                    session, stream, machine, pending, request, event.port, next_proxyme_event
                 )
                 return
             leased = self._lease_port(session, request, event.port)

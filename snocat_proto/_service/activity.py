@@ -64,6 +64,8 @@ class PortGranted(Activity):
     port: int
     addresses: tuple[str, ...]
     target: str
+    #: ``"tcp"``, or ``"udp"`` for a UDP port (``--udp-target``, ``udp-datagrams``).
+    protocol: str = "tcp"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,6 +73,7 @@ class PortReleased(Activity):
     tunnel_id: str
     name: str
     port: int
+    protocol: str = "tcp"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,6 +83,7 @@ class PortDenied(Activity):
     reason: str
     #: What the public port was asked for (``HOST:PORT``).
     target: str = ""
+    protocol: str = "tcp"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,6 +118,58 @@ class StreamClosed(Activity):
     #: As :class:`StreamOpened`'s.
     name: str | None = None
     visitor: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UdpFlowOpened(Activity):
+    """A UDP flow (one visitor address on a public UDP port, docs/protocol.md 3.17)
+    started: on the aggregator, a visitor's first datagram; on a client, the
+    aggregator's flow setup it accepted."""
+
+    tunnel_id: str
+    flow_id: int
+    #: The visitor, ``HOST:PORT`` (``[v6]:PORT``), and the UDP target, ``HOST:PORT``.
+    visitor: str
+    target: str
+    name: str | None = None
+    #: (Aggregator) the public UDP port it came to.
+    port: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UdpFlowClosed(Activity):
+    """A UDP flow ended.  ``datagrams_in`` / ``bytes_in`` came from the tunnel,
+    ``datagrams_out`` / ``bytes_out`` went into it (as :class:`StreamClosed`'s bytes);
+    ``drops`` counts this side's datagrams of the flow that were not sent, by reason
+    (``too_big``, ``over_rate``, ``congested``, ...).  ``cause``: ``idle``, ``peer
+    closed``, ``reset``, ``refused``, ``closed`` (by this side: its port or socket
+    closed) or ``tunnel closed``."""
+
+    tunnel_id: str
+    flow_id: int
+    visitor: str
+    target: str
+    datagrams_in: int
+    datagrams_out: int
+    bytes_in: int
+    bytes_out: int
+    cause: str
+    drops: dict[str, int]
+    name: str | None = None
+    port: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UdpDropped(Activity):
+    """Datagrams of a UDP port dropped outside any flow, by reason, counted over
+    the port's lease and told as it ends: ``flow_limit`` (a visitor had no flow and
+    the tunnel had ``udp_max_flows``), and the tunnel's receive side (``over_rate``,
+    ``unknown_flow``, ``malformed``, ``not_agreed``) while the port was held."""
+
+    tunnel_id: str
+    port: int
+    drops: dict[str, int]
+    name: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -37,7 +37,7 @@ from .._wire.proxyme import ProxymeRequest
 from .._wire.tunnel import TunnelConnection
 from .config import ServerConfig
 from .name_routes import NameRoutes, host_label
-from .ports import PortAllocator, PortsExhausted, StickyPorts
+from .ports import PortAllocator, PortRange, PortsExhausted, StickyPorts
 from .registry import TunnelRecord, TunnelRegistry
 from .stream_handle import StreamHandle
 
@@ -95,6 +95,7 @@ def server_endpoint(
         limits=config.limits,
         idle_timeout=config.idle_timeout,
         max_datagram_size=config.max_datagram_size,
+        datagrams=config.datagrams,
     )
     install_identity(quic, config.certificate_pem, config.private_key_pem)
     quic.secrets_log_file = config.secrets_log_file
@@ -127,6 +128,8 @@ class TunnelStatus:
     #: What it publishes by name on the shared listeners (``"http"``, ``"tls"``); each
     #: holds a stream open, as a port does.
     names: tuple[str, ...] = ()
+    #: Public UDP ports granted to it (``udp-datagrams``).
+    udp_ports: tuple[int, ...] = ()
 
 
 class TunnelSession:
@@ -151,6 +154,8 @@ class TunnelSession:
         self.closed = False
         #: Public ports granted to this tunnel, and the request each serves.
         self.ports: dict[int, ProxymeRequest] = {}
+        #: Public UDP ports granted to it (their own numbering: 53/udp is not 53/tcp).
+        self.udp_ports: dict[int, ProxymeRequest] = {}
         self.streams: set[StreamHandle] = set()
         self.done_bytes_in = 0
         self.done_bytes_out = 0
@@ -159,6 +164,10 @@ class TunnelSession:
     def label(self) -> str:
         """The name once authenticated, the peer's address before."""
         return self.name if self.name is not None else self.peer
+
+    def held(self, *, udp: bool = False) -> dict[int, ProxymeRequest]:
+        """Its TCP ports, or (``udp``) its UDP ones."""
+        return self.udp_ports if udp else self.ports
 
     def track(self, stream: StreamHandle) -> None:
         """Count ``stream`` 's bytes in this tunnel's status."""
@@ -205,6 +214,15 @@ def _sticky_key(session: TunnelSession, request: ProxymeRequest) -> str:
     return f"{session.label} {request.target()}"
 
 
+class _PortBooks:
+    """The ports of one protocol: the range, who holds which, and sticky memory."""
+
+    def __init__(self, port_range: PortRange, remember_for: float) -> None:
+        self.range = port_range
+        self.allocator = PortAllocator(port_range)
+        self.sticky = StickyPorts(remember_for=remember_for)
+
+
 class RouteKind(Enum):
     #: Refuse without a report (the tunnel or the server is going away).
     DROP = auto()
@@ -239,8 +257,15 @@ class Aggregator(Generic[S]):
         self.accepting = True
         self._factory = session_factory
         self._random_bytes = random_bytes
-        self._allocator = PortAllocator(config.port_range)
-        self._sticky = StickyPorts(remember_for=config.sticky_port_seconds)
+        self._tcp = _PortBooks(config.port_range, config.sticky_port_seconds)
+        self._allocator = self._tcp.allocator
+        self._sticky = self._tcp.sticky
+        #: The UDP range's books (``udp-datagrams``), if the server serves UDP.
+        self._udp = (
+            None
+            if config.udp_port_range is None
+            else _PortBooks(config.udp_port_range, config.sticky_port_seconds)
+        )
         self._sessions: dict[TunnelConnection, S] = {}
         self._by_id: dict[str, S] = {}
         #: What each tunnel publishes by name, and the pools (docs/protocol.md 3.14).
@@ -385,7 +410,7 @@ class Aggregator(Generic[S]):
         self.names.forget(session)
         session.prune_streams()
         self.registry.deregister(session.tunnel_id, reason)
-        if session.ports:
+        if session.ports or session.udp_ports:
             self._closing.append(session)
         return session
 
@@ -460,6 +485,17 @@ class Aggregator(Generic[S]):
     def ports_in_use(self) -> frozenset[int]:
         return self._allocator.allocated
 
+    @property
+    def udp_ports_in_use(self) -> frozenset[int]:
+        return frozenset() if self._udp is None else self._udp.allocator.allocated
+
+    def _books(self, udp: bool) -> _PortBooks:
+        if not udp:
+            return self._tcp
+        if self._udp is None:
+            raise LocalProtocolError("this aggregator serves no UDP ports")
+        return self._udp
+
     def allocate_port(
         self,
         session: S,
@@ -469,6 +505,7 @@ class Aggregator(Generic[S]):
         wanted: int | None = None,
         *,
         wait_for_takeover: bool = True,
+        udp: bool = False,
     ) -> int | PortRefusal | PortPending:
         """A port to bind for ``request`` of ``session``, or why there is none.
 
@@ -476,10 +513,15 @@ class Aggregator(Generic[S]):
         if it is in range and free.  Otherwise the port this name had for this target
         before, if it is free (sticky ports), else the lowest free one.  Pass the ports
         the operating system refused as ``exclude``; give every port that could not be
-        bound back with :meth:`port_unavailable`."""
+        bound back with :meth:`port_unavailable`.  ``udp``: a port of the UDP range
+        (``udp-datagrams``), with books of its own."""
         if not self.accepting:
             return PortRefusal(SHUTTING_DOWN, retry=True)
-        port_range = self.config.port_range
+        if udp and self._udp is None:
+            return PortRefusal("this aggregator forwards no UDP (no --udp-ports)", retry=False)
+        books = self._books(udp)
+        allocator = books.allocator
+        port_range = books.range
         if wanted is not None:
             if wanted not in port_range:
                 return PortRefusal(
@@ -487,24 +529,25 @@ class Aggregator(Generic[S]):
                 )
             if wanted in exclude:
                 return PortRefusal(f"port {wanted} cannot be bound on the aggregator", retry=True)
-            if self._allocator.is_allocated(wanted):
+            if allocator.is_allocated(wanted):
                 if wait_for_takeover and any(
-                    other.taken_over and wanted in other.ports
+                    other.taken_over and wanted in other.held(udp=udp)
                     for other in self._sessions_of_name(session)
                 ):
                     return PORT_PENDING  # the displaced tunnel of this name is freeing it
                 return PortRefusal(f"port {wanted} is in use by another tunnel", retry=True)
-            self._allocator.claim(wanted)
+            allocator.claim(wanted)
             return wanted
         key = _sticky_key(session, request)
         if wait_for_takeover and any(
-            other.taken_over and any(_sticky_key(other, r) == key for r in other.ports.values())
+            other.taken_over
+            and any(_sticky_key(other, r) == key for r in other.held(udp=udp).values())
             for other in self._sessions_of_name(session)
         ):
             return PORT_PENDING  # the displaced tunnel's port: wait until it is free
-        preferred = self._sticky.recall(key, now)
+        preferred = books.sticky.recall(key, now)
         try:
-            return self._allocator.allocate(preferred=preferred, exclude=exclude)
+            return allocator.allocate(preferred=preferred, exclude=exclude)
         except PortsExhausted:
             detail = f" ({len(exclude)} refused by the OS)" if exclude else ""
             return PortRefusal(f"no free port in {port_range}{detail}", retry=True)
@@ -517,29 +560,39 @@ class Aggregator(Generic[S]):
             if other is not session and other.name == session.name
         ]
 
-    def port_unavailable(self, port: int) -> None:
+    def port_unavailable(self, port: int, *, udp: bool = False) -> None:
         """The port could not be bound: it goes back to the allocator."""
-        self._allocator.release(port)
+        self._books(udp).allocator.release(port)
 
-    def port_granted(self, session: S, port: int, request: ProxymeRequest) -> None:
+    def port_granted(
+        self, session: S, port: int, request: ProxymeRequest, *, udp: bool = False
+    ) -> None:
         """The port's listener is bound and the grant is on its way to the client."""
-        session.ports[port] = request
-        self._update_record_ports(session)
+        session.held(udp=udp)[port] = request
+        if not udp:
+            self._update_record_ports(session)
 
-    def port_released(self, session: S, port: int, now: float) -> bool:
+    def port_released(self, session: S, port: int, now: float, *, udp: bool = False) -> bool:
         """The port's listener is closed: free the port, remember it for the name.
 
         False if it was never granted (denied before the grant went out)."""
-        if self._allocator.is_allocated(port):
-            self._allocator.release(port)
-        request = session.ports.pop(port, None)
-        if session.closed and not session.ports and session in self._closing:
+        books = self._books(udp)
+        if books.allocator.is_allocated(port):
+            books.allocator.release(port)
+        request = session.held(udp=udp).pop(port, None)
+        if (
+            session.closed
+            and not session.ports
+            and not session.udp_ports
+            and session in self._closing
+        ):
             self._closing.remove(session)
         if request is None:
             return False
-        self._sticky.handle_timer(now)
-        self._sticky.remember(_sticky_key(session, request), port, now)
-        self._update_record_ports(session)
+        books.sticky.handle_timer(now)
+        books.sticky.remember(_sticky_key(session, request), port, now)
+        if not udp:
+            self._update_record_ports(session)
         return True
 
     def _update_record_ports(self, session: S) -> None:
@@ -562,6 +615,7 @@ class Aggregator(Generic[S]):
             bytes_in=session.done_bytes_in + sum(s.bytes_received for s in session.streams),
             bytes_out=session.done_bytes_out + sum(s.bytes_sent for s in session.streams),
             names=self.names.services_of(session),
+            udp_ports=tuple(sorted(session.udp_ports)),
         )
 
     def statuses(self) -> list[TunnelStatus]:
@@ -586,4 +640,7 @@ class Aggregator(Generic[S]):
         leftover = self._allocator.allocated
         for port in leftover:
             self._allocator.release(port)
+        if self._udp is not None:
+            for port in self._udp.allocator.allocated:
+                self._udp.allocator.release(port)
         return leftover

@@ -60,6 +60,7 @@ def connect_tunnel(config: ClientConfig, address: NetworkAddress, now: float) ->
         server_name=config.server_name,
         idle_timeout=config.idle_timeout,
         max_datagram_size=config.max_datagram_size,
+        datagrams=config.datagrams,
     )
     install_trust(configuration, authority_pem=config.authority_pem, pinned=config.fingerprint)
     if config.secrets_log_file is not None:
@@ -67,7 +68,9 @@ def connect_tunnel(config: ClientConfig, address: NetworkAddress, now: float) ->
     return TunnelConnection.connect(
         configuration,
         address=address,
-        authenticator=connect_authenticator(config.credentials, limits=config.limits),
+        authenticator=connect_authenticator(
+            config.credentials, limits=config.limits, features=config.features
+        ),
         limits=config.limits,
         now=now,
         keepalive_interval=config.keepalive_interval,

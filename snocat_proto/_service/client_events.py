@@ -19,6 +19,10 @@ from .._wire.codes import CloseCode, StreamCode
 from .._wire.events import (
     AuthenticationCompleted,
     ConnectionTerminated,
+    FlowDatagramReceived,
+    FlowEnded,
+    FlowOpened,
+    FlowRequested,
     HandshakeCompleted,
     StreamRequested,
     TunnelEvent,
@@ -57,6 +61,8 @@ class Attempt(Protocol):
 
 
 A = TypeVar("A", bound=Attempt)
+#: The events of UDP flows (``udp-datagrams``), handed to :meth:`ClientEvents._flow_event`.
+FLOW_EVENTS = (FlowRequested, FlowOpened, FlowDatagramReceived, FlowEnded)
 NO_FREE_PORT = "the aggregator has no free port for this tunnel (null answer)"
 T = TypeVar("T", bound=EventStream)
 
@@ -106,6 +112,13 @@ class ClientEvents(ABC, Generic[A, T]):
     def _refused(self, session: A, target: Publication, reason: str) -> None:
         """``target`` cannot get its public port and waiting cannot help: end the client."""
 
+    def _flow_event(self, session: A, tunnel: TunnelConnection, event: TunnelEvent) -> None:
+        """A UDP flow's event (``udp-datagrams``).  Here, without UDP targets, a flow
+        the aggregator opens is refused."""
+        if isinstance(event, FlowRequested):
+            tunnel.refuse_flow(event.flow_id)
+            self._flush(session, tunnel)
+
     @abstractmethod
     def _failed(self, message: str, *args: object) -> None:
         """Something raised: log ``message % args`` with the traceback (called from
@@ -132,6 +145,9 @@ class ClientEvents(ABC, Generic[A, T]):
         if isinstance(event, StreamRequested):
             assert stream is not None
             self._stream_requested(session, stream)
+            return
+        if isinstance(event, FLOW_EVENTS):
+            self._flow_event(session, tunnel, event)
             return
         if isinstance(event, HandshakeCompleted):
             session.pin_problem = enforce_pin(tunnel, self.config.fingerprint)
@@ -195,7 +211,7 @@ class ClientEvents(ABC, Generic[A, T]):
         if granted is None:
             return
         self._set_granted(target, None)
-        self._report(client_port_released, session, granted)
+        self._report(client_port_released, session, granted, target)
 
     def _port_denied(self, session: A, target: Publication, reason: str) -> None:
         self._report(client_port_denied, session, reason, target)

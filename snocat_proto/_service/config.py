@@ -15,12 +15,14 @@ from typing import TextIO
 from .._wire.auth import SCHEMES, ClientCredentials
 from .._wire.certificates import load_certificate_chain, parse_fingerprint
 from .._wire.engine import SMALLEST_MAX_DATAGRAM_SIZE
+from .._wire.features import FEATURES, UDP_DATAGRAMS
 from .._wire.handshake_rate import DEFAULT_HANDSHAKE_RATE, HandshakeRate
 from .._wire.limits import Limits
 from .._wire.names import TunnelDomain
 from .._wire.network import format_host_port
 from .._wire.targets import ProxyTcpTarget
 from .._wire.tunnel import CONNECT_KEEPALIVE_INTERVAL, LISTEN_KEEPALIVE_INTERVAL
+from .._wire.udp_flows import UdpTarget, advertise_datagrams
 from .backoff import Backoff
 from .ports import PortRange
 from .publications import PROXY_PROTOCOL_VERSIONS, NamedTarget, Publication
@@ -103,6 +105,11 @@ class ServerConfig:
     port_range: PortRange = field(default_factory=lambda: PortRange(8080, 8090))
     #: The address public ports bind to; ``""`` binds every interface.
     tcp_bind: str = "127.0.0.1"
+    #: Public UDP ports the ``proxyme`` service grants for UDP targets (``--udp-ports``),
+    #: lowest free first, sticky per tunnel name like the TCP ones; they bind to
+    #: ``tcp_bind`` too.  None: no UDP is served, and ``udp-datagrams`` is not offered
+    #: (docs/protocol.md 3.17).
+    udp_port_range: PortRange | None = None
     limits: Limits = field(default_factory=Limits)
     #: Authenticated tunnels at once (None: no limit); a client over it is told why.
     max_tunnels: int | None = 1000
@@ -149,6 +156,12 @@ class ServerConfig:
             raise ValueError(f"auth must be one of {', '.join(SCHEMES)}, not {self.auth!r}")
         if not isinstance(self.port_range, PortRange):
             raise ValueError(f"port_range must be a PortRange, not {self.port_range!r}")
+        if self.udp_port_range is not None and not isinstance(self.udp_port_range, PortRange):
+            raise ValueError(f"udp_port_range must be a PortRange, not {self.udp_port_range!r}")
+        if self.udp_port_range is not None and self.fleet is not None:
+            raise ValueError(
+                "UDP ports (udp_port_range, --udp-ports) are not served by a fleet yet"
+            )
         if not 0 <= self.quic_port <= 65535:
             raise ValueError(f"quic_port must be within 0..65535, not {self.quic_port}")
         if self.max_tunnels is not None and self.max_tunnels < 1:
@@ -162,6 +175,16 @@ class ServerConfig:
         check_max_datagram_size(self.max_datagram_size)
         if (self.http_listen or self.tls_listen) and self.domain is None:
             raise ValueError("the shared --http and --tls listeners need --domain")
+
+    @property
+    def features(self) -> frozenset[str]:
+        """The wire additions this server offers: ``udp-datagrams`` too with a UDP range."""
+        return FEATURES | {UDP_DATAGRAMS} if self.udp_port_range is not None else FEATURES
+
+    @property
+    def datagrams(self) -> bool:
+        """Whether the handshake carries ``max_datagram_frame_size`` (3.17.1)."""
+        return advertise_datagrams(self.auth, self.features)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,6 +200,9 @@ class ClientConfig:
     #: ``proxyme`` (with ``request_port``).
     targets: tuple[ProxyTcpTarget, ...]
     credentials: ClientCredentials
+    #: UDP targets (``--udp-target``): each gets a public UDP port through ``proxyme``
+    #: (``udp-datagrams``, docs/protocol.md 3.17), and only these are ever sent to.
+    udp_targets: tuple[UdpTarget, ...] = ()
     #: Trusted CA / certificate PEM; None means the system's roots.
     authority_pem: bytes | None = None
     #: A SHA-256 pin of the aggregator's certificate; chain verification is then skipped.
@@ -217,8 +243,18 @@ class ClientConfig:
     proxy_protocol: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.targets and self.http_target is None and self.tls_target is None:
+        if (
+            not self.targets
+            and not self.udp_targets
+            and self.http_target is None
+            and self.tls_target is None
+        ):
             raise ValueError("a client needs at least one target")
+        if len(set(self.udp_targets)) != len(self.udp_targets):
+            raise ValueError("each UDP target may be given once")
+        for udp_target in self.udp_targets:
+            if not isinstance(udp_target, UdpTarget):
+                raise ValueError(f"udp_targets holds UdpTarget values, not {udp_target!r}")
         if self.proxy_protocol is not None and self.proxy_protocol not in PROXY_PROTOCOL_VERSIONS:
             raise ValueError(f"proxy_protocol must be 1 or 2, not {self.proxy_protocol!r}")
         if len(set(self.targets)) != len(self.targets):
@@ -257,6 +293,16 @@ class ClientConfig:
         return ((self.server_host, self.server_port), *self.more_servers)
 
     @property
+    def features(self) -> frozenset[str]:
+        """The wire additions this client offers: ``udp-datagrams`` too with UDP targets."""
+        return FEATURES | {UDP_DATAGRAMS} if self.udp_targets else FEATURES
+
+    @property
+    def datagrams(self) -> bool:
+        """Whether the handshake carries ``max_datagram_frame_size`` (3.17.1)."""
+        return advertise_datagrams(self.credentials.scheme, self.features)
+
+    @property
     def named_targets(self) -> tuple[NamedTarget, ...]:
         """The targets published by name (``--http``, ``--tls``)."""
         named = (("http", self.http_target), ("tls", self.tls_target))
@@ -266,7 +312,7 @@ class ClientConfig:
     def publications(self) -> tuple[Publication, ...]:
         """Every ``proxyme`` exchange the client keeps: each target's port, then the
         targets by name."""
-        return (*self.targets, *self.named_targets)
+        return (*self.targets, *self.udp_targets, *self.named_targets)
 
     @property
     def allowed_targets(self) -> tuple[ProxyTcpTarget, ...]:

@@ -18,6 +18,7 @@ from .._wire import events
 from .._wire.codes import CloseCode
 from .._wire.network import port_of
 from .._wire.proxyme import ProxymeRequest
+from .._wire.udp_flows import UdpTarget
 from . import activity
 from .aggregator import TunnelSession
 
@@ -50,6 +51,9 @@ __all__ = [
     "tunnel_authenticated",
     "tunnel_closed",
     "tunnel_connected",
+    "udp_dropped",
+    "udp_flow_closed",
+    "udp_flow_opened",
 ]
 
 
@@ -173,6 +177,7 @@ def port_granted(
     port: int,
     addresses: tuple[str, ...],
     request: ProxymeRequest,
+    protocol: str = "tcp",
 ) -> Notice:
     target = str(request.target())
     return Notice(
@@ -183,13 +188,26 @@ def port_granted(
             port=port,
             addresses=addresses,
             target=target,
+            protocol=protocol,
         ),
-        "tunnel %s (%s): port %s -> %s",
-        (session.tunnel_id, session.label, ", ".join(addresses), target),
+        "tunnel %s (%s): %sport %s -> %s",
+        (
+            session.tunnel_id,
+            session.label,
+            _protocol_word(protocol),
+            ", ".join(addresses),
+            target,
+        ),
     )
 
 
-def port_denied(at: float, session: TunnelSession, request: ProxymeRequest, reason: str) -> Notice:
+def _protocol_word(protocol: str) -> str:
+    return "" if protocol == "tcp" else f"{protocol.upper()} "
+
+
+def port_denied(
+    at: float, session: TunnelSession, request: ProxymeRequest, reason: str, protocol: str = "tcp"
+) -> Notice:
     return Notice(
         activity.PortDenied(
             at=at,
@@ -197,17 +215,100 @@ def port_denied(at: float, session: TunnelSession, request: ProxymeRequest, reas
             name=session.label,
             reason=reason,
             target=str(request.target()),
+            protocol=protocol,
         ),
-        "tunnel %s (%s): port for %s denied: %s",
-        (session.tunnel_id, session.label, request.target(), reason),
+        "tunnel %s (%s): %sport for %s denied: %s",
+        (session.tunnel_id, session.label, _protocol_word(protocol), request.target(), reason),
     )
 
 
-def port_released(at: float, session: TunnelSession, port: int) -> Notice:
+def port_released(at: float, session: TunnelSession, port: int, protocol: str = "tcp") -> Notice:
     return Notice(
-        activity.PortReleased(at=at, tunnel_id=session.tunnel_id, name=session.label, port=port),
-        "tunnel %s (%s): port %d released",
-        (session.tunnel_id, session.label, port),
+        activity.PortReleased(
+            at=at, tunnel_id=session.tunnel_id, name=session.label, port=port, protocol=protocol
+        ),
+        "tunnel %s (%s): %sport %d released",
+        (session.tunnel_id, session.label, _protocol_word(protocol), port),
+    )
+
+
+# UDP flows (both sides) --------------------------------------------------------
+
+
+def udp_flow_opened(
+    at: float,
+    tunnel_id: str,
+    flow_id: int,
+    visitor: str,
+    target: object,
+    *,
+    name: str | None = None,
+    port: int | None = None,
+) -> Notice:
+    """A UDP flow started (logged at debug level: one per visitor address)."""
+    return Notice(
+        activity.UdpFlowOpened(
+            at=at,
+            tunnel_id=tunnel_id,
+            flow_id=flow_id,
+            visitor=visitor,
+            target=str(target),
+            name=name,
+            port=port,
+        ),
+        "tunnel %s: UDP flow %d from %s to %s",
+        (tunnel_id, flow_id, visitor, target),
+        Severity.DEBUG,
+    )
+
+
+def udp_flow_closed(
+    at: float,
+    tunnel_id: str,
+    flow_id: int,
+    visitor: str,
+    target: object,
+    counts: tuple[int, int, int, int],
+    cause: str,
+    drops: dict[str, int],
+    *,
+    name: str | None = None,
+    port: int | None = None,
+) -> Notice:
+    """A UDP flow ended; ``counts`` is ``(datagrams_in, datagrams_out, bytes_in,
+    bytes_out)``."""
+    datagrams_in, datagrams_out, bytes_in, bytes_out = counts
+    return Notice(
+        activity.UdpFlowClosed(
+            at=at,
+            tunnel_id=tunnel_id,
+            flow_id=flow_id,
+            visitor=visitor,
+            target=str(target),
+            datagrams_in=datagrams_in,
+            datagrams_out=datagrams_out,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            cause=cause,
+            drops=dict(drops),
+            name=name,
+            port=port,
+        ),
+        "tunnel %s: UDP flow %d from %s ended (%s): %d/%d datagrams in/out, %d dropped",
+        (tunnel_id, flow_id, visitor, cause, datagrams_in, datagrams_out, sum(drops.values())),
+        Severity.DEBUG,
+    )
+
+
+def udp_dropped(
+    at: float, tunnel_id: str, port: int, drops: dict[str, int], *, name: str | None = None
+) -> Notice:
+    """Datagrams of a UDP port dropped outside any flow, told as its lease ends."""
+    return Notice(
+        activity.UdpDropped(at=at, tunnel_id=tunnel_id, port=port, drops=dict(drops), name=name),
+        "tunnel %s: UDP port %d dropped %s",
+        (tunnel_id, port, ", ".join(f"{n} {r}" for r, n in sorted(drops.items()))),
+        Severity.INFO,
     )
 
 
@@ -403,6 +504,10 @@ def error_message(error: BaseException) -> str:
 # Client ports and streams ------------------------------------------------------
 
 
+def _protocol_of(target: object) -> str:
+    return "udp" if isinstance(target, UdpTarget) else "tcp"
+
+
 def client_port_granted(
     at: float, session: Tunnel, addresses: tuple[str, ...], target: object
 ) -> Notice:
@@ -414,14 +519,21 @@ def client_port_granted(
             port=port_of(addresses),
             addresses=addresses,
             target=str(target),
+            protocol=_protocol_of(target),
         )
     )
 
 
-def client_port_released(at: float, session: Tunnel, addresses: tuple[str, ...]) -> Notice:
+def client_port_released(
+    at: float, session: Tunnel, addresses: tuple[str, ...], target: object = None
+) -> Notice:
     return Notice(
         activity.PortReleased(
-            at=at, tunnel_id=session.tunnel_id, name=session.name or "", port=port_of(addresses)
+            at=at,
+            tunnel_id=session.tunnel_id,
+            name=session.name or "",
+            port=port_of(addresses),
+            protocol=_protocol_of(target),
         )
     )
 
@@ -434,6 +546,7 @@ def client_port_denied(at: float, session: Tunnel, reason: str, target: object) 
             name=session.name or "",
             reason=reason,
             target=str(target),
+            protocol=_protocol_of(target),
         ),
         "no public port for %s: %s",
         (target, reason),

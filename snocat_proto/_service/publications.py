@@ -15,17 +15,19 @@ from dataclasses import dataclass
 
 from .._wire.address import RouteAddress
 from .._wire.errors import LocalProtocolError, RemoteProtocolError
-from .._wire.features import BY_NAME, PROXYME_OPTIONS, VISITOR_ADDRESS
+from .._wire.features import BY_NAME, PROXYME_OPTIONS, UDP_DATAGRAMS, VISITOR_ADDRESS
 from .._wire.limits import Limits
 from .._wire.proxy_protocol import ProxyAddresses, encode_v1, encode_v2
 from .._wire.proxyme import NAMED_SERVICES, ProxymeClient, ProxymeRequest
 from .._wire.targets import ProxyTcpTarget
+from .._wire.udp_flows import UdpTarget
 from .._wire.visitor import split_visitor
 from .allowlist import AllowList
 
 __all__ = [
     "NO_NAMES",
     "NO_PORT_REQUESTS",
+    "NO_UDP",
     "PROXY_PROTOCOL_VERSIONS",
     "NamedTarget",
     "Publication",
@@ -42,6 +44,11 @@ NO_PORT_REQUESTS = (
 NO_NAMES = (
     "the aggregator does not publish targets by name: it does not offer by-name "
     "(a snocat 0.8 aggregator, an older snocat, or one with SimpleAck)"
+)
+NO_UDP = (
+    "the aggregator does not forward UDP: it does not offer udp-datagrams (a snocat 0.8 "
+    "aggregator, one without --udp-ports, one with SimpleAck, or a path without QUIC "
+    "datagrams)"
 )
 #: ``--proxy-protocol v1|v2``.
 PROXY_PROTOCOL_VERSIONS = (1, 2)
@@ -67,11 +74,12 @@ class NamedTarget:
         return f"{self.target} ({self.service} by name)"
 
 
-#: One ``proxyme`` exchange of a client: a target on a port, or one by name.
-Publication = ProxyTcpTarget | NamedTarget
+#: One ``proxyme`` exchange of a client: a target on a port, one by name, or a UDP
+#: target on a UDP port (docs/protocol.md 3.17.2).
+Publication = ProxyTcpTarget | NamedTarget | UdpTarget
 
 
-def target_of(publication: Publication) -> ProxyTcpTarget:
+def target_of(publication: Publication) -> ProxyTcpTarget | UdpTarget:
     """The local target a publication forwards to."""
     return publication.target if isinstance(publication, NamedTarget) else publication
 
@@ -91,13 +99,18 @@ def proxyme_client(
         public_port = public_ports.get(publication)
     options = PROXYME_OPTIONS in features
     service = publication.service if isinstance(publication, NamedTarget) else None
+    udp = isinstance(publication, UdpTarget)
+    if udp and not (options and UDP_DATAGRAMS in features):
+        return NO_UDP
     if service is not None and not (options and BY_NAME in features):
         return NO_NAMES
     if public_port is not None and not options:
         return NO_PORT_REQUESTS
     target = target_of(publication)
     request = ProxymeRequest(host=target.connect_host(), port=target.port)
-    client = ProxymeClient(limits=limits, options=options, public_port=public_port, service=service)
+    client = ProxymeClient(
+        limits=limits, options=options, public_port=public_port, service=service, udp=udp
+    )
     return request, client
 
 

@@ -21,6 +21,10 @@ from .._wire.events import (
     AuthenticationCompleted,
     ConnectionTerminated,
     CredentialRequired,
+    FlowDatagramReceived,
+    FlowEnded,
+    FlowOpened,
+    FlowRequested,
     HandshakeCompleted,
     StreamRequested,
     TunnelEvent,
@@ -134,6 +138,14 @@ class ServerEvents(ABC, Generic[S, T]):
     def _deregistered(self, session: S) -> None:
         """A registered tunnel closed (a fleet tells the others)."""
 
+    def _flow_event(self, session: S, event: TunnelEvent) -> None:
+        """A UDP flow's event (``udp-datagrams``): the binding's UDP ports take them.
+        Here, without any: a flow the client opens is refused (an aggregator opens the
+        flows of its ports; docs/protocol.md 3.17.3)."""
+        if isinstance(event, FlowRequested):
+            session.tunnel.refuse_flow(event.flow_id)
+            self._flush(session.tunnel)
+
     def _hook_failed(self, address: RouteAddress) -> None:
         self._failed("the route hook failed for %s", address)
 
@@ -212,6 +224,11 @@ class ServerEvents(ABC, Generic[S, T]):
                 self._service_started()
                 self._spawn(session, self._serve_routed, session, stream, handler)
 
+    def _on_flow(self, tunnel: TunnelConnection, event: TunnelEvent, _: T | None) -> None:
+        session = self._books.get(tunnel)
+        if session is not None:
+            self._flow_event(session, event)
+
     def _on_tunnel_closed(
         self, tunnel: TunnelConnection, event: ConnectionTerminated, _: T | None
     ) -> None:
@@ -232,4 +249,8 @@ class ServerEvents(ABC, Generic[S, T]):
         AuthenticationCompleted: _on_authenticated,
         StreamRequested: _on_stream_requested,
         ConnectionTerminated: _on_tunnel_closed,
+        FlowRequested: _on_flow,
+        FlowOpened: _on_flow,
+        FlowDatagramReceived: _on_flow,
+        FlowEnded: _on_flow,
     }
