@@ -19,7 +19,9 @@ from snocat_proto._wire.auth import SCHEME_SIMPLE_ACK, SCHEME_TOKEN, ClientCrede
 from snocat_proto._wire.certificates import load_certificate_chain, parse_fingerprint
 from snocat_proto._wire.errors import LocalProtocolError
 from snocat_proto._wire.network import format_host_port
+from snocat_proto._wire.targets import ProxyTcpTarget
 from snocat_proto._wire.tunnel import CONNECT_KEEPALIVE_INTERVAL
+from snocat_proto._wire.udp_flows import UdpTarget
 
 from .._client import TunnelClient
 from ._common import (
@@ -30,6 +32,7 @@ from ._common import (
     open_key_log,
     parse_publication,
     parse_socket_address,
+    parse_udp_publication,
     read_file,
     warn_if_exposed,
 )
@@ -88,6 +91,14 @@ def load_client_token(token_file: Path | None) -> tuple[str, bytes] | None:
     "if the aggregator cannot give it). Repeat for more.",
 )
 @click.option(
+    "--udp-target",
+    "udp_targets",
+    multiple=True,
+    help="UDP HOST:PORT to forward to (an aggregator with --udp-ports): each gets a public "
+    "UDP port of its own; PUBLIC=HOST:PORT asks for that one. Only these are ever sent "
+    "to. Repeat for more.",
+)
+@click.option(
     "--authority",
     type=click.Path(dir_okay=False, path_type=Path),
     help="PEM certificate(s) to trust for the aggregator [default: the system's roots].",
@@ -132,6 +143,7 @@ def client(
     drivers: tuple[str, ...],
     server_name: str | None,
     targets: tuple[str, ...],
+    udp_targets: tuple[str, ...],
     authority: Path | None,
     pin: str | None,
     auth: str,
@@ -165,8 +177,10 @@ def client(
         # over (a ping every few seconds is a few bytes).
         keepalive = FAILOVER_KEEPALIVE
     by_name = client_name_settings(http_target, tls_target, proxy_protocol)
-    if not targets and not (http_target or tls_target):
-        raise UsageProblem("give at least one --target HOST:PORT (or --http / --tls HOST:PORT)")
+    if not targets and not udp_targets and not (http_target or tls_target):
+        raise UsageProblem(
+            "give at least one --target HOST:PORT (or --udp-target, --http, --tls HOST:PORT)"
+        )
     publications = [parse_publication(t) for t in targets]
     parsed_targets = tuple(target for target, _ in publications)
     if len(set(parsed_targets)) != len(parsed_targets):
@@ -174,6 +188,18 @@ def client(
     public_ports = {target: public for target, public in publications if public is not None}
     if len(set(public_ports.values())) != len(public_ports):
         raise UsageProblem("--target: two targets ask for the same public port")
+    udp_publications = [parse_udp_publication(t) for t in udp_targets]
+    parsed_udp = tuple(target for target, _ in udp_publications)
+    if len(set(parsed_udp)) != len(parsed_udp):
+        raise UsageProblem("--udp-target: each UDP target may be given once")
+    udp_public = {target: public for target, public in udp_publications if public is not None}
+    all_public: dict[ProxyTcpTarget | UdpTarget, int] = {}
+    for tcp_target, public in public_ports.items():
+        all_public[tcp_target] = public
+    for udp_target, public in udp_public.items():
+        all_public[udp_target] = public
+    if len(set(udp_public.values())) != len(udp_public):
+        raise UsageProblem("--udp-target: two UDP targets ask for the same public port")
     if pin is not None:
         try:
             parse_fingerprint(pin)
@@ -205,7 +231,8 @@ def client(
             more_servers=tuple(more_servers),
             server_name=server_name or host,
             targets=parsed_targets,
-            public_ports=public_ports,
+            udp_targets=parsed_udp,
+            public_ports=all_public,
             credentials=credentials,
             authority_pem=authority_pem,
             fingerprint=pin,
@@ -230,8 +257,9 @@ def client(
             if isinstance(record, activity.PortGranted):
                 # Escaped: the addresses and reasons come from the aggregator.
                 addresses = escape(", ".join(record.addresses))
+                udp = " (UDP)" if record.protocol == "udp" else ""
                 out.print(
-                    f"[bold green]public address:[/] [bold]{addresses}[/] "
+                    f"[bold green]public address{udp}:[/] [bold]{addresses}[/] "
                     f"-> forwards to [bold]{escape(record.target)}[/]"
                 )
 

@@ -19,6 +19,7 @@ from rich.markup import escape
 from snocat_proto._wire.errors import LocalProtocolError
 from snocat_proto._wire.network import parse_host_port
 from snocat_proto._wire.targets import ProxyTcpTarget
+from snocat_proto._wire.udp_flows import UdpTarget
 
 logger = logging.getLogger("snocat")
 
@@ -107,14 +108,30 @@ def parse_target(text: str, *, what: str = "--target") -> ProxyTcpTarget:
 
 def parse_publication(text: str) -> tuple[ProxyTcpTarget, int | None]:
     """``--target``: ``HOST:PORT``, or ``PUBLIC=HOST:PORT`` asking for a public port."""
+    target_text, public = _split_public(text, "--target")
+    return parse_target(target_text), public
+
+
+def parse_udp_publication(text: str) -> tuple[UdpTarget, int | None]:
+    """``--udp-target``: ``HOST:PORT``, or ``PUBLIC=HOST:PORT`` asking for a public
+    UDP port."""
+    target_text, public = _split_public(text, "--udp-target")
+    parse_socket_address(target_text, what="--udp-target")
+    try:
+        return UdpTarget.parse_host_port(target_text), public
+    except LocalProtocolError as exc:
+        raise UsageProblem(f"--udp-target {target_text!r}: {exc.reason}") from None
+
+
+def _split_public(text: str, what: str) -> tuple[str, int | None]:
     public_text, sep, target_text = text.partition("=")
     if not sep:
-        return parse_target(text), None
+        return text, None
     if not public_text.isdigit() or not 1 <= int(public_text) <= 65535:
         raise UsageProblem(
-            f"--target {text!r}: the public port before '=' must be a number in 1..65535"
+            f"{what} {text!r}: the public port before '=' must be a number in 1..65535"
         )
-    return parse_target(target_text), int(public_text)
+    return target_text, int(public_text)
 
 
 def read_file(path: Path, what: str) -> bytes:

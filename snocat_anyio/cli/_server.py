@@ -240,6 +240,12 @@ def local_only(host: str) -> str | None:
     help="Range of public TCP ports handed to clients, START:END.",
 )
 @click.option(
+    "--udp-ports",
+    "udp_ports_text",
+    help="Range of public UDP ports handed to clients' --udp-target, START:END (they bind "
+    "to the --tcp address) [default: none: no UDP is forwarded].",
+)
+@click.option(
     "--tcp",
     "tcp_bind",
     default="127.0.0.1",
@@ -363,6 +369,7 @@ def server(
     quic: str,
     advertise: str | None,
     ports_text: str,
+    udp_ports_text: str | None,
     tcp_bind: str,
     auth: str,
     tokens_path: Path | None,
@@ -413,6 +420,14 @@ def server(
         raise UsageProblem(f"--ports {ports_text!r}: {exc.reason}") from None
     except ValueError:
         raise UsageProblem(f"--tcp must be an IP address to bind, not {tcp_bind!r}") from None
+    udp_port_range = None
+    if udp_ports_text is not None:
+        try:
+            udp_port_range = PortRange.parse(udp_ports_text)
+        except LocalProtocolError as exc:
+            raise UsageProblem(f"--udp-ports {udp_ports_text!r}: {exc.reason}") from None
+        if registry is not None:
+            raise UsageProblem("--udp-ports is not served by a fleet yet (--registry)")
     admin = _admin_settings(metrics_address, admin_token_file, metrics_per_tunnel)
     by_name = server_name_settings(domain, http_listen, tls_listen, proxy_protocol_from)
     if admin is not None and worker_index > 1:
@@ -527,6 +542,7 @@ def server(
             auth=auth,
             tokens=tokens,
             port_range=port_range,
+            udp_port_range=udp_port_range,
             tcp_bind=tcp_bind,
             limits=_limits(max_streams),
             max_tunnels=max_tunnels,

@@ -211,8 +211,9 @@ class ClientConfig:
     request_port: bool = True
     #: The public port to ask for, by target (the others get the lowest free, or the
     #: one they had).  Needs an aggregator that offers ``proxyme-options``; a port it
-    #: cannot give is a refusal (:class:`PortRefusedError`), never another port.
-    public_ports: Mapping[ProxyTcpTarget, int] = field(default_factory=dict)
+    #: cannot give is a refusal (:class:`PortRefusedError`), never another port.  A
+    #: UDP target's key asks for a UDP port (TCP and UDP ports are numbered apart).
+    public_ports: Mapping[ProxyTcpTarget | UdpTarget, int] = field(default_factory=dict)
     reconnect: bool = True
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
@@ -260,13 +261,18 @@ class ClientConfig:
         if len(set(self.targets)) != len(self.targets):
             raise ValueError("each target may be given once")
         for target, port in self.public_ports.items():
-            if target not in self.targets:
+            if target not in self.targets and target not in self.udp_targets:
                 raise ValueError(f"public_ports names {target}, which is not a target")
             if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
                 raise ValueError(f"the public port for {target} must be in 1..65535, not {port!r}")
-        ports = list(self.public_ports.values())
-        if len(set(ports)) != len(ports):
-            raise ValueError("two targets ask for the same public port")
+        for udp in (False, True):
+            ports = [
+                port
+                for target, port in self.public_ports.items()
+                if isinstance(target, UdpTarget) is udp
+            ]
+            if len(set(ports)) != len(ports):
+                raise ValueError("two targets ask for the same public port")
         for _, port in ((self.server_host, self.server_port), *self.more_servers):
             if isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= 65535:
                 raise ValueError(f"server port must be in 1..65535, not {port!r}")

@@ -89,13 +89,13 @@ def proxyme_client(
     features: Collection[str],
     *,
     limits: Limits,
-    public_ports: Mapping[ProxyTcpTarget, int] | None = None,
+    public_ports: Mapping[ProxyTcpTarget | UdpTarget, int] | None = None,
 ) -> tuple[ProxymeRequest, ProxymeClient] | str:
     """The ``proxyme`` request and machine for ``publication`` on a tunnel that agreed
     on ``features`` (asking for its port in ``public_ports``, if any), or why the
     aggregator cannot be asked (ends the client)."""
     public_port = None
-    if isinstance(publication, ProxyTcpTarget) and public_ports:
+    if isinstance(publication, ProxyTcpTarget | UdpTarget) and public_ports:
         public_port = public_ports.get(publication)
     options = PROXYME_OPTIONS in features
     service = publication.service if isinstance(publication, NamedTarget) else None
