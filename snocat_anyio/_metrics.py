@@ -246,6 +246,12 @@ class ServerMetrics:
         self.authentication_failures = dict.fromkeys(AUTHENTICATION_FAILURE_CLASSES, 0)
         self.port_refusals = dict.fromkeys(PORT_REFUSAL_CLASSES, 0)
         self.stream_refusals = dict.fromkeys(STREAM_REFUSAL_CLASSES, 0)
+        #: UDP flows (``udp-datagrams``): opened, ended, their datagrams (counted as
+        #: each flow ends) and the datagrams dropped, by reason.
+        self.udp_flows_opened = 0
+        self.udp_flows_closed = 0
+        self.udp_datagrams = {"received": 0, "sent": 0}
+        self.udp_drops: dict[str, int] = {}
         #: Bytes of every stream whose StreamClosed record came, of any tunnel.
         self._finished = _Bytes()
         #: The same per live tunnel (by tunnel id): the part of its TunnelStatus that
@@ -309,6 +315,19 @@ class ServerMetrics:
             self.port_refusals[port_refusal_class(record.reason)] += 1
         elif isinstance(record, activity.StreamRefused):
             self.stream_refusals[stream_refusal_class(record.reason)] += 1
+        elif isinstance(record, activity.UdpFlowOpened):
+            self.udp_flows_opened += 1
+        elif isinstance(record, activity.UdpFlowClosed):
+            self.udp_flows_closed += 1
+            self.udp_datagrams["received"] += record.datagrams_in
+            self.udp_datagrams["sent"] += record.datagrams_out
+            self._udp_dropped(record.drops)
+        elif isinstance(record, activity.UdpDropped):
+            self._udp_dropped(record.drops)
+
+    def _udp_dropped(self, drops: dict[str, int]) -> None:
+        for reason, count in drops.items():
+            self.udp_drops[reason] = self.udp_drops.get(reason, 0) + count
 
     def _bytes(self, statuses: Sequence[TunnelStatus]) -> _Bytes:
         """Bytes to and from the tunnels since the start, live ones and gone ones.
@@ -426,6 +445,38 @@ class ServerMetrics:
             "snocat_port_range_size",
             "Public ports the aggregator may grant (--ports).",
             len(config.port_range),
+        )
+        udp_range = config.udp_port_range
+        yield _gauge(
+            "snocat_udp_ports_in_use", "Public UDP ports granted now.", len(server.udp_ports_in_use)
+        )
+        yield _gauge(
+            "snocat_udp_port_range_size",
+            "Public UDP ports the aggregator may grant (--udp-ports; 0: none).",
+            0 if udp_range is None else len(udp_range),
+        )
+        yield _counter(
+            "snocat_udp_flows", "UDP flows opened (visitor addresses).", self.udp_flows_opened
+        )
+        yield _gauge(
+            "snocat_udp_flows_open",
+            "UDP flows open now.",
+            self.udp_flows_opened - self.udp_flows_closed,
+        )
+        udp_datagrams = CounterMetricFamily(
+            "snocat_udp_datagrams",
+            "UDP datagrams of ended flows: received from the tunnel (to visitors), sent "
+            "into it (from visitors).",
+            labels=["direction"],
+        )
+        for direction, count in self.udp_datagrams.items():
+            udp_datagrams.add_metric([direction], count)
+        yield udp_datagrams
+        yield _by_reason(
+            "snocat_udp_datagrams_dropped",
+            "UDP datagrams of visitors not carried, by reason (too_big, over_rate, "
+            "congested, flow_limit, ...), counted as each flow or port ends.",
+            self.udp_drops,
         )
         yield _counter(
             "snocat_activity_laggards",

@@ -61,6 +61,7 @@ class StandIn:
         self.statuses: list[TunnelStatus] = []
         self.counts = ServerCounters()
         self.ports_in_use: frozenset[int] = frozenset()
+        self.udp_ports_in_use: frozenset[int] = frozenset()
         self.quic_address = ("127.0.0.1", 9090)
 
     def tunnels(self) -> list[TunnelStatus]:
@@ -479,3 +480,38 @@ def test_authentication_failures_by_close_code(code: int, by_peer: bool, expecte
     record = tunnel_closed("t", None, code, by_peer=by_peer)
     assert authentication_failure_class(record) == expected
     assert expected in AUTHENTICATION_FAILURE_CLASSES
+
+
+def test_udp_flows_datagrams_and_drops_are_counted() -> None:
+    server = StandIn(udp_port_range=PortRange(9053, 9062))
+    metrics = metrics_of(server)
+    server.udp_ports_in_use = frozenset({9053})
+    flow = {"tunnel_id": "t1", "flow_id": 1, "visitor": "192.0.2.7:4000", "target": "h:53"}
+    server.activity.publish(activity.UdpFlowOpened(at=NOW, **flow))
+    server.activity.publish(activity.UdpFlowOpened(at=NOW, **{**flow, "flow_id": 3}))
+    server.activity.publish(
+        activity.UdpFlowClosed(
+            at=NOW,
+            **flow,
+            datagrams_in=7,
+            datagrams_out=9,
+            bytes_in=70,
+            bytes_out=90,
+            cause="idle",
+            drops={"too_big": 2, "over_rate": 5},
+        )
+    )
+    server.activity.publish(
+        activity.UdpDropped(at=NOW, tunnel_id="t1", port=9053, drops={"flow_limit": 4})
+    )
+    metrics._drain()
+    samples = scrape(metrics)
+    assert value(samples, "snocat_udp_ports_in_use") == 1
+    assert value(samples, "snocat_udp_port_range_size") == 10
+    assert value(samples, "snocat_udp_flows_total") == 2
+    assert value(samples, "snocat_udp_flows_open") == 1
+    assert value(samples, "snocat_udp_datagrams_total", direction="received") == 7
+    assert value(samples, "snocat_udp_datagrams_total", direction="sent") == 9
+    assert value(samples, "snocat_udp_datagrams_dropped_total", reason="too_big") == 2
+    assert value(samples, "snocat_udp_datagrams_dropped_total", reason="over_rate") == 5
+    assert value(samples, "snocat_udp_datagrams_dropped_total", reason="flow_limit") == 4
