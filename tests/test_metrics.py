@@ -486,7 +486,12 @@ def test_udp_flows_datagrams_and_drops_are_counted() -> None:
     server = StandIn(udp_port_range=PortRange(9053, 9062))
     metrics = metrics_of(server)
     server.udp_ports_in_use = frozenset({9053})
-    flow = {"tunnel_id": "t1", "flow_id": 1, "visitor": "192.0.2.7:4000", "target": "h:53"}
+    flow: dict[str, Any] = {
+        "tunnel_id": "t1",
+        "flow_id": 1,
+        "visitor": "192.0.2.7:4000",
+        "target": "h:53",
+    }
     server.activity.publish(activity.UdpFlowOpened(at=NOW, **flow))
     server.activity.publish(activity.UdpFlowOpened(at=NOW, **{**flow, "flow_id": 3}))
     server.activity.publish(
