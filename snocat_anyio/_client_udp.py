@@ -19,6 +19,7 @@ from typing import Any
 
 from snocat_proto._service import notices
 from snocat_proto._service.client_events import ClientEvents
+from snocat_proto._wire.errors import LocalProtocolError
 from snocat_proto._wire.events import (
     FlowDatagramReceived,
     FlowEnded,
@@ -169,9 +170,15 @@ class ClientUdp(ClientEvents[Any, TunnelStream]):
         with self._lock:
             live = session.udp_flows.get(flow.flow_id) is flow and session.closed is None
             if live:
-                flow.sock, flow.sockets = sock, sockets
-                session.tunnel.accept_flow(flow.flow_id, current_time())
-                self._flush(session, session.tunnel)
+                try:
+                    session.tunnel.accept_flow(flow.flow_id, current_time())
+                except LocalProtocolError as exc:  # the tunnel is closing
+                    logger.debug("flow %d vanished before its accept: %s", flow.flow_id, exc)
+                    session.udp_flows.pop(flow.flow_id, None)
+                    live = False
+                else:
+                    flow.sock, flow.sockets = sock, sockets
+                    self._flush(session, session.tunnel)
         if not live:  # it ended (or the tunnel did) while the socket was made
             await sockets.aclose()
             return
