@@ -462,3 +462,30 @@ async def test_a_simple_ack_client_cannot_publish_udp(server_identity: Any) -> N
         with anyio.fail_after(STEP), pytest.raises(PortRefusedError, match="udp-datagrams"):
             await TunnelClient(config).run()
         assert not server.udp_ports_in_use
+
+
+async def test_an_aggregator_without_udp_ports_refuses_a_udp_target_with_the_reason(
+    server_identity: Any,
+) -> None:
+    async with udp_echo() as target, aggregator(server_identity) as server:
+        config = client_config(server, server_identity, (), udp_targets=(target,), reconnect=False)
+        with anyio.fail_after(STEP), pytest.raises(PortRefusedError, match="udp-datagrams"):
+            await TunnelClient(config).run()
+
+
+def test_a_fleet_does_not_serve_udp_yet(server_identity: Any) -> None:
+    from snocat_anyio import FleetConfig, ServerConfig
+
+    fleet = FleetConfig(
+        registry_url="redis://127.0.0.1:6379/0",
+        node="n1",
+        advertise=("127.0.0.1", 9),
+        secret=b"0123456789abcdef",
+    )
+    with pytest.raises(ValueError, match="not served by a fleet yet"):
+        ServerConfig(
+            certificate_pem=server_identity.certificate_pem,
+            private_key_pem=server_identity.private_key_pem,
+            udp_port_range=PortRange(9000, 9001),
+            fleet=fleet,
+        )
