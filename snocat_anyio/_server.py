@@ -41,8 +41,10 @@ def forwarded_connections(status: TunnelStatus) -> int:
     """The visitors' TCP connections a tunnel carries now (the live table's conns).
     ``open_streams`` counts every stream, including the ``proxyme`` stream that holds
     each granted port open for the tunnel's whole life: one per port, not a visitor
-    (and one per target published by name)."""
-    return max(0, status.open_streams - len(status.ports) - len(status.names))
+    (and one per target published by name, and one per UDP port; UDP flows' streams
+    are not counted)."""
+    held = len(status.ports) + len(status.names) + len(status.udp_ports)
+    return max(0, status.open_streams - held)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -386,6 +386,7 @@ def test_the_status_document_and_reading_it_back() -> None:
         "peer": "192.0.2.1:40000",
         "scheme": "token",
         "ports": [8080, 8081],
+        "udp_ports": [],
         "names": [],
         "age": 60.0,
         "open_streams": 3,
@@ -520,3 +521,11 @@ def test_udp_flows_datagrams_and_drops_are_counted() -> None:
     assert value(samples, "snocat_udp_datagrams_dropped_total", reason="too_big") == 2
     assert value(samples, "snocat_udp_datagrams_dropped_total", reason="over_rate") == 5
     assert value(samples, "snocat_udp_datagrams_dropped_total", reason="flow_limit") == 4
+
+
+def test_a_udp_port_is_no_visitor_and_shows_in_status() -> None:
+    status = tunnel("alpha", ports=(8080,), udp_ports=(9053,), open_streams=3)
+    document = tunnel_document(status, NOW)
+    # Two proxyme streams hold the ports open; one stream is a visitor's.
+    assert (document["udp_ports"], document["connections"]) == ([9053], 1)
+    assert status_from_document(document, NOW) == status

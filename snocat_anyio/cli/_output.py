@@ -165,7 +165,7 @@ def _row(status: TunnelStatus, now: float, compact: bool) -> tuple[str, ...]:
     return (
         status.name,
         status.peer,
-        ", ".join(map(str, status.ports)) or "-",
+        ", ".join([*map(str, status.ports), *(f"{p}/udp" for p in status.udp_ports)]) or "-",
         duration(now - status.connected_at),
         str(forwarded_connections(status)),
         size(status.bytes_in, compact=compact),
