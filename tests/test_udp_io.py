@@ -239,3 +239,30 @@ async def test_tunnel_transfer_with_batching_on_and_off(
     ):
         with anyio.fail_after(60):
             await exchange(public_port(client), 3_000_000, 3_000_000, seed=segments)
+
+
+@pytest.mark.parametrize(
+    ("segments", "discovery"),
+    [(16, True), (1, True), (16, False)],
+    ids=["batched-pmtud", "one-per-call-pmtud", "batched-fixed"],
+)
+def test_blocking_binding_transfer_with_batching_and_discovery(
+    server_identity: Any, segments: int, discovery: bool
+) -> None:
+    from test_sync import client_config, exchange_tcp, public_port, sync_server, tcp_target
+
+    from snocat_proto._wire.limits import Limits
+    from snocat_sync import TunnelClient
+
+    options: dict[str, Any] = {
+        "limits": Limits(udp_segments_per_call=segments),
+        "path_mtu_discovery": discovery,
+    }
+    with (
+        sync_server(server_identity, **options) as server,
+        tcp_target() as target,
+        TunnelClient(
+            client_config(server.quic_address, server_identity, (target,), **options)
+        ) as client,
+    ):
+        exchange_tcp(public_port(client.granted), 3_000_000, 3_000_000, seed=segments)

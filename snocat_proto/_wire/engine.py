@@ -404,7 +404,9 @@ class QuicEngine(QuicConnection):
         datagrams = self._datagrams_to_send(now)
         if self._max_datagram_size > search.base and self._packet_number > first:
             self._watch_full_size_packets(first)
-        return probe + datagrams if probe else datagrams
+        # The probe goes last: it never starts a GSO run that datagrams of the size in
+        # use would join (a segment size the interface cannot carry fails the call).
+        return datagrams + probe if probe else datagrams
 
     def _send_path_mtu_probe(self, size: int, now: float) -> list[tuple[bytes, NetworkAddress]]:
         """One PING padded to ``size``, alone in its datagram, tracked for loss like

@@ -66,6 +66,30 @@ _TRANSITIONS: dict[tuple[SearchState, Input], SearchState] = {
 class PathMtuSearch:
     """The search of one tunnel's path; see the module docstring."""
 
+    # One per tunnel: slots keep it small (docs/performance.md, memory per tunnel).
+    __slots__ = (
+        "_black_hole_bursts",
+        "_bursts",
+        "_candidate",
+        "_high",
+        "_in_flight",
+        "_last_lost",
+        "_losses_at",
+        "_probes",
+        "_raise_at",
+        "_raise_interval",
+        "_resolution",
+        "_tried_ceiling",
+        "base",
+        "black_holes",
+        "ceiling",
+        "probes_acked",
+        "probes_lost",
+        "probes_sent",
+        "size",
+        "state",
+    )
+
     def __init__(self, *, ceiling: int, limits: Limits, base: int = BASE_DATAGRAM_SIZE) -> None:
         if ceiling < base:
             raise LocalProtocolError(f"the datagram size ceiling {ceiling} is below {base}")
