@@ -12,6 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from netsim import Link, Simulation, Writer, digest, payload, pump_all
 from test_tunnel import both_authenticated, open_stream, simple_sim
 
@@ -263,3 +265,50 @@ def test_the_peer_max_udp_payload_size_bounds_the_search() -> None:
     quic.path_mtu.limit_to_peer(2000)  # as if its transport parameters said so
     quic._apply_path_mtu()
     assert quic._max_datagram_size == 2000
+
+
+# Invariants over any sequence of inputs ----------------------------------------------
+
+
+@given(
+    ceiling=st.integers(BASE_DATAGRAM_SIZE, 65527),
+    mtu=st.integers(BASE_DATAGRAM_SIZE, 65535),
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["probe", "lose-probe", "ack", "lose", "peer", "time"]),
+            st.integers(0, 70000),
+        ),
+        max_size=80,
+    ),
+)
+@settings(max_examples=300, deadline=None)
+def test_the_size_stays_between_the_base_and_the_ceiling(
+    ceiling: int, mtu: int, steps: list[tuple[str, int]]
+) -> None:
+    search = PathMtuSearch(ceiling=ceiling, limits=LIMITS)
+    search.start()
+    now, number = 0.0, 0
+    for action, value in steps:
+        before = search.size
+        if action == "probe":
+            size = search.probe_size(now)
+            if size is not None:
+                assert search.size < size <= search.ceiling
+                search.probe_sent(size, now)
+                if size <= mtu:
+                    search.probe_acked(size, now)
+                else:
+                    search.probe_lost(size, now)
+        elif action == "lose-probe":
+            search.probe_lost(value, now)
+            assert search.size == before  # a lost probe never shrinks anything
+        elif action == "ack":
+            search.packet_acked(value)
+        elif action == "lose":
+            number += 1 + value % 3
+            search.packet_lost(value, number)
+        elif action == "peer":
+            search.limit_to_peer(value)
+        else:
+            now += value
+        assert BASE_DATAGRAM_SIZE <= search.size <= search.ceiling <= ceiling
