@@ -135,8 +135,8 @@ def receive_batch(
     batching: UdpBatching | None = None,
 ) -> OSError | None:
     """Hand up to ``batch`` waiting datagrams (``Limits.udp_receive_batch``) to
-    ``receive(data, addr, now)``; with GRO a coalesced buffer counts once and is split
-    into its datagrams here.
+    ``receive(data, addr, now)``; with GRO a coalesced buffer is split into its
+    datagrams here (each counts towards ``batch``; the last buffer may take it past).
 
     Returns the last error that says the peer cannot be reached, or None: a connected
     socket (a client's) reports an ICMP port or host unreachable that way, which tells
@@ -163,7 +163,9 @@ def _receive_coalesced(
     sock: socket.socket, receive: Receiver, now: float, batch: int
 ) -> OSError | None:
     unreachable: OSError | None = None
-    for _ in range(batch):
+    taken = 0
+    while taken < batch:  # datagrams, not calls: one buffer may hold 64
+        taken += 1
         try:
             data, ancillary, _flags, addr = sock.recvmsg(MAX_DATAGRAM, _GRO_ANCILLARY)
         except (BlockingIOError, InterruptedError):
@@ -180,6 +182,7 @@ def _receive_coalesced(
                 size = _GRO_SIZE.unpack_from(value)[0]
         if 0 < size < len(data):
             view = memoryview(data)
+            taken += (len(data) - 1) // size
             for start in range(0, len(data), size):
                 receive(bytes(view[start : start + size]), addr, now)
         else:
