@@ -312,3 +312,25 @@ def test_the_size_stays_between_the_base_and_the_ceiling(
         else:
             now += value
         assert BASE_DATAGRAM_SIZE <= search.size <= search.ceiling <= ceiling
+
+
+def test_a_probe_ends_its_flush() -> None:
+    """Datagrams of the size in use come first, so a GSO run never has the probe's
+    size as its segment size (a size the interface may not carry)."""
+    sim = simple_sim(quic_options=PMTUD)
+    quic = engine(sim.client)
+    flushes: list[list[int]] = []
+    original = quic.datagrams_to_send
+
+    def recording(now: float) -> list[tuple[bytes, Any]]:
+        datagrams = original(now)
+        flushes.append([len(data) for data, _ in datagrams])
+        return datagrams
+
+    quic.datagrams_to_send = recording
+    sim.run_until(lambda: both_authenticated(sim), timeout=10)
+    sim.run_for(0.5)
+    with_probe = [sizes for sizes in flushes if 9000 in sizes]
+    assert with_probe
+    for sizes in with_probe:
+        assert sizes[-1] == 9000 and sizes.count(9000) == 1
