@@ -3,6 +3,7 @@
 user would otherwise pick (socat, ``ssh -L``, asyncssh), then 1/8/64 connections at once.
 
     python -m bench.throughput [--bytes 50e6] [--sizes 1200,9000] [--repeat 3]
+        [--compare-batching] [--no-batching] [--no-pmtud]
 
 Every transfer is checked end to end (SHA-256).  ``up`` sends to the target through
 the public port (aggregator -> client over QUIC); ``down`` is the other way.  The
@@ -10,6 +11,12 @@ figure is the median of ``--repeat`` transfers.  ``CPU ms/MB`` is the CPU time b
 ends (snocat server + client, or raw sender + receiver) spent per MB moved: unlike
 MB/s it barely changes when other work shares the machine, so ``raw/tunnel CPU``
 (the tunnel's efficiency relative to raw aioquic) is comparable across runs.
+
+Each ``--sizes`` row is a fixed datagram size (``--no-path-mtu-discovery``); the
+``pmtud (default)`` row runs the default configuration, where path MTU discovery
+grows datagrams from 1200 B up to the default ceiling, and compares it with the best
+fixed row.  ``--compare-batching`` adds a row per size with UDP GSO/GRO off
+(``--udp-batch 1``); ``--no-batching`` turns them off everywhere.
 """
 
 from __future__ import annotations
@@ -111,10 +118,30 @@ def has_module(name: str) -> bool:
 # The tunnel --------------------------------------------------------------------------
 
 
+def tunnel_options(datagram: int | None, *, batching: bool) -> list[str]:
+    """``snocat`` options for one row: a fixed ``datagram`` size, or (None) the default
+    path MTU discovery; UDP GSO/GRO on or off."""
+    options = [] if datagram is None else ["--no-path-mtu-discovery"]
+    return options if batching else [*options, "--udp-batch", "1"]
+
+
 def tunnel(
-    datagram: int, size: int, repeat: int, directory: Path, target: Target
+    datagram: int | None,
+    size: int,
+    repeat: int,
+    directory: Path,
+    target: Target,
+    *,
+    batching: bool = True,
 ) -> dict[str, Any]:
-    with snocat_pair(directory, target.port, max_datagram_size=datagram) as pair:
+    extra = tunnel_options(datagram, batching=batching)
+    with snocat_pair(
+        directory,
+        target.port,
+        max_datagram_size=datagram,
+        extra_server=extra,
+        extra_client=extra,
+    ) as pair:
         port = pair.public_port
         result: dict[str, Any] = {}
         for name, mode in (("up", UPLOAD), ("down", DOWNLOAD)):
@@ -133,10 +160,23 @@ def tunnel(
 
 
 def concurrency(
-    datagram: int, total: int, counts: list[int], directory: Path, target: Target
+    datagram: int,
+    total: int,
+    counts: list[int],
+    directory: Path,
+    target: Target,
+    *,
+    batching: bool = True,
 ) -> list[tuple[int, float]]:
     rows = []
-    with snocat_pair(directory, target.port, max_datagram_size=datagram) as pair:
+    extra = tunnel_options(datagram, batching=batching)
+    with snocat_pair(
+        directory,
+        target.port,
+        max_datagram_size=datagram,
+        extra_server=extra,
+        extra_client=extra,
+    ) as pair:
         transfer(pair.public_port, UPLOAD, 1_000_000)
         for count in counts:
             each = max(1, total // count)
@@ -146,6 +186,18 @@ def concurrency(
 
 
 SBIN = "/usr/sbin:/usr/local/sbin:/usr/bin:/bin"
+
+
+def tunnel_row(label: str, ours: dict[str, Any], raw: float, raw_cpu: float) -> list[str]:
+    return [
+        label,
+        f"{ours['up']:.1f}",
+        f"{ours['down']:.1f}",
+        f"{ours['up'] / raw:.2f}" if raw else "",
+        f"{ours['up_cpu']:.0f} / {ours['down_cpu']:.0f}",
+        f"{raw_cpu / ours['up_cpu']:.2f}" if raw_cpu else "",
+    ]
+
 
 # Other tools -------------------------------------------------------------------------
 
@@ -214,43 +266,48 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--concurrent", default="1,8,64")
     parser.add_argument("--skip-others", action="store_true", help="no socat / ssh / asyncssh")
+    parser.add_argument("--skip-raw", action="store_true", help="no raw aioquic / qh3 rows")
+    parser.add_argument(
+        "--compare-batching", action="store_true", help="a row per size with GSO/GRO off too"
+    )
+    parser.add_argument("--no-batching", action="store_true", help="GSO/GRO off everywhere")
+    parser.add_argument("--no-pmtud", action="store_true", help='no "pmtud (default)" row')
     args = parser.parse_args()
+    batching = not args.no_batching
     size = int(args.bytes)
     sizes = [int(s) for s in args.sizes.split(",")]
     target = Target()
-    rows: list[list[object]] = []
+    rows: list[list[str]] = []
     try:
+        best = 0.0
         for datagram in sizes:
-            with scratch_directory() as directory:
-                raw, raw_cpu = raw_quic("aioquic", datagram, size, args.repeat, directory)
-            with scratch_directory() as directory:
-                ours = tunnel(datagram, size, args.repeat, directory, target)
-            rows.append(
-                [
-                    f"raw aioquic stream, {datagram} B",
-                    f"{raw:.1f}",
-                    "",
-                    "1.00",
-                    f"{raw_cpu:.0f}",
-                    "",
-                ]
-            )
-            rows.append(
-                [
-                    f"snocat tunnel, {datagram} B",
-                    f"{ours['up']:.1f}",
-                    f"{ours['down']:.1f}",
-                    f"{ours['up'] / raw:.2f}",
-                    f"{ours['up_cpu']:.0f} / {ours['down_cpu']:.0f}",
-                    f"{raw_cpu / ours['up_cpu']:.2f}",
-                ]
-            )
-            if has_module("qh3"):
+            raw = raw_cpu = 0.0
+            if not args.skip_raw:
+                with scratch_directory() as directory:
+                    raw, raw_cpu = raw_quic("aioquic", datagram, size, args.repeat, directory)
+                rows.append(
+                    [f"raw aioquic stream, {datagram} B", f"{raw:.1f}", "", "1.00",
+                     f"{raw_cpu:.0f}", ""]
+                )  # fmt: skip
+            variants = [batching, False] if args.compare_batching and batching else [batching]
+            for batched in variants:
+                with scratch_directory() as directory:
+                    ours = tunnel(datagram, size, args.repeat, directory, target, batching=batched)
+                best = max(best, ours["up"])
+                label = f"snocat tunnel, {datagram} B" + ("" if batched else ", no batching")
+                rows.append(tunnel_row(label, ours, raw, raw_cpu))
+            if has_module("qh3") and not args.skip_raw:
                 with scratch_directory() as directory:
                     qh3, qh3_cpu = raw_quic("qh3", datagram, size, args.repeat, directory)
                 rows.append(
                     [f"raw qh3 stream, {datagram} B", f"{qh3:.1f}", "", "", f"{qh3_cpu:.0f}", ""]
                 )
+        if not args.no_pmtud:
+            with scratch_directory() as directory:
+                ours = tunnel(None, size, args.repeat, directory, target, batching=batching)
+            row = tunnel_row("snocat tunnel, pmtud (default)", ours, 0.0, 0.0)
+            row[3] = f"{ours['up'] / best:.2f} of best fixed" if best else ""
+            rows.append(row)
         if not args.skip_others:
             tools = [
                 ("socat (plain TCP relay)", shutil.which("socat"), socat_forward),
@@ -272,7 +329,7 @@ def main() -> None:
         counts = [int(c) for c in args.concurrent.split(",") if c]
         if counts:
             with scratch_directory() as directory:
-                conc = concurrency(sizes[0], size, counts, directory, target)
+                conc = concurrency(sizes[0], size, counts, directory, target, batching=batching)
             print(f"\n## Aggregate throughput, {size / 1e6:.0f} MB split over N connections "
                   f"(up, {sizes[0]} B datagrams)\n")  # fmt: skip
             print(table(["connections", "MB/s"], [[n, f"{r:.1f}"] for n, r in conc]))

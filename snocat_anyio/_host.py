@@ -30,7 +30,7 @@ from snocat_proto._wire.tunnel import TunnelConnection
 
 from ._backend import Lock
 from ._stream import TunnelStream
-from ._udp import receive_batch, send_datagrams
+from ._udp import UdpBatching, receive_batch, send_datagrams
 
 logger = logging.getLogger("snocat.host")
 DEFAULT_LIMITS = Limits()
@@ -54,6 +54,8 @@ class TunnelHost:
         self.sock = sock
         self.pump: Pump[TunnelStream] = Pump(endpoint, on_event, self._new_stream)
         self._batch = limits.udp_receive_batch
+        #: GSO and GRO on this socket, while the kernel takes them.
+        self.batching = UdpBatching(sock, limits.udp_segments_per_call)
         #: Told when the socket reports the peer unreachable (a connected client socket).
         self._on_unreachable = on_unreachable
         self._timer_changed: anyio.Event | None = None
@@ -145,7 +147,9 @@ class TunnelHost:
         while True:
             await anyio.wait_readable(sock)
             now = anyio.current_time()
-            self._unreachable(receive_batch(sock, self.endpoint.receive_datagram, now, self._batch))
+            self._unreachable(
+                receive_batch(sock, self.endpoint.receive_datagram, now, self._batch, self.batching)
+            )
             self.flush()
 
     async def _timer_loop(self) -> None:
@@ -163,7 +167,7 @@ class TunnelHost:
             self.pump.handle_timer(max(anyio.current_time(), timer_at), self._send)
 
     def _send(self, datagrams: list[tuple[bytes, NetworkAddress]]) -> None:
-        dropped, unreachable = send_datagrams(self.sock, datagrams)
+        dropped, unreachable = send_datagrams(self.sock, datagrams, self.batching)
         self.datagrams_dropped += dropped
         self._unreachable(unreachable)
 

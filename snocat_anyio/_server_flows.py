@@ -216,7 +216,12 @@ class ServerCore(SharedListeners, ServerUdp):
         """Make the endpoint and bind the QUIC socket (raises what is misconfigured)."""
         config = self.config
         self._endpoint = server_endpoint(config, self._new_authenticator)
-        self._sock = bind_udp(config.quic_host, config.quic_port, reuse_port=config.quic_reuse_port)
+        self._sock = bind_udp(
+            config.quic_host,
+            config.quic_port,
+            reuse_port=config.quic_reuse_port,
+            dont_fragment=config.path_mtu_discovery,
+        )
         self._open_shared()
         self._host = TunnelHost(
             self._endpoint,

@@ -294,7 +294,11 @@ class ClientCore(ClientUdp):
             return problem
         label, family, address = candidates[self._address_turn % len(candidates)]
         try:
-            sock = bind_udp("::" if family == socket.AF_INET6 else "0.0.0.0", 0)
+            sock = bind_udp(
+                "::" if family == socket.AF_INET6 else "0.0.0.0",
+                0,
+                dont_fragment=self.config.path_mtu_discovery,
+            )
         except OSError as exc:
             return local_socket_failure(label, str(exc))
         try:

@@ -35,7 +35,7 @@ from snocat_proto._wire.network import NetworkAddress
 from snocat_proto._wire.tunnel import TunnelConnection
 
 from ._stream import TunnelStream
-from ._udp import receive_batch, send_datagrams
+from ._udp import UdpBatching, receive_batch, send_datagrams
 
 logger = logging.getLogger("snocat.sync.host")
 
@@ -63,6 +63,8 @@ class TunnelHost:
         self.lock = lock
         self.pump: Pump[TunnelStream] = Pump(endpoint, on_event, self._new_stream)
         self._batch = limits.udp_receive_batch
+        #: GSO and GRO on this socket, while the kernel takes them.
+        self.batching = UdpBatching(sock, limits.udp_segments_per_call)
         #: Told when the socket reports the peer unreachable (a connected client socket).
         self._on_unreachable = on_unreachable
         self._name = name
@@ -252,7 +254,9 @@ class TunnelHost:
         sock = self.sock
         with self.lock:
             now = time.monotonic()
-            self._unreachable(receive_batch(sock, self.endpoint.receive_datagram, now, self._batch))
+            self._unreachable(
+                receive_batch(sock, self.endpoint.receive_datagram, now, self._batch, self.batching)
+            )
             self.flush()
 
     def _drain_wake(self) -> None:
@@ -276,7 +280,7 @@ class TunnelHost:
         self._wake_w.close()
 
     def _send(self, datagrams: list[tuple[bytes, NetworkAddress]]) -> None:
-        dropped, unreachable = send_datagrams(self.sock, datagrams)
+        dropped, unreachable = send_datagrams(self.sock, datagrams, self.batching)
         self.datagrams_dropped += dropped
         self._unreachable(unreachable)
 

@@ -112,6 +112,10 @@ class Link:
     #: and are dropped once ``queue`` bytes wait (drop-tail, as a router does).
     bandwidth: float | None = None
     queue: int = 64 * 1024
+    #: The largest datagram the path carries (None: any); larger ones vanish without a
+    #: word, as on a path whose ICMP "too big" messages are filtered.  May change
+    #: during a run (a route change: a black hole for the size in use).
+    mtu: int | None = None
 
 
 @dataclass
@@ -287,6 +291,7 @@ class Simulation:
         server_alpn: Sequence[str] = (ALPN,),
         server_datagrams: bool = False,
         client_datagrams: bool = False,
+        quic_options: Mapping[str, object] | None = None,
     ) -> None:
         self.limits = limits or Limits()
         self.client_alpn = client_alpn
@@ -295,12 +300,16 @@ class Simulation:
         self.now = 1000.0
         self.keepalive_interval = keepalive_interval
         self.trust = trust
+        #: More ``quic_configuration`` settings for both sides (``max_datagram_size``,
+        #: ``path_mtu_discovery``).
+        self.quic_options = dict(quic_options or {})
         self.server = ServerEndpoint(
             server_configuration(
                 self.limits,
                 idle_timeout=server_idle_timeout,
                 alpn_protocols=server_alpn,
                 datagrams=server_datagrams,
+                **self.quic_options,
             ),
             authenticator_factory=server_auth,
             limits=self.limits,
@@ -325,6 +334,8 @@ class Simulation:
         #: When each direction's bottleneck is free again (``Link.bandwidth``), by source.
         self._link_free_at: dict[NetworkAddress, float] = {}
         self.datagrams_sent = 0
+        #: Datagrams the path dropped for being over ``Link.mtu``.
+        self.too_big = 0
         #: Set to a list to record each datagram put on the link: ``(time, source, size)``.
         self.sent_log: list[tuple[float, NetworkAddress, int]] | None = None
         #: Called after every step; an assertion there stops the run at the first breach.
@@ -342,7 +353,11 @@ class Simulation:
     ) -> Client:
         limits = limits or self.limits
         configuration = client_configuration(
-            limits, trust=self.trust, alpn_protocols=self.client_alpn, datagrams=datagrams
+            limits,
+            trust=self.trust,
+            alpn_protocols=self.client_alpn,
+            datagrams=datagrams,
+            **self.quic_options,
         )
         configuration.token = token
         tunnel = TunnelConnection.connect(
@@ -403,6 +418,9 @@ class Simulation:
             self.sent_log.append((self.now, source, len(data)))
         link = self.link
         if self.rng.random() < link.loss:
+            return
+        if link.mtu is not None and len(data) > link.mtu:
+            self.too_big += 1
             return
         departs = self.now
         if link.bandwidth is not None:

@@ -58,6 +58,12 @@ def _live_objects(identity: Any) -> dict[str, Any]:
         "aioquic.quic.connection.QuicConnection": client,
         "aioquic.quic.connection.QuicConnection.tls": client.tls,
         "aioquic.quic.recovery.QuicPacketRecovery": getattr(client, "_loss", None),
+        "aioquic.quic.recovery.QuicPacketPacer": getattr(
+            getattr(client, "_loss", None), "_pacer", None
+        ),
+        "aioquic.quic.congestion.base.QuicCongestionControl": getattr(
+            getattr(client, "_loss", None), "_cc", None
+        ),
         "aioquic.quic.stream.QuicStreamSender": client._streams[stream_id].sender,
         "aioquic.asyncio.protocol.QuicConnectionProtocol": protocol,
         "aioquic._buffer": importlib.import_module("aioquic._buffer"),

@@ -77,8 +77,10 @@ def test_read_coalesces_queued_chunks_up_to_max_bytes() -> None:
 
 def test_max_datagram_size_is_validated() -> None:
     base = {"certificate_pem": b"", "private_key_pem": b""}
-    assert ServerConfig(**base).max_datagram_size == 1200  # type: ignore[arg-type]
-    assert ServerConfig(**base, max_datagram_size=9000).max_datagram_size == 9000  # type: ignore[arg-type]
+    # By default a ceiling for path MTU discovery; without it, the one size, 1200.
+    assert ServerConfig(**base).datagram_size == 16384  # type: ignore[arg-type]
+    assert ServerConfig(**base, path_mtu_discovery=False).datagram_size == 1200  # type: ignore[arg-type]
+    assert ServerConfig(**base, max_datagram_size=9000).datagram_size == 9000  # type: ignore[arg-type]
     for bad in (1199, 65528):
         with pytest.raises(ValueError, match="max_datagram_size"):
             ServerConfig(**base, max_datagram_size=bad)  # type: ignore[arg-type]

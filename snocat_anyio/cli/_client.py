@@ -18,6 +18,7 @@ from snocat_proto._service.tokens import parse_single_token
 from snocat_proto._wire.auth import SCHEME_SIMPLE_ACK, SCHEME_TOKEN, ClientCredentials
 from snocat_proto._wire.certificates import load_certificate_chain, parse_fingerprint
 from snocat_proto._wire.errors import LocalProtocolError
+from snocat_proto._wire.limits import Limits
 from snocat_proto._wire.network import format_host_port
 from snocat_proto._wire.targets import ProxyTcpTarget
 from snocat_proto._wire.tunnel import CONNECT_KEEPALIVE_INTERVAL
@@ -155,7 +156,9 @@ def client(
     http_target: str | None,
     tls_target: str | None,
     proxy_protocol: str | None,
-    max_datagram_size: int,
+    max_datagram_size: int | None,
+    path_mtu_discovery: bool,
+    udp_batch: int,
     log_level: str,
     log_file: Path | None,
     json_mode: bool,
@@ -242,6 +245,8 @@ def client(
             idle_timeout=idle_timeout,
             keepalive_interval=keepalive or None,
             max_datagram_size=max_datagram_size,
+            path_mtu_discovery=path_mtu_discovery,
+            limits=Limits(udp_segments_per_call=udp_batch),
             secrets_log_file=open_key_log(),
             **by_name,
         )

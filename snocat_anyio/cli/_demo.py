@@ -14,6 +14,7 @@ from snocat_proto._service.ports import PortRange
 from snocat_proto._wire.auth import ClientCredentials
 from snocat_proto._wire.certificates import generate_self_signed
 from snocat_proto._wire.errors import LocalProtocolError
+from snocat_proto._wire.limits import Limits
 from snocat_proto._wire.network import format_host_port
 
 from .._client import TunnelClient
@@ -55,7 +56,9 @@ def demo(
     target: str,
     ports_text: str,
     tcp_bind: str,
-    max_datagram_size: int,
+    max_datagram_size: int | None,
+    path_mtu_discovery: bool,
+    udp_batch: int,
     log_level: str,
     log_file: Path | None,
     json_mode: bool,
@@ -82,6 +85,8 @@ def demo(
         port_range=port_range,
         tcp_bind=tcp_bind,
         max_datagram_size=max_datagram_size,
+        path_mtu_discovery=path_mtu_discovery,
+        limits=Limits(udp_segments_per_call=udp_batch),
     )
 
     async def main() -> None:
@@ -101,6 +106,8 @@ def demo(
                 credentials=ClientCredentials.token(DEMO_TUNNEL_NAME, secret),
                 authority_pem=certificate_pem,
                 max_datagram_size=max_datagram_size,
+                path_mtu_discovery=path_mtu_discovery,
+                limits=Limits(udp_segments_per_call=udp_batch),
             )
             tunnel_client = TunnelClient(client_config)
             with anyio.CancelScope() as running:

@@ -7,7 +7,12 @@ from typing import Any
 
 import rich_click as click
 
-from snocat_proto._service.config import DEFAULT_MAX_DATAGRAM_SIZE, MAX_DATAGRAM_SIZE_LIMIT
+from snocat_proto._service.config import (
+    DEFAULT_DATAGRAM_CEILING,
+    DEFAULT_MAX_DATAGRAM_SIZE,
+    MAX_DATAGRAM_SIZE_LIMIT,
+)
+from snocat_proto._wire.limits import MAX_UDP_SEGMENTS, Limits
 
 from ._common import LOOP_ENVIRONMENT, fail
 
@@ -57,14 +62,30 @@ def backend_option(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def datagram_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``--max-datagram-size``, ``--path-mtu-discovery/--no-...`` and ``--udp-batch``."""
+    function = click.option(
+        "--udp-batch",
+        default=Limits().udp_segments_per_call,
+        show_default=True,
+        type=click.IntRange(1, MAX_UDP_SEGMENTS),
+        help="Datagrams moved per system call, with UDP GSO and GRO where the kernel has "
+        "them; 1 sends and receives one at a time.",
+    )(function)
+    function = click.option(
+        "--path-mtu-discovery/--no-path-mtu-discovery",
+        default=True,
+        show_default=True,
+        help="Grow datagrams from 1200 B as far as the path carries (padded PING probes, "
+        "RFC 8899), up to --max-datagram-size. Off, every datagram is that size.",
+    )(function)
     return click.option(
         "--max-datagram-size",
-        default=DEFAULT_MAX_DATAGRAM_SIZE,
-        show_default=True,
+        default=None,
         type=click.IntRange(DEFAULT_MAX_DATAGRAM_SIZE, MAX_DATAGRAM_SIZE_LIMIT),
-        help="Largest UDP payload to send. The default fits every internet path; "
-        "1452 suits an Ethernet LAN, 8952 jumbo frames, larger values loopback "
-        "(see docs/performance.md).",
+        help=f"Largest UDP payload to send: the ceiling of path MTU discovery [default: "
+        f"{DEFAULT_DATAGRAM_CEILING}]; with --no-path-mtu-discovery, the one size sent "
+        f"[default: {DEFAULT_MAX_DATAGRAM_SIZE}, which fits every path; 1452 suits an "
+        "Ethernet LAN, 8952 jumbo frames] (see docs/performance.md).",
     )(function)
 
 

@@ -184,9 +184,9 @@ def check_port_range(port_range: PortRange, bind: str) -> None:
     )
 
 
-def _limits(max_streams: int) -> Limits:
+def _limits(max_streams: int, udp_batch: int) -> Limits:
     try:
-        return Limits(max_streams_per_tunnel=max_streams)
+        return Limits(max_streams_per_tunnel=max_streams, udp_segments_per_call=udp_batch)
     except LocalProtocolError as exc:
         raise UsageProblem(exc.reason) from None
 
@@ -395,7 +395,9 @@ def server(
     http_listen: str | None,
     tls_listen: str | None,
     proxy_protocol_from: tuple[str, ...],
-    max_datagram_size: int,
+    max_datagram_size: int | None,
+    path_mtu_discovery: bool,
+    udp_batch: int,
     log_level: str,
     log_file: Path | None,
     json_mode: bool,
@@ -544,12 +546,13 @@ def server(
             port_range=port_range,
             udp_port_range=udp_port_range,
             tcp_bind=tcp_bind,
-            limits=_limits(max_streams),
+            limits=_limits(max_streams, udp_batch),
             max_tunnels=max_tunnels,
             handshake_rate=HandshakeRate.of(handshake_rate) if handshake_rate else None,
             idle_timeout=idle_timeout,
             keepalive_interval=keepalive or None,
             max_datagram_size=max_datagram_size,
+            path_mtu_discovery=path_mtu_discovery,
             secrets_log_file=open_key_log(),
             fleet=fleet,
             quic_reuse_port=worker_group is not None,

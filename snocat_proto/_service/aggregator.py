@@ -94,7 +94,8 @@ def server_endpoint(
         alpn_protocols=(ALPN, FLEET_ALPN) if config.fleet is not None else (ALPN,),
         limits=config.limits,
         idle_timeout=config.idle_timeout,
-        max_datagram_size=config.max_datagram_size,
+        max_datagram_size=config.datagram_size,
+        path_mtu_discovery=config.path_mtu_discovery,
         datagrams=config.datagrams,
     )
     install_identity(quic, config.certificate_pem, config.private_key_pem)

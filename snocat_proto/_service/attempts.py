@@ -59,7 +59,8 @@ def connect_tunnel(config: ClientConfig, address: NetworkAddress, now: float) ->
         limits=config.limits,
         server_name=config.server_name,
         idle_timeout=config.idle_timeout,
-        max_datagram_size=config.max_datagram_size,
+        max_datagram_size=config.datagram_size,
+        path_mtu_discovery=config.path_mtu_discovery,
         datagrams=config.datagrams,
     )
     install_trust(configuration, authority_pem=config.authority_pem, pinned=config.fingerprint)

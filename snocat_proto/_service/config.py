@@ -28,20 +28,40 @@ from .ports import PortRange
 from .publications import PROXY_PROTOCOL_VERSIONS, NamedTarget, Publication
 from .visitors import TrustedNetworks
 
-__all__ = ["DEFAULT_MAX_DATAGRAM_SIZE", "MAX_DATAGRAM_SIZE_LIMIT", "ClientConfig", "ServerConfig"]
+__all__ = [
+    "DEFAULT_DATAGRAM_CEILING",
+    "DEFAULT_MAX_DATAGRAM_SIZE",
+    "MAX_DATAGRAM_SIZE_LIMIT",
+    "ClientConfig",
+    "ServerConfig",
+]
 
-#: The UDP payload every QUIC path must carry (RFC 9000 section 14): safe anywhere.
+#: The UDP payload every QUIC path must carry (RFC 9000 section 14): safe anywhere,
+#: where every datagram starts, and the one size sent without path MTU discovery
+#: unless ``max_datagram_size`` says otherwise.
 DEFAULT_MAX_DATAGRAM_SIZE = SMALLEST_MAX_DATAGRAM_SIZE
+#: How far path MTU discovery grows datagrams unless ``max_datagram_size`` says: past
+#: jumbo frames (8952), where loopback has most of its gain (docs/performance.md).
+DEFAULT_DATAGRAM_CEILING = 16384
 #: The largest UDP payload QUIC allows (``max_udp_payload_size``, RFC 9000 section 18.2).
 MAX_DATAGRAM_SIZE_LIMIT = 65527
 
 
-def check_max_datagram_size(value: int) -> None:
+def check_max_datagram_size(value: int | None) -> None:
+    if value is None:
+        return
     if not DEFAULT_MAX_DATAGRAM_SIZE <= value <= MAX_DATAGRAM_SIZE_LIMIT:
         raise ValueError(
             f"max_datagram_size must be within {DEFAULT_MAX_DATAGRAM_SIZE}.."
             f"{MAX_DATAGRAM_SIZE_LIMIT}, not {value!r}"
         )
+
+
+def datagram_size(max_datagram_size: int | None, path_mtu_discovery: bool) -> int:
+    """The ceiling of path MTU discovery, or the one size sent without it."""
+    if max_datagram_size is not None:
+        return max_datagram_size
+    return DEFAULT_DATAGRAM_CEILING if path_mtu_discovery else DEFAULT_MAX_DATAGRAM_SIZE
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,9 +134,13 @@ class ServerConfig:
     #: Authenticated tunnels at once (None: no limit); a client over it is told why.
     max_tunnels: int | None = 1000
     idle_timeout: float = 30.0
-    #: Largest UDP payload sent; the default fits every path, raise it only for a
-    #: path known to carry more (see docs/performance.md).
-    max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE
+    #: Largest UDP payload sent.  With ``path_mtu_discovery`` the ceiling datagrams
+    #: grow to from 1200 B, as far as the path carries (None: 16384); without, the one
+    #: size sent (None: 1200, which fits every path; see docs/performance.md).
+    max_datagram_size: int | None = None
+    #: Path MTU discovery (RFC 8899): padded PING probes find the largest datagram the
+    #: path to each client carries.
+    path_mtu_discovery: bool = True
     retry: bool = True
     #: New tunnels one client address (IPv6: /64) may start, beyond which its attempts
     #: are refused with a reason until it slows down (None: no limit).  Applies with
@@ -186,6 +210,11 @@ class ServerConfig:
         """Whether the handshake carries ``max_datagram_frame_size`` (3.17.1)."""
         return advertise_datagrams(self.auth, self.features)
 
+    @property
+    def datagram_size(self) -> int:
+        """The ceiling of path MTU discovery, or (off) the one datagram size sent."""
+        return datagram_size(self.max_datagram_size, self.path_mtu_discovery)
+
 
 @dataclass(frozen=True, kw_only=True)
 class ClientConfig:
@@ -220,7 +249,9 @@ class ClientConfig:
     limits: Limits = field(default_factory=Limits)
     idle_timeout: float = 30.0
     #: Largest UDP payload sent (as :attr:`ServerConfig.max_datagram_size`).
-    max_datagram_size: int = DEFAULT_MAX_DATAGRAM_SIZE
+    max_datagram_size: int | None = None
+    #: Path MTU discovery (as :attr:`ServerConfig.path_mtu_discovery`).
+    path_mtu_discovery: bool = True
     #: Seconds of silence from the aggregator before the client pings it, which also
     #: keeps the client's NAT mapping open.  Capped at half the idle timeout.
     keepalive_interval: float | None = CONNECT_KEEPALIVE_INTERVAL
@@ -288,6 +319,11 @@ class ClientConfig:
         if self.authority_pem is not None:
             load_certificate_chain(self.authority_pem, source="authority_pem")
         Backoff(self.backoff_initial, self.backoff_max)  # validates the pair
+
+    @property
+    def datagram_size(self) -> int:
+        """The ceiling of path MTU discovery, or (off) the one datagram size sent."""
+        return datagram_size(self.max_datagram_size, self.path_mtu_discovery)
 
     @property
     def server_label(self) -> str:

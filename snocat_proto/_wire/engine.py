@@ -35,18 +35,25 @@ from aioquic.quic.packet import (
     encode_quic_retry,
     encode_quic_version_negotiation,
     pull_quic_header,
+    pull_quic_transport_parameters,
 )
-from aioquic.quic.packet_builder import PACKET_NUMBER_SEND_SIZE, QuicPacketBuilder
+from aioquic.quic.packet_builder import (
+    PACKET_NUMBER_SEND_SIZE,
+    QuicDeliveryState,
+    QuicPacketBuilder,
+)
 from aioquic.quic.retry import QuicRetryTokenHandler
 from aioquic.quic.stream import QuicStream
 from cryptography import x509
 
 from .limits import Limits
+from .path_mtu import BASE_DATAGRAM_SIZE, PathMtuSearch
 
 __all__ = [
     "ALPN",
     "DATAGRAM_FRAME_SIZE",
     "SMALLEST_MAX_DATAGRAM_SIZE",
+    "EngineConfiguration",
     "NetworkAddress",
     "PacketHeader",
     "QuicConfiguration",
@@ -85,6 +92,7 @@ AIOQUIC_PRIVATES: dict[str, tuple[str, ...]] = {
     "aioquic.quic.connection.QuicConnection": (
         "_close_event",
         "_crypto_buffers",
+        "_cryptos",
         "_datagrams_pending",
         "_discard_epoch",
         "_handshake_complete",
@@ -98,18 +106,29 @@ AIOQUIC_PRIVATES: dict[str, tuple[str, ...]] = {
         "_loss",
         "_max_datagram_size",
         "_network_paths",
+        "_packet_number",
+        "_parse_transport_parameters",
         "_peer_cid",
         "_QuicConnection__frame_handlers",
         "_remote_max_datagram_frame_size",
         "_spaces",
+        "_spin_bit",
         "_state",
         "_stream_is_discarded",
         "_streams",
+        "_version",
         "_write_connection_limits",
         "_write_stream_limits",
     ),
     "aioquic.quic.connection.QuicConnection.tls": ("_peer_certificate",),
-    "aioquic.quic.recovery.QuicPacketRecovery": ("_get_loss_space",),
+    "aioquic.quic.recovery.QuicPacketRecovery": (
+        "_cc",
+        "_get_loss_space",
+        "_pacer",
+        "_time_of_last_sent_ack_eliciting_packet",
+    ),
+    "aioquic.quic.recovery.QuicPacketPacer": ("_max_datagram_size",),
+    "aioquic.quic.congestion.base.QuicCongestionControl": ("_max_datagram_size",),
     "aioquic.quic.stream.QuicStreamSender": ("_buffer", "_buffer_fin", "_reset_error_code"),
     "aioquic.asyncio.protocol.QuicConnectionProtocol": ("_quic",),
     "aioquic._buffer": ("Buffer",),
@@ -118,6 +137,15 @@ AIOQUIC_PRIVATES: dict[str, tuple[str, ...]] = {
 #: aioquic builds a table of frame handlers per connection with a new frozenset of
 #: epochs in each entry; the same few sets, shared, save kilobytes per connection.
 _SHARED_EPOCH_SETS: dict[frozenset[Any], frozenset[Any]] = {}
+
+
+@dataclass
+class EngineConfiguration(QuicConfiguration):
+    """aioquic's configuration, and what :class:`QuicEngine` adds to it."""
+
+    #: Path MTU discovery (RFC 8899) grows datagrams from 1200 B up to this size (None:
+    #: off, every datagram is ``max_datagram_size``).
+    path_mtu_ceiling: int | None = None
 
 
 def quic_configuration(
@@ -129,7 +157,8 @@ def quic_configuration(
     max_datagram_size: int = SMALLEST_MAX_DATAGRAM_SIZE,
     alpn_protocols: Sequence[str] = (ALPN,),
     datagrams: bool = False,
-) -> QuicConfiguration:
+    path_mtu_discovery: bool = False,
+) -> EngineConfiguration:
     """A QUIC configuration with snocat's ALPN (an aggregator node of a fleet also
     offers the node-to-node one) and windows; certificates are the caller's.
 
@@ -137,17 +166,23 @@ def quic_configuration(
     which the ``udp-datagrams`` addition needs (docs/protocol.md 3.17).  It goes out in
     the handshake, before any authentication, so only a side that can agree on that
     addition turns it on (:func:`~snocat_proto._wire.udp_flows.advertise_datagrams`):
-    off, the transport parameters are exactly the compat profile's."""
-    return QuicConfiguration(
+    off, the transport parameters are exactly the compat profile's.
+
+    ``path_mtu_discovery`` makes ``max_datagram_size`` a ceiling: datagrams start at
+    1200 B and grow as probes show the path carries more (:mod:`.path_mtu`).  The
+    probes are PING and PADDING frames, so nothing on the wire changes."""
+    discover = path_mtu_discovery and max_datagram_size > BASE_DATAGRAM_SIZE
+    return EngineConfiguration(
         alpn_protocols=list(alpn_protocols),
         supported_versions=[QuicProtocolVersion.VERSION_1],  # snocat 0.8 speaks v1 only
         is_client=is_client,
         server_name=server_name,
         idle_timeout=idle_timeout,
-        max_datagram_size=max_datagram_size,
+        max_datagram_size=BASE_DATAGRAM_SIZE if discover else max_datagram_size,
         max_stream_data=limits.stream_receive_window,
         max_data=min(limits.pre_auth_receive_window, limits.tunnel_receive_window),
         max_datagram_frame_size=DATAGRAM_FRAME_SIZE if datagrams else None,
+        path_mtu_ceiling=max_datagram_size if discover else None,
     )
 
 
@@ -171,6 +206,11 @@ class QuicEngine(QuicConnection):
         #: the peer takes none (queued with aioquic's own, unchecked, call).
         self.stranded_datagrams = 0
         self._share_frame_handler_epochs()
+        ceiling = getattr(configuration, "path_mtu_ceiling", None)
+        #: Path MTU discovery, when it is on (:mod:`.path_mtu`).
+        self.path_mtu: PathMtuSearch | None = (
+            None if ceiling is None else PathMtuSearch(ceiling=ceiling, limits=limits)
+        )
 
     # Memory per connection ---------------------------------------------------
 
@@ -315,6 +355,11 @@ class QuicEngine(QuicConnection):
             self.stranded_datagrams += 1
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        if self.path_mtu is not None:
+            return self._datagrams_and_probes(now)
+        return self._datagrams_to_send(now)
+
+    def _datagrams_to_send(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
         if self._datagrams_pending:
             self._drop_stranded_datagrams()
         paths = self._network_paths
@@ -333,6 +378,131 @@ class QuicEngine(QuicConnection):
             budget -= len(datagram)
             kept.append((datagram, addr))
         return kept
+
+    # Path MTU discovery (RFC 8899; the search itself is path_mtu.py) -------------------
+
+    def get_timer(self) -> float | None:
+        timer = super().get_timer()
+        search = self.path_mtu
+        if search is None or self._state in END_STATES:
+            return timer
+        due = search.get_timer()
+        if due is None:
+            return timer
+        return due if timer is None else min(timer, due)
+
+    def _datagrams_and_probes(self, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        search = self.path_mtu
+        assert search is not None
+        probe: list[tuple[bytes, NetworkAddress]] = []
+        if self._state not in END_STATES and self._handshake_complete and self._network_paths:
+            search.start()
+            size = search.probe_size(now)
+            if size is not None and self._network_paths[0].is_validated:
+                probe = self._send_path_mtu_probe(size, now)
+        first = self._packet_number
+        datagrams = self._datagrams_to_send(now)
+        if self._max_datagram_size > search.base and self._packet_number > first:
+            self._watch_full_size_packets(first)
+        # The probe goes last: it never starts a GSO run that datagrams of the size in
+        # use would join (a segment size the interface cannot carry fails the call).
+        return datagrams + probe if probe else datagrams
+
+    def _send_path_mtu_probe(self, size: int, now: float) -> list[tuple[bytes, NetworkAddress]]:
+        """One PING padded to ``size``, alone in its datagram, tracked for loss like
+        any packet but not counted in flight: a lost probe says the path is too narrow,
+        not congested (RFC 9000 section 14.4), and must not shrink the window."""
+        crypto = self._cryptos[tls.Epoch.ONE_RTT]
+        if not crypto.send.is_valid() or self._version is None:
+            return []
+        builder = QuicPacketBuilder(
+            host_cid=self.host_cid,
+            is_client=self._is_client,
+            max_datagram_size=size,
+            packet_number=self._packet_number,
+            peer_cid=self._peer_cid.cid,
+            spin_bit=self._spin_bit,
+            version=self._version,
+        )
+        builder.start_packet(QuicPacketType.ONE_RTT, crypto)
+        builder.start_frame(
+            QuicFrameType.PING, handler=self._on_probe_delivery, handler_args=(size, now)
+        )
+        room = builder.remaining_buffer_space
+        if room > 0:
+            builder.start_frame(QuicFrameType.PADDING, capacity=room).push_bytes(bytes(room - 1))
+        datagrams, packets = builder.flush()
+        self._packet_number = builder.packet_number
+        space = self._spaces[tls.Epoch.ONE_RTT]
+        for packet in packets:
+            packet.sent_time = now
+            packet.in_flight = False
+            self._loss.on_packet_sent(packet=packet, space=space)
+        # Out of flight, the probe would not move the probe timeout, which could then
+        # be long past (an idle tunnel) and declare it lost as soon as it is sent.
+        self._loss._time_of_last_sent_ack_eliciting_packet = now
+        assert self.path_mtu is not None
+        self.path_mtu.probe_sent(size, now)
+        addr = self._network_paths[0].addr
+        return [(bytes(datagram), addr) for datagram in datagrams]
+
+    def _on_probe_delivery(self, delivery: QuicDeliveryState, size: int, sent: float) -> None:
+        search = self.path_mtu
+        assert search is not None
+        if delivery == QuicDeliveryState.ACKED:
+            search.probe_acked(size, sent)
+        else:
+            search.probe_lost(size, sent)
+        self._apply_path_mtu()
+
+    def _watch_full_size_packets(self, first: int) -> None:
+        """Follow the ack-eliciting packets from number ``first`` on that are larger
+        than the base size, for black hole detection."""
+        sent = self._spaces[tls.Epoch.ONE_RTT].sent_packets
+        base = BASE_DATAGRAM_SIZE
+        handler = self._on_full_size_delivery
+        for number in reversed(sent):
+            if number < first:
+                break
+            packet = sent[number]
+            if packet.sent_bytes > base and packet.in_flight:
+                packet.delivery_handlers.append((handler, (packet.sent_bytes, number)))
+
+    def _on_full_size_delivery(self, delivery: QuicDeliveryState, size: int, number: int) -> None:
+        search = self.path_mtu
+        assert search is not None
+        if delivery == QuicDeliveryState.ACKED:
+            search.packet_acked(size)
+        else:
+            before = search.size
+            search.packet_lost(size, number)
+            if search.size != before:
+                self._apply_path_mtu()
+
+    def _apply_path_mtu(self) -> None:
+        search = self.path_mtu
+        assert search is not None
+        size = search.size
+        if size == self._max_datagram_size:
+            return
+        # The recovery's congestion controller and pacer count in datagrams too.
+        self._max_datagram_size = size
+        recovery = self._loss
+        recovery._pacer._max_datagram_size = size
+        controller = recovery._cc
+        if hasattr(controller, "_max_datagram_size"):
+            controller._max_datagram_size = size
+        if hasattr(controller, "additive_increase_factor"):  # cubic
+            controller.additive_increase_factor = size
+
+    def _parse_transport_parameters(self, data: bytes, from_session_ticket: bool = False) -> None:
+        super()._parse_transport_parameters(data, from_session_ticket)
+        if self.path_mtu is None:
+            return
+        parameters = pull_quic_transport_parameters(Buffer(data=data))
+        if parameters.max_udp_payload_size is not None:
+            self.path_mtu.limit_to_peer(parameters.max_udp_payload_size)
+            self._apply_path_mtu()
 
     def stream_was_discarded(self, stream_id: int) -> bool:
         """The stream existed and the engine has since dropped all of its state."""

@@ -22,6 +22,8 @@ DEFAULT_MAX_TUNNEL_NAME_LENGTH = 128
 DEFAULT_MAX_REASON_LENGTH = 200
 #: A PROXY protocol v2 header with the largest address block (AF_UNIX: 16 + 216).
 MIN_PROXY_HEADER_BYTES = 232
+#: Linux takes at most this many segments in one UDP GSO call (UDP_MAX_SEGMENTS).
+MAX_UDP_SEGMENTS = 64
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,6 +158,24 @@ class Limits:
     #: task (a thread in the blocking binding) for at most ``sniff_timeout``.
     max_sniffing_visitors: int = 512
 
+    # UDP I/O and path MTU discovery (issue 16, docs/performance.md) ---------------
+    #: Datagrams a pump moves in one system call: sent to one peer with UDP GSO, taken
+    #: coalesced with UDP GRO, where the kernel has them.  1 turns both off (one
+    #: datagram per ``sendto`` / ``recvfrom``); at most 64, the kernel's limit.
+    udp_segments_per_call: int = 16
+    #: Path MTU discovery (RFC 8899): probes of one size lost in a row before the
+    #: path counts as not carrying it (MAX_PROBES).
+    path_mtu_probes: int = 3
+    #: Seconds after a search settled before the next one tries larger sizes again
+    #: (PMTU_RAISE_TIMER), and after a black hole before it is tried again at all.
+    path_mtu_raise_interval: float = 600.0
+    #: Bursts of lost full-size packets, with none acknowledged since, after which the
+    #: path counts as a black hole for that size and the datagram size drops to 1200.
+    path_mtu_black_hole_bursts: int = 3
+    #: The search stops once the largest size carried and the smallest one lost are
+    #: this many bytes apart.
+    path_mtu_search_resolution: int = 16
+
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
@@ -167,6 +187,10 @@ class Limits:
             raise LocalProtocolError("stream_receive_window may not exceed tunnel_receive_window")
         if self.active_connection_id_limit < 2:
             raise LocalProtocolError("active_connection_id_limit must be at least 2 (RFC 9000)")
+        if self.udp_segments_per_call > MAX_UDP_SEGMENTS:
+            raise LocalProtocolError(
+                f"udp_segments_per_call may not exceed {MAX_UDP_SEGMENTS} (the kernel's limit)"
+            )
         if self.max_proxy_header_bytes < MIN_PROXY_HEADER_BYTES:
             raise LocalProtocolError(
                 f"max_proxy_header_bytes must be at least {MIN_PROXY_HEADER_BYTES}: "
