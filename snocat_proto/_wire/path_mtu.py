@@ -162,6 +162,8 @@ class PathMtuSearch:
             self.ceiling = limit
             self._high = min(self._high, limit)
             self.size = min(self.size, limit)
+            if self._candidate is not None and self._candidate > limit:
+                self._candidate = None  # picked for the old ceiling: pick again
 
     def probe_sent(self, size: int, now: float) -> None:
         self._in_flight = size
