@@ -298,7 +298,8 @@ async def test_an_oversized_datagram_is_dropped_and_counted_and_idle_flows_expir
         feed = server.activity.subscribe()
         async with await visitor_socket(port) as visitor:
             with anyio.fail_after(STEP):
-                await visitor.send(b"x" * 1300)  # over the 1169 bytes a datagram takes
+                # Over the 16,384-byte ceiling path MTU discovery grows datagrams to.
+                await visitor.send(b"x" * 17_000)
                 await visitor.send(b"small")
                 assert await visitor.receive() == b"small"
             closed = await next_of(feed, activity.UdpFlowClosed)
@@ -312,6 +313,38 @@ async def test_an_oversized_datagram_is_dropped_and_counted_and_idle_flows_expir
                 assert await visitor.receive() == b"again"
             reopened = await next_of(feed, activity.UdpFlowOpened)
             assert reopened.flow_id > closed.flow_id
+
+
+async def test_without_path_mtu_discovery_1169_bytes_cross_and_1170_are_dropped(
+    server_identity: Any,
+) -> None:
+    fixed: dict[str, Any] = {"path_mtu_discovery": False}
+    short = {**fixed, "limits": Limits(udp_flow_idle_timeout=0.5)}
+    async with udp_setup(server_identity, server=short, client=fixed) as (server, *_, port):
+        feed = server.activity.subscribe()
+        async with await visitor_socket(port) as visitor:
+            with anyio.fail_after(STEP):
+                await visitor.send(b"a" * 1170)  # the documented limit, plus one
+                await visitor.send(b"b" * 1169)
+                assert await visitor.receive() == b"b" * 1169
+            closed = await next_of(feed, activity.UdpFlowClosed)
+            assert closed.drops == {"too_big": 1}
+            assert (closed.bytes_out, closed.bytes_in) == (1169, 1169)
+
+
+async def test_path_mtu_discovery_raises_the_payload_limit_on_a_path_that_carries_it(
+    server_identity: Any,
+) -> None:
+    # Loopback carries 64 KiB: within seconds 8,000-byte payloads fit one packet.
+    async with udp_setup(server_identity) as (*_, port), await visitor_socket(port) as visitor:
+        big = random.Random(8).randbytes(8_000)
+        with anyio.fail_after(30):
+            while True:
+                await visitor.send(big)
+                with anyio.move_on_after(0.25):
+                    reply = await visitor.receive()
+                    assert hashlib.sha256(reply).digest() == hashlib.sha256(big).digest()
+                    break
 
 
 async def test_a_flood_is_held_to_the_rate_while_tcp_keeps_flowing(server_identity: Any) -> None:
