@@ -50,6 +50,13 @@ from snocat_proto._wire.errors import (
     UnsupportedVersion,
 )
 from snocat_proto._wire.features import FEATURES, parse_features
+from snocat_proto._wire.fleet_udp import (
+    MAX_RELAYED_DATAGRAM,
+    UDP_RELAY,
+    RelayedDatagrams,
+    UdpRelayRequest,
+    encode_relayed_datagram,
+)
 from snocat_proto._wire.framing import FrameDecoder, encode_frame
 from snocat_proto._wire.http_host import RequestHead, RequestHeadError, RequestHeadParser
 from snocat_proto._wire.limits import MIN_PROXY_HEADER_BYTES, Limits
@@ -941,6 +948,24 @@ def fuzz_udp_codecs(data: bytes) -> None:
         assert FlowRequest.from_address(request.to_address()) == request
         assert RouteAddress.decode(request.to_address().encode()) == request.to_address()
         assert request.visitor[0] == str(request.visitor[0]) and "%" not in request.visitor[0]
+    # And as a fleet's relayed flow (its address after /fleet/udp, and its frames).
+    try:
+        relayed = UdpRelayRequest.from_address(RouteAddress((*UDP_RELAY, *address.segments)))
+    except RemoteProtocolError:
+        pass
+    else:
+        assert relayed is not None
+        assert UdpRelayRequest.from_address(relayed.to_address()) == relayed
+    outcomes = []
+    for chunks in chunkings(data, rng_for(data)):
+        reader = RelayedDatagrams()
+        read = [frame for chunk in chunks for frame in reader.feed(chunk)]
+        assert reader.pending <= 2 + MAX_RELAYED_DATAGRAM
+        outcomes.append((tuple(read), reader.pending))
+    _same_for_every_split(outcomes, "relayed datagrams")
+    datagrams, pending = outcomes[0]
+    encoded = b"".join(encode_relayed_datagram(datagram) for datagram in datagrams)
+    assert encoded + data[len(data) - pending :] == data
     try:
         target = UdpTarget.parse_host_port(text)
     except LocalProtocolError:

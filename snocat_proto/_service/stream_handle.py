@@ -204,6 +204,20 @@ class StreamHandle:
             self.bytes_sent += len(chunk)
         return len(chunk)
 
+    def write_whole(self, data: bytes) -> bool | Blocked:
+        """Send all of ``data`` if the send buffer takes it whole now (True), else none
+        of it (False): for datagrams framed on a stream, which are dropped rather than
+        split or queued (a fleet's relayed UDP flows, docs/protocol.md 3.16.1)."""
+        blocked = self._write_blocked()
+        if blocked is not None:
+            return blocked
+        if self.tunnel.send_capacity(self.stream_id) < len(data):
+            return False
+        if data:
+            self.tunnel.send_data(self.stream_id, data)
+            self.bytes_sent += len(data)
+        return True
+
     def send_eof(self) -> Blocked | None:
         """Finish our direction (idempotent); None once it is finished."""
         if self._eof_sent:

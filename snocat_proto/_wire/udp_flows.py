@@ -48,10 +48,13 @@ __all__ = [
     "FlowTable",
     "UdpTarget",
     "advertise_datagrams",
+    "canonical_visitor",
     "decode_flow_datagram",
     "decode_varint",
     "encode_flow_datagram",
     "encode_varint",
+    "parse_visitor_segments",
+    "visitor_segments",
 ]
 
 #: The first segment of every flow-setup route address.
@@ -134,7 +137,8 @@ def _parse_flow_id(text: str) -> int | None:
     return value if value <= MAX_FLOW_ID else None
 
 
-def _canonical_visitor(host: object, port: object) -> tuple[str, int]:
+def canonical_visitor(host: object, port: object) -> tuple[str, int]:
+    """A visitor as a route address names it: IP address text without a zone, a port."""
     if not isinstance(host, str):
         raise LocalProtocolError(f"a visitor host is an IP address text, not {host!r}")
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
@@ -225,14 +229,12 @@ class FlowRequest:
         visitor: object = self.visitor
         if not isinstance(visitor, tuple) or len(visitor) < 2:
             raise LocalProtocolError(f"visitor must be (host, port), not {visitor!r}")
-        object.__setattr__(self, "visitor", _canonical_visitor(visitor[0], visitor[1]))
+        object.__setattr__(self, "visitor", canonical_visitor(visitor[0], visitor[1]))
 
     def to_address(self) -> RouteAddress:
-        host, port = self.visitor
-        family = _IP6 if ":" in host else _IP4
         target = self.target.segments()
         return RouteAddress(
-            (PROXY_UDP, str(self.flow_id), *target, _FROM, family, host, _UDP, str(port))
+            (PROXY_UDP, str(self.flow_id), *target, *visitor_segments(self.visitor))
         )
 
     @classmethod
@@ -253,17 +255,32 @@ class FlowRequest:
         if flow_id is None:
             raise RemoteProtocolError(f"invalid flow ID {segments[1][:32]!r}")
         target = UdpTarget.from_segments(rest[:-5])
-        family, host, protocol, port_text = rest[-4:]
-        port = parse_port(port_text)
-        if family not in (_IP4, _IP6) or protocol != _UDP or port is None or "%" in host:
-            raise RemoteProtocolError(f"invalid visitor address in {str(address)[:128]!r}")
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            raise RemoteProtocolError(f"invalid visitor address {host[:64]!r}") from None
-        if (ip.version == 6) != (family == _IP6):
-            raise RemoteProtocolError(f"visitor address {host[:64]!r} is not {family}")
-        return cls(flow_id, target, (str(ip), port))
+        return cls(flow_id, target, parse_visitor_segments(rest[-4:], address))
+
+
+def visitor_segments(visitor: tuple[str, int]) -> tuple[str, ...]:
+    """``from/<ip4|ip6>/<address>/udp/<port>``: a UDP visitor in a route address (3.17.3;
+    also the fleet's relayed flows, 3.16.1).  ``visitor`` is canonical (no zone)."""
+    host, port = canonical_visitor(visitor[0], visitor[1])
+    return (_FROM, _IP6 if ":" in host else _IP4, host, _UDP, str(port))
+
+
+def parse_visitor_segments(segments: tuple[str, ...], address: RouteAddress) -> tuple[str, int]:
+    """The visitor that the last four segments (after ``from``) name, canonical;
+    :class:`RemoteProtocolError` if they are not an IP address of its family and a port."""
+    if len(segments) != 4:
+        raise RemoteProtocolError(f"invalid visitor address in {str(address)[:128]!r}")
+    family, host, protocol, port_text = segments
+    port = parse_port(port_text)
+    if family not in (_IP4, _IP6) or protocol != _UDP or port is None or "%" in host:
+        raise RemoteProtocolError(f"invalid visitor address in {str(address)[:128]!r}")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise RemoteProtocolError(f"invalid visitor address {host[:64]!r}") from None
+    if (ip.version == 6) != (family == _IP6):
+        raise RemoteProtocolError(f"visitor address {host[:64]!r} is not {family}")
+    return str(ip), port
 
 
 # --- the flow table -------------------------------------------------------------------
