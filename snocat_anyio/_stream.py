@@ -87,6 +87,17 @@ class TunnelStream(HandleView, anyio.abc.ByteStream):
             view = view[sent:]
             self._flush()
 
+    def try_send(self, item: bytes) -> bool:
+        """(Never waits) Send all of ``item`` if the send buffer takes it whole now,
+        else nothing: False.  Raises as :meth:`send` does for a stream that cannot
+        send.  For datagrams framed on a stream, which are dropped, not queued."""
+        sent = self.handle.write_whole(item)
+        if isinstance(sent, Blocked):
+            self._raise(sent)
+        if sent:
+            self._flush()
+        return sent
+
     async def sendall(self, item: bytes) -> None:
         """:meth:`send`, under the name the blocking binding's streams use."""
         await self.send(item)

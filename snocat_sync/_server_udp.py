@@ -12,6 +12,10 @@ the same address from the same socket.  The core decides every bound (flows per
 tunnel, the queue while a flow opens, the rate, the size, idle expiry); what is here
 is the socket work around it and the books of who is whose.
 
+A flow's datagrams may also come from elsewhere: a fleet's node relays the visitors
+of another node to the tunnel here (:meth:`ServerUdp._open_relayed_flow`, with a
+``reply`` in place of the socket).
+
 The port goes back to the allocator only once its sockets are closed.  The claim,
 the give-back and the release are seams (:meth:`ServerUdp._claim_udp_port`,
 :meth:`~ServerUdp._unclaim_udp_port`, :meth:`~ServerUdp._release_udp_port`), as the
@@ -23,6 +27,7 @@ from __future__ import annotations
 import functools
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from snocat_proto._service import notices
@@ -74,6 +79,8 @@ class UdpFlow:
         "flow_id",
         "key",
         "lease",
+        "on_end",
+        "reply",
         "sock",
         "visitor",
     )
@@ -82,15 +89,22 @@ class UdpFlow:
         self,
         flow_id: int,
         lease: UdpLease,
-        sock: socket.socket,
+        sock: socket.socket | None,
         addr: NetworkAddress,
-        key: tuple[int, NetworkAddress],
+        key: tuple[object, NetworkAddress],
+        *,
+        reply: Callable[[bytes], str | None] | None = None,
+        on_end: Callable[[], None] | None = None,
     ) -> None:
         self.flow_id = flow_id
         self.lease = lease
         self.sock = sock
         self.addr = addr
         self.key = key
+        #: Where the tunnel's datagrams go instead of ``sock`` (a relayed flow): a
+        #: drop reason if it could not take one.  ``on_end`` is told once it ends.
+        self.reply = reply
+        self.on_end = on_end
         self.visitor = format_host_port(str(addr[0]).partition("%")[0], int(addr[1]))
         #: From the tunnel (to the visitor) and into it (from the visitor).
         self.datagrams_in = 0
@@ -113,8 +127,8 @@ class UdpLease:
         self.request = request
         #: The target named in each flow's setup (the ``dns`` form, as for TCP: 2.7).
         self.target = UdpTarget(TargetKind.DNS, request.host, request.port)
-        #: The flows by visitor (``(socket's fd, address)``).
-        self.flows: dict[tuple[int, NetworkAddress], UdpFlow] = {}
+        #: The flows by visitor (``(socket's fd, address)``; a relayed flow's own key).
+        self.flows: dict[tuple[object, NetworkAddress], UdpFlow] = {}
         #: Datagrams dropped outside any flow (a visitor over the flow limit).
         self.drops: dict[str, int] = {}
         self.stopped = False
@@ -312,34 +326,119 @@ class ServerUdp(ServerEvents[Any, TunnelStream]):
                 flow = lease.flows.get(key)
                 if flow is None:
                     try:
-                        flow_id = tunnel.open_flow(lease.target, (addr[0], addr[1]), now)
+                        flow = self._new_flow(session, lease, sock, addr, key, now)
                     except LocalProtocolError as exc:  # the tunnel is closing
                         logger.debug("tunnel %s: no UDP flow: %s", session.tunnel_id, exc)
                         break
-                    if flow_id is None:  # the tunnel has udp_max_flows flows
+                    if flow is None:  # the tunnel has udp_max_flows flows
                         _count(lease.drops, "flow_limit")
                         continue
-                    flow = UdpFlow(flow_id, lease, sock, addr, key)
-                    lease.flows[key] = flow
-                    session.udp_flows[flow_id] = flow
                     opened.append(flow)
-                dropped = tunnel.send_flow_datagram(flow.flow_id, data, now)
-                if dropped is None:
-                    flow.datagrams_out += 1
-                    flow.bytes_out += len(data)
-                else:
-                    _count(flow.drops, dropped.name.lower())
+                self._into_flow(tunnel, flow, data, now)
             self._flush(tunnel)
         for flow in opened:
-            self._report(
-                notices.udp_flow_opened,
-                session.tunnel_id,
-                flow.flow_id,
-                flow.visitor,
-                lease.target,
-                name=session.name,
-                port=lease.port,
-            )
+            self._flow_opened(session, flow)
+
+    def _new_flow(
+        self,
+        session: Any,
+        lease: UdpLease,
+        sock: socket.socket | None,
+        addr: NetworkAddress,
+        key: tuple[object, NetworkAddress],
+        now: float,
+        **relayed: Any,
+    ) -> UdpFlow | None:
+        """(Under the lock) A new flow of the tunnel for visitor ``addr``, in the books;
+        None at the tunnel's flow limit."""
+        flow_id = session.tunnel.open_flow(lease.target, (addr[0], addr[1]), now)
+        if flow_id is None:
+            return None
+        flow = UdpFlow(flow_id, lease, sock, addr, key, **relayed)
+        lease.flows[key] = flow
+        session.udp_flows[flow_id] = flow
+        return flow
+
+    def _into_flow(self, tunnel: Any, flow: UdpFlow, data: bytes, now: float) -> None:
+        """(Under the lock) A visitor's datagram into its flow, counted."""
+        dropped = tunnel.send_flow_datagram(flow.flow_id, data, now)
+        if dropped is None:
+            flow.datagrams_out += 1
+            flow.bytes_out += len(data)
+        else:
+            _count(flow.drops, dropped.name.lower())
+
+    def _flow_opened(self, session: Any, flow: UdpFlow) -> None:
+        self._report(
+            notices.udp_flow_opened,
+            session.tunnel_id,
+            flow.flow_id,
+            flow.visitor,
+            flow.lease.target,
+            name=session.name,
+            port=flow.lease.port,
+        )
+
+    # Relayed flows (a fleet's nodes) -----------------------------------------------
+
+    def _open_relayed_flow(
+        self,
+        session: Any,
+        port: int,
+        key: object,
+        addr: NetworkAddress,
+        reply: Callable[[bytes], str | None],
+        on_end: Callable[[], None],
+    ) -> UdpFlow | str:
+        """A flow on ``port`` for visitor ``addr`` whose datagrams come from elsewhere
+        (:meth:`_relayed_datagrams`) and whose replies go to ``reply``; ``on_end`` is
+        told when the flow ends here.  Why not, if there is none."""
+        with self._lock:
+            lease = session.udp_leases.get(port)
+            tunnel = session.tunnel
+            if lease is None or lease.stopped or session.closed or not tunnel.flows_enabled:
+                return "the port is not served here"
+            try:
+                flow = self._new_flow(
+                    session,
+                    lease,
+                    None,
+                    addr,
+                    (key, addr),
+                    current_time(),
+                    reply=reply,
+                    on_end=on_end,
+                )
+            except LocalProtocolError as exc:  # the tunnel is closing
+                return str(exc)
+            if flow is None:
+                _count(lease.drops, "flow_limit")
+                return "the tunnel has as many UDP flows as it may"
+            self._flush(tunnel)
+        self._flow_opened(session, flow)
+        return flow
+
+    def _relayed_datagrams(self, session: Any, flow: UdpFlow, datagrams: list[bytes]) -> None:
+        """(Never blocks) A relayed visitor's datagrams into its flow."""
+        with self._lock:
+            if session.udp_flows.get(flow.flow_id) is not flow or session.closed:
+                return
+            now = current_time()
+            for data in datagrams:
+                self._into_flow(session.tunnel, flow, data, now)
+            self._flush(session.tunnel)
+
+    def _end_relayed_flow(self, session: Any, flow: UdpFlow, cause: str) -> None:
+        """The relay of ``flow`` ended: end the flow here too (if it is still live)."""
+        with self._lock:
+            if session.udp_flows.get(flow.flow_id) is not flow:
+                return
+            del session.udp_flows[flow.flow_id]
+            flow.lease.flows.pop(flow.key, None)
+            if not session.closed:
+                session.tunnel.close_flow(flow.flow_id)
+                self._flush(session.tunnel)
+        self._flow_closed(session, flow, cause)
 
     def _flow_event(self, session: Any, event: TunnelEvent) -> None:
         """(From the pump) A flow's datagram goes back to its visitor; a flow that
@@ -348,11 +447,17 @@ class ServerUdp(ServerEvents[Any, TunnelStream]):
             flow = session.udp_flows.get(event.flow_id)
             if flow is None:
                 return
-            if send_one(flow.sock, event.data, flow.addr):
+            if flow.reply is not None:
+                dropped = flow.reply(event.data)
+            elif flow.sock is not None and send_one(flow.sock, event.data, flow.addr):
+                dropped = None
+            else:
+                dropped = "visitor_unreachable"
+            if dropped is None:
                 flow.datagrams_in += 1
                 flow.bytes_in += len(event.data)
             else:
-                _count(flow.drops, "visitor_unreachable")
+                _count(flow.drops, dropped)
         elif isinstance(event, FlowEnded):
             flow = session.udp_flows.pop(event.flow_id, None)
             if flow is None:
@@ -363,6 +468,9 @@ class ServerUdp(ServerEvents[Any, TunnelStream]):
             super()._flow_event(session, event)
 
     def _flow_closed(self, session: Any, flow: UdpFlow, cause: str) -> None:
+        on_end, flow.on_end = flow.on_end, None
+        if on_end is not None:
+            on_end()
         self._report(
             notices.udp_flow_closed,
             session.tunnel_id,
