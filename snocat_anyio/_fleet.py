@@ -4,7 +4,10 @@
 it claims names and public ports in the store, renews its claims, follows the fleet's
 event stream, listens on the ports the other nodes hold, and relays a visitor who
 arrives there to the node that holds the tunnel, over a node-to-node QUIC link (ALPN
-``snocat-fleet-1``, :mod:`snocat_proto._wire.fleet_auth`).  The key layout, the
+``snocat-fleet-1``, :mod:`snocat_proto._wire.fleet_auth`).  UDP ports (``--udp-ports``)
+are claimed and followed the same way, apart from the TCP ones; a visitor address on
+a UDP port held elsewhere is a stream of the link carrying its datagrams
+(:mod:`snocat_proto._wire.fleet_udp`).  The key layout, the
 scripts, the records, the conflict rules and what a node makes of each change are the
 core's (:mod:`snocat_proto._service.fleet`); this module runs them.
 
@@ -35,7 +38,7 @@ import coredis
 import coredis.exceptions
 from coredis.tokens import PureToken
 
-from snocat_proto._service import activity
+from snocat_proto._service import activity, notices
 from snocat_proto._service.aggregator import PortRefusal, TunnelStatus
 from snocat_proto._service.backoff import Backoff
 from snocat_proto._service.config import FleetConfig, ServerConfig
@@ -65,20 +68,30 @@ from snocat_proto._wire.certificates import load_identity
 from snocat_proto._wire.codes import CloseCode
 from snocat_proto._wire.endpoint import ClientEndpoint
 from snocat_proto._wire.engine import ALPN, quic_configuration
-from snocat_proto._wire.errors import LocalProtocolError
+from snocat_proto._wire.errors import LocalProtocolError, RemoteProtocolError
 from snocat_proto._wire.events import AuthenticationCompleted, ConnectionTerminated, TunnelEvent
 from snocat_proto._wire.features import VISITOR_ADDRESS
 from snocat_proto._wire.fleet_auth import FLEET_ALPN, SCHEME_FLEET, FleetConnector, FleetListener
-from snocat_proto._wire.network import format_host_port, parse_host_port
+from snocat_proto._wire.fleet_udp import (
+    MAX_RELAYED_DATAGRAM,
+    RelayedDatagrams,
+    UdpRelayRequest,
+    encode_relayed_datagram,
+)
+from snocat_proto._wire.network import NetworkAddress, format_host_port, parse_host_port
 from snocat_proto._wire.proxy_protocol import ProxyAddresses
 from snocat_proto._wire.proxyme import ProxymeRequest
+from snocat_proto._wire.targets import TargetKind
 from snocat_proto._wire.tunnel import TunnelConnection, TunnelState
+from snocat_proto._wire.udp_flows import UdpTarget
 from snocat_proto._wire.visitor import split_visitor, with_visitor
 
 from ._backend import (
+    BROKEN_OR_REFUSED,
     Connection,
     Listener,
     TaskSet,
+    UdpSockets,
     accepted,
     connect_name,
     current_time,
@@ -89,8 +102,9 @@ from ._errors import StreamRefusedError, TunnelClosedError
 from ._host import TunnelHost
 from ._server import RouteHandler, Router, TunnelServer
 from ._server_flows import _Lease, _Session
+from ._server_udp import UdpFlow
 from ._stream import TunnelStream
-from ._udp import bind_udp
+from ._udp import bind_udp, bind_udp_port, send_one
 
 __all__ = ["FleetServer", "StoreUnavailable"]
 
@@ -109,6 +123,8 @@ LINK_TIMEOUT = 5.0
 #: The view is rebuilt from the keys this often (a dead node's claims lapse without
 #: an event), in leases.
 REBUILD_EVERY = 1.0
+#: What a relayed UDP flow's stream raises once it cannot carry datagrams any more.
+RELAY_ENDED: tuple[type[BaseException], ...] = (*BROKEN_OR_REFUSED, LocalProtocolError)
 
 
 class StoreUnavailable(Exception):
@@ -270,7 +286,7 @@ class FleetStore:
         won, detail = await self._eval(
             "claim_port",
             CLAIM_PORT,
-            [keys.port(claim.port), keys.fence, keys.events],
+            [keys.port(claim.port, claim.protocol), keys.fence, keys.events],
             [
                 claim.encode(),
                 self._lease_ms,
@@ -383,31 +399,35 @@ class FleetStore:
             ],
         )
 
-    async def sticky(self, name: str, target: str) -> int | None:
-        key = self.keys.sticky(name, target)
+    async def sticky(self, name: str, target: str, protocol: str = "tcp") -> int | None:
+        key = self.keys.sticky(name, target, protocol)
         value = await self.call("sticky", lambda client: client.get(key))
         return int(value) if value is not None and value.isdigit() else None
 
-    async def remember(self, name: str, target: str, port: int, seconds: float) -> None:
-        key = self.keys.sticky(name, target)
+    async def remember(
+        self, name: str, target: str, port: int, seconds: float, protocol: str = "tcp"
+    ) -> None:
+        key = self.keys.sticky(name, target, protocol)
         ms = max(1, round(seconds * 1000))
         await self.call("remember", lambda client: client.set(key, str(port).encode(), px=ms))
 
     async def snapshot(
         self,
-    ) -> tuple[list[NodeRecord], dict[int, Stored], dict[str, Stored]]:
-        """Every node record, port claim and tunnel record in the store (a few round
-        trips per 500 keys)."""
+    ) -> tuple[list[NodeRecord], dict[str, dict[int, Stored]], dict[str, Stored]]:
+        """Every node record, port claim (by protocol) and tunnel record in the store
+        (a few round trips per 500 keys)."""
         keys = self.keys
         nodes = []
         for value in (await self._scan(keys.node_pattern)).values():
             with contextlib.suppress(LocalProtocolError):
                 nodes.append(NodeRecord.decode(value))
-        ports: dict[int, Stored] = {}
-        prefix = keys.port(0)[:-1]
-        for key, value in (await self._scan(keys.port_pattern)).items():
-            with contextlib.suppress(LocalProtocolError, ValueError):
-                ports[int(key.removeprefix(prefix))] = Stored.parse(value)
+        ports: dict[str, dict[int, Stored]] = {}
+        for protocol in ("tcp", "udp"):
+            claims = ports[protocol] = {}
+            prefix = keys.port(0, protocol)[:-1]
+            for key, value in (await self._scan(keys.port_pattern_of(protocol))).items():
+                with contextlib.suppress(LocalProtocolError, ValueError):
+                    claims[int(key.removeprefix(prefix))] = Stored.parse(value)
         tunnels: dict[str, Stored] = {}
         prefix = keys.name("")
         for key, value in (await self._scan(keys.name_pattern)).items():
@@ -610,6 +630,40 @@ class _Registration:
     lost: bool = False
 
 
+class _RelayedFlow:
+    """(At a node that does not hold the UDP port) One visitor address, relayed to the
+    holder on a stream of the node link (docs/protocol.md 3.16.1)."""
+
+    def __init__(
+        self, key: tuple[int, NetworkAddress], sock: socket.socket, claim: PortClaim
+    ) -> None:
+        self.key = key
+        self.sock = sock
+        self.addr: NetworkAddress = key[1]
+        self.claim = claim
+        #: What the visitor sent while the stream was being opened (bounded).
+        self.queue: list[bytes] = []
+        self.stream: TunnelStream | None = None
+        self.active = current_time()
+        self.scope = anyio.CancelScope()
+        self.drops: dict[str, int] = {}
+
+    def count(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+
+class _RelayedUdpPort:
+    """A UDP port another node holds, open here: its sockets and relayed visitors."""
+
+    def __init__(self, port: int, sockets: UdpSockets) -> None:
+        self.port = port
+        self.sockets = sockets
+        self.flows: dict[tuple[int, NetworkAddress], _RelayedFlow] = {}
+        #: Datagrams dropped outside any flow (over the link's flow limit), by holder.
+        self.drops: dict[str, int] = {}
+        self.stopped = False
+
+
 class FleetServer(TunnelServer):
     """An aggregator node of a fleet; see the module docstring.
 
@@ -635,6 +689,12 @@ class FleetServer(TunnelServer):
         self._ports: dict[int, _Held] = {}
         self._remote: dict[int, Listener] = {}
         self._closing: dict[int, anyio.Event] = {}
+        #: The UDP ports: this node's claims, and those it relays for other nodes (with
+        #: how many relayed flows each node's link carries).
+        self._udp_ports: dict[int, _Held] = {}
+        self._udp_remote: dict[int, _RelayedUdpPort] = {}
+        self._udp_closing: dict[int, _RelayedUdpPort] = {}
+        self._udp_relayed: collections.Counter[str] = collections.Counter()
         self._links: dict[str, FleetLink] = {}
         #: Visitors waiting for a relay stream, by port (see :meth:`_port_moved`).
         self._relaying: dict[int, set[anyio.CancelScope]] = {}
@@ -652,6 +712,7 @@ class FleetServer(TunnelServer):
         #: Renewals, releases and updates of this node's claims, one at a time.
         self._claims_lock: anyio.Lock
         self._view = FleetView(self._record(), self._store.keys)
+        self._udp_view = FleetView(self._record(), self._store.keys, protocol="udp")
         certificate, _ = load_identity(config.certificate_pem, config.private_key_pem)
         self._certificate = certificate[0]
 
@@ -696,7 +757,7 @@ class FleetServer(TunnelServer):
 
     def _open(self) -> None:
         super()._open()
-        self._view.me = self._record()
+        self._view.me = self._udp_view.me = self._record()
 
     def _begin(self, group: Any) -> None:
         super()._begin(group)
@@ -713,6 +774,8 @@ class FleetServer(TunnelServer):
     async def _wind_down(self, grace: float) -> None:
         for port in list(self._remote):
             await self._stop_listening(port)
+        for port in list(self._udp_remote):
+            await self._stop_udp_relay(port)
         await super()._wind_down(grace)
         with shield(), anyio.move_on_after(2.0):
             await self._leave()
@@ -725,7 +788,7 @@ class FleetServer(TunnelServer):
         """Give back what is still held (normally released as tunnels closed), and
         tell the fleet this node left."""
         with contextlib.suppress(StoreUnavailable):
-            for held in list(self._ports.values()):
+            for held in [*self._ports.values(), *self._udp_ports.values()]:
                 await self._release_claim(held.key, held.stored, EventKind.PORT_RELEASED)
             for registration in list(self._registrations.values()):
                 if registration.held is not None:
@@ -736,6 +799,7 @@ class FleetServer(TunnelServer):
                 await self._store.drop_node(self._view.me)
         self._leaving = True
         self._ports.clear()
+        self._udp_ports.clear()
         self._registrations.clear()
 
     def _health_changed(self, healthy: bool, reason: str) -> None:
@@ -948,6 +1012,317 @@ class FleetServer(TunnelServer):
         with contextlib.suppress(StoreUnavailable):
             await self._release_claim(held.key, held.stored, EventKind.PORT_RELEASED)
 
+    # UDP ports: claims of their own (snocat:udp:PORT), as the TCP ones ----------------
+
+    async def _claim_udp_port(
+        self, session: _Session, request: ProxymeRequest, wanted: int | None, refused: set[int]
+    ) -> int | PortRefusal:
+        port_range = self.config.udp_port_range
+        assert port_range is not None  # a UDP request is served only with a range
+        if wanted is not None and wanted not in port_range:
+            return PortRefusal(
+                f"UDP port {wanted} is outside this aggregator's UDP range {port_range}", False
+            )
+        deadline = current_time() + STORE_WAIT
+        while not session.closed:
+            if not await self._store.wait_healthy(deadline - current_time()):
+                return PortRefusal("the fleet's registry is unreachable; ask again later", True)
+            try:
+                return await self._claim_udp_in_store(session, request, wanted, refused)
+            except StoreUnavailable:
+                continue  # wait for the store, then claim again
+        return PortRefusal("the tunnel closed", True)
+
+    async def _claim_udp_in_store(
+        self, session: _Session, request: ProxymeRequest, wanted: int | None, refused: set[int]
+    ) -> int | PortRefusal:
+        port_range = self.config.udp_port_range
+        assert port_range is not None
+        name = session.label
+        target = str(UdpTarget(TargetKind.DNS, request.host, request.port))
+        if wanted is not None:
+            candidates = [wanted]
+        else:
+            sticky = await self._store.sticky(name, target, "udp")
+            candidates = self._udp_view.port_candidates(name, target, sticky, port_range, refused)
+        for port in candidates:
+            claim = PortClaim(
+                port=port,
+                node=self.fleet.node,
+                tunnel_id=session.tunnel_id,
+                name=name,
+                target=target,
+                protocol="udp",
+            )
+            pool = self._books.names.is_pool(session.name)
+            stored, holder = await self._store.claim_port(claim, take_over=not pool)
+            if stored is None:
+                if wanted is not None:
+                    where = f" on node {holder.node}" if holder is not None else ""
+                    return PortRefusal(f"UDP port {port} is in use by another tunnel{where}", True)
+                continue
+            # Ours now: our own sockets serve it, so stop relaying it elsewhere.
+            self._udp_ports[port] = _Held(self._store.keys.port(port, "udp"), stored, session)
+            await self._apply_udp_change(self._udp_view.claimed_port(stored.fence, claim))
+            await self._stop_udp_relay(port)
+            local = await super()._claim_udp_port(session, request, port, refused)
+            if isinstance(local, PortRefusal):
+                await self._give_back_udp_port(session, port)
+                if wanted is not None:
+                    return local
+                refused.add(port)
+                continue
+            return local
+        return PortRefusal(f"no free UDP port in {port_range} across the fleet", True)
+
+    async def _unclaim_udp_port(self, session: _Session, port: int) -> None:
+        await super()._unclaim_udp_port(session, port)
+        await self._give_back_udp_port(session, port)
+
+    async def _release_udp_port(self, session: _Session, port: int) -> bool:
+        held = self._udp_ports.get(port)
+        released = await super()._release_udp_port(session, port)
+        if held is not None and held.session is session:
+            await self._give_back_udp_port(session, port)
+            with contextlib.suppress(StoreUnavailable, LocalProtocolError):
+                claim = PortClaim.decode(held.stored.body)
+                await self._store.remember(
+                    claim.name, claim.target, port, self.config.sticky_port_seconds, "udp"
+                )
+        return released
+
+    async def _give_back_udp_port(self, session: _Session, port: int) -> None:
+        """Release ``session`` 's claim of UDP ``port`` (not a newer tunnel's)."""
+        held = self._udp_ports.get(port)
+        if held is None or held.session is not session:
+            return
+        del self._udp_ports[port]
+        self._udp_view.drop(held.key)
+        with contextlib.suppress(StoreUnavailable):
+            await self._release_claim(held.key, held.stored, EventKind.PORT_RELEASED)
+
+    def _visitor_datagrams(
+        self,
+        session: _Session,
+        lease: Any,
+        sock: socket.socket,
+        batch: list[tuple[bytes, NetworkAddress]],
+    ) -> None:
+        if not self._claims_fresh():
+            return  # paused past the lease: another node may hold the port now
+        super()._visitor_datagrams(session, lease, sock, batch)
+
+    async def _apply_udp_change(self, change: ViewChange) -> None:
+        """The UDP view changed: claims lost, ports to open or close for other nodes
+        (its node changes are the TCP view's to report)."""
+        for key in change.lost:
+            for held in self._held_under(key):
+                self._lost(held)
+        for port in sorted(change.unlisten):
+            await self._stop_udp_relay(port)
+        for port in sorted(change.listen):
+            self._relay_udp_port(port)
+
+    # UDP ports held elsewhere: open them here, relay each visitor's flow -------------
+
+    def _relay_udp_port(self, port: int) -> None:
+        """Open UDP ``port`` (held by another node) on this node's address."""
+        if port in self._udp_remote or port in self._udp_closing or self._tasks is None:
+            return
+        if not self._udp_view.should_listen(port):
+            return
+        try:
+            sockets = UdpSockets(
+                bind_udp_port(self.config.tcp_bind or None, port),
+                self.config.limits.udp_receive_batch,
+            )
+        except OSError as exc:
+            holder = self._udp_view.holder_of(port)
+            logger.warning(
+                "cannot open UDP port %d for node %s: %s",
+                port,
+                holder.node if holder else "?",
+                exc,
+            )
+            return
+        relayed = self._udp_remote[port] = _RelayedUdpPort(port, sockets)
+        sockets.start(self._host, self._tasks, functools.partial(self._udp_visitors, relayed))
+
+    async def _stop_udp_relay(self, port: int) -> None:
+        """Close UDP ``port`` opened for another node, ending its relayed flows; returns
+        once its sockets are closed (also when another task is closing them)."""
+        relayed = self._udp_remote.pop(port, None) or self._udp_closing.get(port)
+        if relayed is None:
+            return
+        self._udp_closing[port] = relayed
+        try:
+            relayed.stopped = True
+            for flow in list(relayed.flows.values()):
+                flow.scope.cancel()
+            await relayed.sockets.aclose()
+        finally:
+            if self._udp_closing.get(port) is relayed:
+                del self._udp_closing[port]
+
+    def _udp_port_moved(self, claim: PortClaim) -> None:
+        """UDP ``claim.port`` has a new holder: relayed flows to another node end (the
+        visitor's next datagram opens a flow to the new holder)."""
+        relayed = self._udp_remote.get(claim.port)
+        for flow in list(relayed.flows.values()) if relayed is not None else ():
+            if flow.claim.node != claim.node:
+                flow.scope.cancel()
+
+    def _udp_visitors(
+        self,
+        relayed: _RelayedUdpPort,
+        sock: socket.socket,
+        batch: list[tuple[bytes, NetworkAddress]],
+    ) -> None:
+        """(Never blocks) Datagrams from visitors on a UDP port another node holds:
+        each into its visitor's relayed flow, a new flow for a new visitor."""
+        if relayed.stopped or not self._books.accepting:
+            return
+        limits = self.config.limits
+        claim = self._udp_view.holder_of(relayed.port)
+        if claim is None or self._udp_view.relay_to(relayed.port) is None:
+            return
+        now = current_time()
+        fd = sock.fileno()
+        for data, addr in batch:
+            key = (fd, addr)
+            flow = relayed.flows.get(key)
+            if flow is None:
+                if self._udp_relayed[claim.node] >= limits.udp_max_flows:
+                    relayed.drops["flow_limit"] = relayed.drops.get("flow_limit", 0) + 1
+                    continue
+                flow = relayed.flows[key] = _RelayedFlow(key, sock, claim)
+                self._udp_relayed[claim.node] += 1
+                self.spawn_task(
+                    self._run_relayed_flow, relayed, flow, name=f"udp-relay-{relayed.port}"
+                )
+            flow.active = now
+            self._relay_out(flow, data)
+
+    def _relay_out(self, flow: _RelayedFlow, data: bytes) -> None:
+        """A visitor's datagram onto its flow's stream, if the stream takes it whole
+        now; queued (bounded) while the stream opens; else dropped and counted."""
+        if len(data) > MAX_RELAYED_DATAGRAM:
+            flow.count("too_big")
+        elif flow.stream is None:
+            if len(flow.queue) < self.config.limits.udp_flow_queue:
+                flow.queue.append(data)
+            else:
+                flow.count("queue_full")
+        else:
+            try:
+                taken = flow.stream.try_send(encode_relayed_datagram(data))
+            except BROKEN_OR_REFUSED:
+                flow.count("flow_ended")
+                flow.scope.cancel()
+                return
+            if not taken:
+                flow.count("congested")
+
+    async def _run_relayed_flow(self, relayed: _RelayedUdpPort, flow: _RelayedFlow) -> None:
+        """One relayed visitor: open its stream to the holder, send what it queued,
+        and carry the holder's replies back from this port, until either side ends
+        the stream, the port closes here, or the flow is idle for
+        ``udp_flow_idle_timeout``."""
+        limits = self.config.limits
+        holder = self._udp_view.relay_to(relayed.port)
+        try:
+            with flow.scope:
+                if holder is None or holder[0].node != flow.claim.node:
+                    flow.drops["flow_ended"] = len(flow.queue)
+                    return
+                node, fence = holder
+                host, port = flow.addr[0], flow.addr[1]
+                route = UdpRelayRequest(relayed.port, fence, (host, port)).to_address()
+                opened = await self._link_stream(node, route, current_time() + LINK_TIMEOUT)
+                if isinstance(opened, BaseException):
+                    logger.info(
+                        "no UDP relay to node %s for port %d: %s", node.node, relayed.port, opened
+                    )
+                    if flow.queue:
+                        flow.drops["flow_ended"] = len(flow.queue)
+                    return
+                flow.stream = opened
+                queued, flow.queue = flow.queue, []
+                for data in queued:
+                    self._relay_out(flow, data)
+                frames = RelayedDatagrams()
+                while True:
+                    idle_at = flow.active + limits.udp_flow_idle_timeout
+                    if current_time() >= idle_at:
+                        break
+                    with anyio.move_on_after(idle_at - current_time()):
+                        try:
+                            data = await opened.receive()
+                        except anyio.EndOfStream:
+                            break
+                        for reply in frames.feed(data):
+                            if not send_one(flow.sock, reply, flow.addr):
+                                flow.count("visitor_unreachable")
+                        flow.active = current_time()
+        except BROKEN_OR_REFUSED as exc:
+            logger.debug("UDP relay of %s on port %d ended: %s", flow.addr, relayed.port, exc)
+        finally:
+            if relayed.flows.get(flow.key) is flow:
+                del relayed.flows[flow.key]
+            self._udp_relayed[flow.claim.node] -= 1
+            if self._udp_relayed[flow.claim.node] <= 0:
+                del self._udp_relayed[flow.claim.node]
+            if flow.stream is not None:
+                with shield():
+                    await flow.stream.aclose()
+            drops = {reason: n for reason, n in flow.drops.items() if n}
+            for reason, n in relayed.drops.items():
+                drops[reason] = drops.get(reason, 0) + n
+            relayed.drops.clear()
+            if drops:
+                self._report(
+                    notices.udp_dropped,
+                    flow.claim.tunnel_id,
+                    relayed.port,
+                    drops,
+                    name=flow.claim.name,
+                )
+
+    async def _serve_udp_relay(
+        self, session: _Session, request: UdpRelayRequest, stream: TunnelStream
+    ) -> None:
+        """(The node that holds the UDP port) A visitor relayed from another node: a
+        flow of the tunnel, as for a visitor of this node, whose replies go back on
+        the stream."""
+
+        def reply(data: bytes) -> str | None:
+            try:
+                return None if stream.try_send(encode_relayed_datagram(data)) else "congested"
+            except RELAY_ENDED:
+                return "flow_ended"
+
+        scope = anyio.CancelScope()
+        flow = self._open_relayed_flow(
+            session, request.port, stream, request.visitor, reply, scope.cancel
+        )
+        if not isinstance(flow, UdpFlow):
+            logger.debug("UDP port %d: no flow for %s: %s", request.port, request.visitor, flow)
+            return
+        cause = "peer closed"
+        frames = RelayedDatagrams()
+        try:
+            with scope:
+                while True:
+                    try:
+                        data = await stream.receive()
+                    except anyio.EndOfStream:
+                        break
+                    self._relayed_datagrams(session, flow, frames.feed(data))
+        except BROKEN_OR_REFUSED:
+            cause = "reset"
+        finally:
+            self._end_relayed_flow(session, flow, cause)
+
     def _accepted(self, session: _Session, lease: _Lease, client: socket.socket) -> None:
         if not self._claims_fresh():
             # Paused or cut off past the lease: another node may hold the port now.
@@ -996,9 +1371,10 @@ class FleetServer(TunnelServer):
                         return  # its key must not come back after it said goodbye
                     await self._store.put_node(self._view.me, announce=not self._announced)
                     self._announced = True
-                    held = [
-                        r.held for r in self._registrations.values() if r.held is not None
-                    ] + list(self._ports.values())
+                    held = [r.held for r in self._registrations.values() if r.held is not None] + [
+                        *self._ports.values(),
+                        *self._udp_ports.values(),
+                    ]
                     lost = await self._store.renew([(h.key, h.stored) for h in held])
                 if current_time() - rebuilt_at >= REBUILD_EVERY * self.fleet.lease:
                     rebuilt_at = current_time()
@@ -1021,8 +1397,11 @@ class FleetServer(TunnelServer):
         past its lease (its client, if still here, reconnects)."""
         session = held.session
         self._view.drop(held.key)
+        self._udp_view.drop(held.key)
         for port in [p for p, h in self._ports.items() if h.session is session]:
             self._view.drop(self._ports.pop(port).key)
+        for port in [p for p, h in self._udp_ports.items() if h.session is session]:
+            self._udp_view.drop(self._udp_ports.pop(port).key)
         registration = self._registrations.get(session.tunnel_id)
         if registration is not None:
             registration.held, registration.lost = None, True
@@ -1049,11 +1428,12 @@ class FleetServer(TunnelServer):
     async def _rebuild(self) -> None:
         """Rebuild the view from the keys, and say which nodes' records lapsed."""
         nodes, ports, tunnels = await self._store.snapshot()
-        change = self._view.rebuild(nodes, ports, tunnels)
+        change = self._view.rebuild(nodes, ports["tcp"], tunnels)
         for record in change.left:
             await self._store.node_left(record)
         change.left = []  # reported as the event comes back
         await self._apply_change(change)
+        await self._apply_udp_change(self._udp_view.rebuild(nodes, ports["udp"], {}))
 
     # The event stream -------------------------------------------------------------
 
@@ -1091,8 +1471,12 @@ class FleetServer(TunnelServer):
                     self._renew_now.set()
                 self._report_event(event)
                 await self._apply_change(self._view.apply(event))
+                await self._apply_udp_change(self._udp_view.apply(event))
                 if event.kind is EventKind.PORT_CLAIMED and isinstance(event.record, PortClaim):
-                    self._port_moved(event.record.port)
+                    if event.record.protocol == "udp":
+                        self._udp_port_moved(event.record)
+                    else:
+                        self._port_moved(event.record.port)
 
     def _report_event(self, event: FleetEvent) -> None:
         record = event.record
@@ -1141,7 +1525,7 @@ class FleetServer(TunnelServer):
         for registration in list(self._registrations.values()):
             if registration.held is not None and registration.held.key == key:
                 yield registration.held
-        for held in list(self._ports.values()):
+        for held in [*self._ports.values(), *self._udp_ports.values()]:
             if held.key == key:
                 yield held
 
@@ -1283,6 +1667,15 @@ class FleetServer(TunnelServer):
     def _route_fleet(self, status: TunnelStatus, address: RouteAddress) -> RouteHandler | None:
         if status.scheme != SCHEME_FLEET:
             return None if self._user_route is None else self._user_route(status, address)
+        try:
+            udp = UdpRelayRequest.from_address(address)
+        except (RemoteProtocolError, LocalProtocolError):
+            return None
+        if udp is not None:
+            held = self._udp_ports.get(udp.port)
+            if held is None or held.stored.fence != udp.fence or held.session.closed:
+                return None  # not (any more) this node's: refused, the other node drops it
+            return functools.partial(self._serve_udp_relay, held.session, udp)
         try:
             base, visitor = split_visitor(address)
         except LocalProtocolError:

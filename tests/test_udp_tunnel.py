@@ -507,8 +507,9 @@ async def test_an_aggregator_without_udp_ports_refuses_a_udp_target_with_the_rea
             await TunnelClient(config).run()
 
 
-def test_a_fleet_does_not_serve_udp_yet(server_identity: Any) -> None:
-    from snocat_anyio import FleetConfig, ServerConfig
+def test_a_fleet_node_serves_a_udp_range(server_identity: Any) -> None:
+    """A fleet serves UDP ports too (tests/test_fleet_udp.py runs one)."""
+    from snocat_anyio import FleetConfig, FleetServer, ServerConfig
 
     fleet = FleetConfig(
         registry_url="redis://127.0.0.1:6379/0",
@@ -516,10 +517,11 @@ def test_a_fleet_does_not_serve_udp_yet(server_identity: Any) -> None:
         advertise=("127.0.0.1", 9),
         secret=b"0123456789abcdef",
     )
-    with pytest.raises(ValueError, match="not served by a fleet yet"):
-        ServerConfig(
-            certificate_pem=server_identity.certificate_pem,
-            private_key_pem=server_identity.private_key_pem,
-            udp_port_range=PortRange(9000, 9001),
-            fleet=fleet,
-        )
+    config = ServerConfig(
+        certificate_pem=server_identity.certificate_pem,
+        private_key_pem=server_identity.private_key_pem,
+        udp_port_range=PortRange(9000, 9001),
+        fleet=fleet,
+    )
+    assert UDP_DATAGRAMS in config.features
+    FleetServer(config)

@@ -428,8 +428,6 @@ def server(
             udp_port_range = PortRange.parse(udp_ports_text)
         except LocalProtocolError as exc:
             raise UsageProblem(f"--udp-ports {udp_ports_text!r}: {exc.reason}") from None
-        if registry is not None:
-            raise UsageProblem("--udp-ports is not served by a fleet yet (--registry)")
     admin = _admin_settings(metrics_address, admin_token_file, metrics_per_tunnel)
     by_name = server_name_settings(domain, http_listen, tls_listen, proxy_protocol_from)
     if admin is not None and worker_index > 1:

@@ -182,10 +182,6 @@ class ServerConfig:
             raise ValueError(f"port_range must be a PortRange, not {self.port_range!r}")
         if self.udp_port_range is not None and not isinstance(self.udp_port_range, PortRange):
             raise ValueError(f"udp_port_range must be a PortRange, not {self.udp_port_range!r}")
-        if self.udp_port_range is not None and self.fleet is not None:
-            raise ValueError(
-                "UDP ports (udp_port_range, --udp-ports) are not served by a fleet yet"
-            )
         if not 0 <= self.quic_port <= 65535:
             raise ValueError(f"quic_port must be within 0..65535, not {self.quic_port}")
         if self.max_tunnels is not None and self.max_tunnels < 1:

@@ -104,8 +104,10 @@ class FleetKeys:
     def port_pattern_of(self, protocol: str) -> str:
         return self.port_pattern if protocol == "tcp" else f"{self.prefix}:udp:*"
 
-    def sticky(self, name: str, target: str) -> str:
-        return f"{self.prefix}:sticky:{name} {target}"
+    def sticky(self, name: str, target: str, protocol: str = "tcp") -> str:
+        """The port ``name`` last had for ``target`` (a UDP port's apart)."""
+        kind = "sticky" if protocol == "tcp" else "udp-sticky"
+        return f"{self.prefix}:{kind}:{name} {target}"
 
     def gone(self, node: str, started: float) -> str:
         return f"{self.prefix}:gone:{node}:{started!r}"
