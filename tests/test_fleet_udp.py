@@ -244,9 +244,11 @@ def test_a_udp_port_reaches_its_tunnel_through_every_node(fleet: Fleet) -> None:
                 for tag, visitor in ((10, first), (11, second)):
                     got = visitor.exchange(tag, 50 + round_)
                     assert sorted(got) == list(range(50 + round_))
-            seen = {str(e.get("visitor")) for e in udp_flows_opened(nodes[0])}
-            # The node that holds the tunnel made each its own flow, under its own address.
-            assert {first.address, second.address} <= seen, seen
+            # The node that holds the tunnel made each its own flow, under its own
+            # address, and the client was told who each is.
+            for process in (nodes[0], client):
+                seen = {str(e.get("visitor")) for e in udp_flows_opened(process)}
+                assert {first.address, second.address} <= seen, seen
         finally:
             first.close()
             second.close()
@@ -335,3 +337,38 @@ def test_the_store_gone_refuses_new_udp_ports_cleanly(fleet: Fleet) -> None:
         for node in nodes:
             assert node.popen.poll() is None
             assert "Traceback" not in "\n".join(node.stderr)
+
+
+def test_a_relayed_flow_queues_a_bounded_number_while_its_stream_opens(fleet: Fleet) -> None:
+    """A visitor's first 100 datagrams through node 1 arrive before node 1 has a link to
+    node 0 (links are made on first use): 16 (``udp_flow_queue``) wait for the flow's
+    stream, the rest are dropped and counted (``queue_full``), and node 1 reports the
+    drops, under the holder's tunnel, once the flow ends."""
+    udp_range = free_udp_range_on(NODES, 4)
+    nodes = start_udp_nodes(fleet, udp_range)
+    with udp_echo() as echo_port:
+        client = start_udp_client(fleet, echo_port, 0)
+        port = udp_grant(client)
+        # Node 1 opens the port once it has seen the claim (nothing is sent until then).
+        wait_until(lambda: not udp_bindable(NODES[1], port), 15, "node 1 to open the port")
+        visitor = Visitor(NODES[1], port)
+        try:
+            for seq in range(100):
+                visitor.sock.sendto(numbered(7, seq), visitor.target)
+            echoed: set[int] = set()
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and len(echoed) < 16:
+                try:
+                    reply, _ = visitor.sock.recvfrom(65535)
+                except TimeoutError:
+                    continue
+                echoed.add(check(reply)[1])
+        finally:
+            visitor.close()
+        assert 1 <= len(echoed) <= 100
+        client.stop()  # the tunnel's flow ends, so does the relayed one
+        dropped = nodes[1].wait_event("udp_dropped", timeout=15)
+        drops = dropped["drops"]
+        assert isinstance(drops, dict) and drops.get("queue_full", 0) > 0, dropped
+        assert (dropped["port"], dropped["name"]) == (port, "alpha")
+        assert len(echoed) + sum(drops.values()) == 100, (len(echoed), drops)
