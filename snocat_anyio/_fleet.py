@@ -1480,12 +1480,13 @@ class FleetServer(TunnelServer):
 
     def _report_event(self, event: FleetEvent) -> None:
         record = event.record
-        name = tunnel_id = None
+        name = tunnel_id = protocol = None
         ports: tuple[int, ...] = ()
         if isinstance(record, NameClaim):
             name, tunnel_id, ports = record.name, record.tunnel_id, record.ports
         elif isinstance(record, PortClaim):
             name, tunnel_id, ports = record.name, record.tunnel_id, (record.port,)
+            protocol = record.protocol
         node = record.node if isinstance(record, NodeRecord) else event.node
         self.activity.publish(
             activity.FleetChanged(
@@ -1495,6 +1496,7 @@ class FleetServer(TunnelServer):
                 name=name,
                 tunnel_id=tunnel_id,
                 ports=ports,
+                protocol=protocol,
             )
         )
 

@@ -228,6 +228,14 @@ def test_a_udp_port_reaches_its_tunnel_through_every_node(fleet: Fleet) -> None:
         port = udp_grant(client)
         assert udp_range[0] <= port <= udp_range[1]
         assert fleet.store.keys(f"snocat:udp:{port}") == [f"snocat:udp:{port}"]
+        wait_until(
+            lambda: any(
+                e.get("change") == "port_claimed" and e.get("protocol") == "udp"
+                for e in nodes[1].events()
+            ),
+            10,
+            "node 1 told of the UDP claim",
+        )
         for index, host in enumerate(NODES):
             reachable(host, port)
             visitor = Visitor(host, port)

@@ -221,13 +221,15 @@ class FleetChanged(Activity):
     """(A node of a fleet) The fleet's registry changed: ``change`` is one of
     ``node_joined``, ``node_left``, ``tunnel_registered``, ``tunnel_updated``,
     ``tunnel_deregistered``, ``port_claimed``, ``port_released`` (docs/fleet.md);
-    ``node`` is the node it happened on."""
+    ``node`` is the node it happened on.  A port's change says whether the port is a
+    ``"tcp"`` or a ``"udp"`` one (``protocol``; None for the other changes)."""
 
     change: str
     node: str
     name: str | None = None
     tunnel_id: str | None = None
     ports: tuple[int, ...] = ()
+    protocol: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
