@@ -7,9 +7,9 @@ arrives there to the node that holds the tunnel, over a node-to-node QUIC link (
 ``snocat-fleet-1``, :mod:`snocat_proto._wire.fleet_auth`).  UDP ports (``--udp-ports``)
 are claimed and followed the same way, apart from the TCP ones; a visitor address on
 a UDP port held elsewhere is a stream of the link carrying its datagrams
-(:mod:`snocat_proto._wire.fleet_udp`).  The key layout, the
-scripts, the records, the conflict rules and what a node makes of each change are the
-core's (:mod:`snocat_proto._service.fleet`); this module runs them.
+(:mod:`snocat_proto._wire.fleet_udp`).  The key layout, the scripts, the records, the
+conflict rules and what a node makes of each change are the core's
+(:mod:`snocat_proto._service.fleet`); this module runs them.
 
 The store is reached through ``coredis`` (built on anyio: asyncio and trio alike).  It
 may be away: at start the node says so in one line and keeps trying; while running,
