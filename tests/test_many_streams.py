@@ -27,6 +27,7 @@ from snocat_proto._wire.events import (
     StreamAccepted,
     StreamRejected,
     StreamReset,
+    StreamWritable,
 )
 from snocat_proto._wire.limits import Limits
 from snocat_proto._wire.tunnel import TunnelConnection
@@ -260,3 +261,43 @@ def test_the_send_queue_holds_each_stream_once_and_only_live_ones() -> None:
 
     sim.checks.append(check)
     run_writing(sim, writers, lambda: set(ids) <= sim.server_app.ended)
+
+
+def test_room_in_the_tunnel_wakes_only_the_writers_it_can_serve() -> None:
+    """16 writers behind one tunnel send buffer, each writing only when told it may
+    (as a relay does): an acknowledgement that frees room for one or two of them
+    must not wake all sixteen, only for fifteen to find nothing and wait again."""
+    limits = Limits(tunnel_send_buffer=256 * 1024, stream_send_buffer=128 * 1024)
+    threshold = min(limits.stream_send_buffer // 2, limits.writable_threshold)
+    sim = connected(seed=3, limits=limits, client_limits=limits)
+    client = sim.client
+    ids = open_streams(sim, 16)
+    blobs = {sid: payload(512 * 1024, seed=900 + i) for i, sid in enumerate(ids)}
+    offsets = dict.fromkeys(ids, 0)
+
+    def write(sid: int) -> None:
+        room = client.send_capacity(sid)
+        if room and offsets[sid] < len(blobs[sid]):
+            chunk = blobs[sid][offsets[sid] : offsets[sid] + room]
+            client.send_data(sid, chunk, end_stream=offsets[sid] + len(chunk) == len(blobs[sid]))
+            offsets[sid] += len(chunk)
+        sim.touch(client)
+
+    for sid in ids:
+        write(sid)
+    seen = len(sim.client_app.events)
+    wakeups = empty = 0
+    deadline = sim.now + 120
+    while not set(ids) <= sim.server_app.ended:
+        assert sim.now < deadline and sim.step(until=deadline)
+        for event in sim.client_app.events[seen:]:
+            if isinstance(event, StreamWritable):
+                wakeups += 1
+                if client.send_capacity(event.stream_id) < threshold:
+                    empty += 1  # woken for room another writer took first
+                write(event.stream_id)
+        seen = len(sim.client_app.events)
+    for sid in ids:
+        assert digest(sim.server_app.received[sid]) == digest(blobs[sid]), sid
+    assert wakeups > 50
+    assert empty <= wakeups // 10, (empty, wakeups)
