@@ -16,7 +16,9 @@ MB/s it barely changes when other work shares the machine, so ``raw/tunnel CPU``
 The many-connection table (``--concurrent``, first ``--sizes`` value) splits
 ``--bytes`` over N connections of one tunnel at once; ``vs 1 connection`` is each
 aggregate over the one-connection figure of the same run (issue 16 asks for 0.9 or
-more), and ``CPU ms/MB`` is both snocat processes' CPU per MB moved.
+more), ``CPU ms/MB`` is both snocat processes' CPU per MB moved, and ``harness CPU
+ms/MB`` this process's (one sending thread per connection, and the target's
+threads): on a two-core machine it competes with the tunnel for the same cores.
 
 Each ``--sizes`` row is a fixed datagram size (``--no-path-mtu-discovery``); the
 ``pmtud (default)`` row runs the default configuration, where path MTU discovery
@@ -34,6 +36,7 @@ import shutil
 import socket
 import statistics
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -106,7 +109,6 @@ def cpu_ms_per_mb(cpu_seconds: float, size: int) -> float:
 
 
 def _wait_ready(log: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    import time
 
     deadline = time.monotonic() + timeout
     while "ready" not in log.read_text(errors="replace"):
@@ -174,13 +176,14 @@ def concurrency(
     *,
     repeat: int = 1,
     batching: bool = True,
-) -> list[tuple[int, float, float]]:
-    """``(connections, aggregate MB/s, CPU ms/MB of both snocat processes)`` for each
+) -> list[tuple[int, float, float, float]]:
+    """``(connections, aggregate MB/s, CPU ms/MB of both snocat processes, CPU ms/MB
+    of this process: the senders' threads and the target)`` for each
     count, ``total`` bytes split over the connections of one tunnel; the median of
     ``repeat`` rounds, each round running every count once (so a change of load
     during the run touches every count alike)."""
     extra = tunnel_options(datagram, batching=batching)
-    samples: dict[int, list[tuple[float, float]]] = {count: [] for count in counts}
+    samples: dict[int, list[tuple[float, float, float]]] = {count: [] for count in counts}
     with snocat_pair(
         directory,
         target.port,
@@ -193,25 +196,37 @@ def concurrency(
             for count in counts:
                 each = max(1, total // count)
                 before = cpu_seconds(pair.server.pid) + cpu_seconds(pair.client.pid)
+                harness = time.process_time()
                 seconds = parallel_transfers(pair.public_port, UPLOAD, each, count)
+                harness = time.process_time() - harness
                 cpu = cpu_seconds(pair.server.pid) + cpu_seconds(pair.client.pid) - before
+                moved = each * count
                 samples[count].append(
-                    (mb_per_s(each * count, seconds), cpu_ms_per_mb(cpu, each * count))
+                    (
+                        mb_per_s(moved, seconds),
+                        cpu_ms_per_mb(cpu, moved),
+                        cpu_ms_per_mb(harness, moved),
+                    )
                 )
     rows = []
     for count in counts:
         ordered = sorted(samples[count])
-        rate, cpu = ordered[len(ordered) // 2]
-        rows.append((count, rate, cpu))
+        rows.append((count, *ordered[len(ordered) // 2]))
     return rows
 
 
-def concurrency_rows(results: list[tuple[int, float, float]]) -> list[list[str]]:
+def concurrency_rows(results: list[tuple[int, float, float, float]]) -> list[list[str]]:
     """Table rows; the ratio is against the one-connection row (when measured)."""
-    single = next((rate for count, rate, _ in results if count == 1), 0.0)
+    single = next((rate for count, rate, _, _ in results if count == 1), 0.0)
     return [
-        [str(count), f"{rate:.1f}", f"{rate / single:.2f}" if single else "", f"{cpu:.0f}"]
-        for count, rate, cpu in results
+        [
+            str(count),
+            f"{rate:.1f}",
+            f"{rate / single:.2f}" if single else "",
+            f"{cpu:.0f}",
+            f"{harness:.0f}",
+        ]
+        for count, rate, cpu, harness in results
     ]
 
 
@@ -365,7 +380,7 @@ def main() -> None:
                 )  # fmt: skip
             print(f"\n## Aggregate throughput, {size / 1e6:.0f} MB split over N connections "
                   f"(up, {sizes[0]} B datagrams, median of {args.repeat})\n")  # fmt: skip
-            headers = ["connections", "MB/s", "vs 1 connection", "CPU ms/MB"]
+            headers = ["connections", "MB/s", "vs 1 connection", "CPU ms/MB", "harness CPU ms/MB"]
             print(table(headers, concurrency_rows(conc)))
     finally:
         target.close()
