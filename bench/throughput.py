@@ -109,7 +109,6 @@ def cpu_ms_per_mb(cpu_seconds: float, size: int) -> float:
 
 
 def _wait_ready(log: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-
     deadline = time.monotonic() + timeout
     while "ready" not in log.read_text(errors="replace"):
         if proc.poll() is not None or time.monotonic() > deadline:
