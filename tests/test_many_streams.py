@@ -171,8 +171,9 @@ def test_a_late_small_stream_completes_while_bulk_streams_run() -> None:
 
 @pytest.mark.parametrize("link", [Link(), Link(loss=0.05)], ids=["clean", "lossy"])
 def test_streams_with_a_small_receive_window_keep_flowing(link: Link) -> None:
-    """A 16 KiB stream window is re-opened about 60 times for 1 MB: each update (and
-    each one lost) has to be written although no other stream is scanned for one."""
+    """A 16 KiB stream window is re-opened about 120 times for 1 MB (every 8 KiB):
+    each update (and each one lost) has to be written although no other stream is
+    scanned for one."""
     limits = Limits(stream_receive_window=16 * 1024)
     sim = connected(link=link, seed=4, limits=limits, client_limits=limits)
     ids = open_streams(sim, 4)
