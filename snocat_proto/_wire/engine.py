@@ -11,20 +11,27 @@ fast sender grow memory without bound (aioquic issue 328 is the send-side twin).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aioquic import tls
 from aioquic._buffer import Buffer
+from aioquic.buffer import size_uint_var
 from aioquic.quic import events as quic_events
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
 from aioquic.quic.connection import (
     END_STATES,
+    RESET_STREAM_FRAME_CAPACITY,
+    STOP_SENDING_FRAME_CAPACITY,
     TRANSPORT_CLOSE_FRAME_CAPACITY,
     NetworkAddress,
     QuicConnection,
     QuicConnectionState,
+    QuicNetworkPath,
+    QuicReceiveContext,
+    stream_is_client_initiated,
 )
 from aioquic.quic.crypto import CryptoPair
 from aioquic.quic.packet import (
@@ -41,7 +48,9 @@ from aioquic.quic.packet_builder import (
     PACKET_NUMBER_SEND_SIZE,
     QuicDeliveryState,
     QuicPacketBuilder,
+    QuicPacketBuilderStop,
 )
+from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.retry import QuicRetryTokenHandler
 from aioquic.quic.stream import QuicStream
 from cryptography import x509
@@ -83,6 +92,12 @@ ACK_OVERDUE = 0.001
 #: packet that armed it from being declared lost (see QuicEngine.handle_timer).
 LOSS_TIME_SLACK = 1e-6
 
+#: Streams one packet takes STREAM frames from, at most (issue 16).  aioquic tries
+#: every stream for every packet it builds, so the work per packet grows with the
+#: streams of a tunnel; :meth:`QuicEngine._write_application` serves a queue of the
+#: streams that have something to send, round robin, and stops after this many.
+STREAMS_PER_PACKET = 4
+
 #: Every private name of aioquic that snocat relies on, by what it is read from.  This
 #: module is the only one that touches them (ruff's SLF001 keeps it so), and
 #: tests/test_aioquic_compat.py checks each on a live connection: an aioquic release
@@ -91,11 +106,19 @@ LOSS_TIME_SLACK = 1e-6
 AIOQUIC_PRIVATES: dict[str, tuple[str, ...]] = {
     "aioquic.quic.connection.QuicConnection": (
         "_close_event",
+        "_configuration",
         "_crypto_buffers",
+        "_crypto_streams",
         "_cryptos",
         "_datagrams_pending",
         "_discard_epoch",
+        "_handle_max_data_frame",
+        "_handle_max_stream_data_frame",
+        "_handle_reset_stream_frame",
+        "_handle_stop_sending_frame",
+        "_handle_stream_frame",
         "_handshake_complete",
+        "_handshake_done_pending",
         "_host_cids",
         "_idle_timeout",
         "_is_client",
@@ -103,22 +126,50 @@ AIOQUIC_PRIVATES: dict[str, tuple[str, ...]] = {
         "_local_max_data",
         "_local_max_streams_bidi",
         "_local_max_streams_uni",
+        "_logger",
         "_loss",
         "_max_datagram_size",
         "_network_paths",
+        "_on_max_stream_data_delivery",
+        "_pacing_at",
         "_packet_number",
         "_parse_transport_parameters",
         "_peer_cid",
+        "_ping_pending",
+        "_probe_pending",
         "_QuicConnection__frame_handlers",
+        "_quic_logger",
+        "_remote_max_data",
+        "_remote_max_data_used",
         "_remote_max_datagram_frame_size",
+        "_remote_max_streams_bidi",
+        "_remote_max_streams_uni",
+        "_retire_connection_ids",
         "_spaces",
         "_spin_bit",
         "_state",
         "_stream_is_discarded",
+        "_stream_limit",
         "_streams",
+        "_streams_blocked_bidi",
+        "_streams_blocked_pending",
+        "_streams_blocked_uni",
+        "_streams_queue",
+        "_unblock_streams",
         "_version",
+        "_write_ack_frame",
+        "_write_application",
         "_write_connection_limits",
+        "_write_crypto_frame",
+        "_write_datagram_frame",
+        "_write_handshake_done_frame",
+        "_write_new_connection_id_frame",
+        "_write_path_challenge_frame",
+        "_write_path_response_frame",
+        "_write_ping_frame",
+        "_write_retire_connection_id_frame",
         "_write_stream_limits",
+        "_write_streams_blocked_frame",
     ),
     "aioquic.quic.connection.QuicConnection.tls": ("_peer_certificate",),
     "aioquic.quic.recovery.QuicPacketRecovery": (
@@ -196,6 +247,17 @@ class QuicEngine(QuicConnection):
         self._connection_window = configuration.max_data
         self._consumed: dict[int, int] = {}
         self._consumed_total = 0
+        #: Streams that may have something to send (data, a FIN, RESET_STREAM,
+        #: STOP_SENDING) or are finished and wait to be discarded, in service order;
+        #: the first one's turn has used ``_turn_sent`` bytes.
+        self._send_queue: deque[QuicStream] = deque()
+        self._queued: set[int] = set()
+        self._turn_sent = 0
+        #: Streams with data held back by the peer's MAX_DATA (not the stream's own
+        #: window): queued again when it grows.
+        self._waiting_for_max_data: dict[int, QuicStream] = {}
+        #: Streams whose MAX_STREAM_DATA is due (credit returned, or the last one lost).
+        self._window_updates_due: dict[int, QuicStream] = {}
         self._set_peer_stream_limit(limits.pre_auth_max_streams)
         # We use no unidirectional streams: a peer that opens one breaks the limit.
         self._local_max_streams_uni.value = self._local_max_streams_uni.sent = 0
@@ -243,8 +305,15 @@ class QuicEngine(QuicConnection):
 
     def acknowledge_received(self, stream_id: int, amount: int) -> None:
         """The application consumed ``amount`` bytes of the stream: the peer may send more."""
-        self._consumed[stream_id] = self._consumed.get(stream_id, 0) + amount
+        consumed = self._consumed[stream_id] = self._consumed.get(stream_id, 0) + amount
         self._consumed_total += amount
+        stream = self._streams.get(stream_id)
+        if (
+            stream is not None
+            and stream.max_stream_data_local
+            and stream.max_stream_data_local - consumed < self._stream_window // 2
+        ):
+            self._window_updates_due[stream_id] = stream
 
     def release_stream(self, stream_id: int, received: int) -> int:
         """Return the connection credit of a stream the application is done with.
@@ -549,6 +618,430 @@ class QuicEngine(QuicConnection):
             # Before the transport parameters go out, the initial value may drop too.
             limit.value = limit.sent = max_streams
 
+    # Stream scheduling (issue 16) ------------------------------------------------
+    #
+    # aioquic's _write_application tries every stream, and checks every stream's
+    # window, for each packet it builds: with N streams a packet costs O(N).  Here a
+    # stream joins ``_send_queue`` when something gives it work (data or a FIN
+    # written, a reset or STOP_SENDING asked for or received, a frame of it lost, a
+    # window of the peer's opened, both halves finished), and leaves it when a visit
+    # finds it has none; a packet visits at most STREAMS_PER_PACKET of them.  Window
+    # updates are written for the streams whose update is due, not checked for all.
+
+    def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        super().send_stream_data(stream_id, data, end_stream)
+        self._queue_stream_id(stream_id)
+
+    def reset_stream(self, stream_id: int, error_code: int) -> None:
+        super().reset_stream(stream_id, error_code)
+        self._queue_stream_id(stream_id)
+
+    def stop_stream(self, stream_id: int, error_code: int) -> None:
+        super().stop_stream(stream_id, error_code)
+        self._queue_stream_id(stream_id)
+
+    def _queue_stream_id(self, stream_id: int) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            self._queue_stream(stream)
+
+    def _queue_stream(self, stream: QuicStream) -> None:
+        """Give a stream that may have something to send (or is finished) a place in
+        the send queue, unless it has one or has been discarded already."""
+        stream_id = stream.stream_id or 0
+        if stream_id in self._queued or self._streams.get(stream_id) is not stream:
+            return
+        self._queued.add(stream_id)
+        self._send_queue.append(stream)
+
+    def _unqueue(self, index: int) -> None:
+        queue = self._send_queue
+        self._queued.discard(queue[index].stream_id or 0)
+        del queue[index]
+        if index == 0:
+            self._turn_sent = 0
+
+    def _discard_stream(self, stream: QuicStream) -> None:
+        """Forget a finished stream, as aioquic's scheduler does."""
+        stream_id = stream.stream_id or 0
+        self._logger.debug("Stream %d discarded", stream_id)
+        self._streams.pop(stream_id)
+        if stream_is_client_initiated(stream_id) != self._is_client:
+            # Let the peer open a new stream for each one that closes (RFC 9000
+            # section 4.6).
+            self._stream_limit(stream_id).value += 1
+        self._waiting_for_max_data.pop(stream_id, None)
+        self._window_updates_due.pop(stream_id, None)
+
+    # What gives a stream work, from the peer.
+
+    def _handle_stream_frame(
+        self, context: QuicReceiveContext, frame_type: int, buf: Buffer
+    ) -> None:
+        stream_id = _peek_stream_id(buf)
+        super()._handle_stream_frame(context, frame_type, buf)
+        stream = self._streams.get(stream_id)
+        if stream is not None and stream.is_finished:
+            self._queue_stream(stream)  # to be discarded
+
+    def _handle_reset_stream_frame(
+        self, context: QuicReceiveContext, frame_type: int, buf: Buffer
+    ) -> None:
+        stream_id = _peek_stream_id(buf)
+        super()._handle_reset_stream_frame(context, frame_type, buf)
+        stream = self._streams.get(stream_id)
+        if stream is not None and stream.is_finished:
+            self._queue_stream(stream)
+
+    def _handle_stop_sending_frame(
+        self, context: QuicReceiveContext, frame_type: int, buf: Buffer
+    ) -> None:
+        stream_id = _peek_stream_id(buf)
+        super()._handle_stop_sending_frame(context, frame_type, buf)
+        self._queue_stream_id(stream_id)  # aioquic resets its sending half
+
+    def _handle_max_stream_data_frame(
+        self, context: QuicReceiveContext, frame_type: int, buf: Buffer
+    ) -> None:
+        stream_id = _peek_stream_id(buf)
+        super()._handle_max_stream_data_frame(context, frame_type, buf)
+        self._queue_stream_id(stream_id)
+
+    def _handle_max_data_frame(
+        self, context: QuicReceiveContext, frame_type: int, buf: Buffer
+    ) -> None:
+        before = self._remote_max_data
+        super()._handle_max_data_frame(context, frame_type, buf)
+        if self._remote_max_data > before and self._waiting_for_max_data:
+            waiting = list(self._waiting_for_max_data.values())
+            self._waiting_for_max_data.clear()
+            for stream in waiting:
+                self._queue_stream(stream)
+
+    def _unblock_streams(self, is_unidirectional: bool) -> None:
+        blocked = list(
+            self._streams_blocked_uni if is_unidirectional else self._streams_blocked_bidi
+        )
+        super()._unblock_streams(is_unidirectional)
+        for stream in blocked:
+            if not stream.is_blocked:
+                self._queue_stream(stream)
+
+    # What gives a stream work, from our own frames' fate.
+
+    def _on_stream_data_delivery(
+        self, delivery: QuicDeliveryState, stream: QuicStream, start: int, stop: int, fin: bool
+    ) -> None:
+        stream.sender.on_data_delivery(delivery, start, stop, fin)
+        if delivery != QuicDeliveryState.ACKED or stream.is_finished:
+            self._queue_stream(stream)  # to resend, or to discard
+
+    def _on_reset_stream_delivery(self, delivery: QuicDeliveryState, stream: QuicStream) -> None:
+        stream.sender.on_reset_delivery(delivery)
+        if delivery != QuicDeliveryState.ACKED or stream.is_finished:
+            self._queue_stream(stream)
+
+    def _on_stop_sending_delivery(self, delivery: QuicDeliveryState, stream: QuicStream) -> None:
+        stream.receiver.on_stop_sending_delivery(delivery)
+        if delivery != QuicDeliveryState.ACKED:
+            self._queue_stream(stream)
+
+    def _on_max_stream_data_delivery(self, delivery: QuicDeliveryState, stream: QuicStream) -> None:
+        super()._on_max_stream_data_delivery(delivery, stream)
+        stream_id = stream.stream_id or 0
+        if delivery != QuicDeliveryState.ACKED and self._streams.get(stream_id) is stream:
+            self._window_updates_due[stream_id] = stream
+
+    # The packets.
+
+    def _write_application(
+        self, builder: QuicPacketBuilder, network_path: QuicNetworkPath, now: float
+    ) -> None:
+        """aioquic's, frame for frame and in the same order, but for two steps: window
+        updates only for the streams that have one due, and stream frames from the
+        send queue (:meth:`_write_queued_streams`)."""
+        if self._streams_queue:
+            # aioquic queues each stream it creates for its own scheduler; ours is
+            # fed by what gives a stream work, so that list would only grow.
+            self._streams_queue.clear()
+        crypto_stream: QuicStream | None = None
+        if self._cryptos[tls.Epoch.ONE_RTT].send.is_valid():
+            crypto = self._cryptos[tls.Epoch.ONE_RTT]
+            crypto_stream = self._crypto_streams[tls.Epoch.ONE_RTT]
+            packet_type = QuicPacketType.ONE_RTT
+        elif self._cryptos[tls.Epoch.ZERO_RTT].send.is_valid():
+            crypto = self._cryptos[tls.Epoch.ZERO_RTT]
+            packet_type = QuicPacketType.ZERO_RTT
+        else:
+            return
+        space = self._spaces[tls.Epoch.ONE_RTT]
+
+        while True:
+            # apply pacing, except if we have ACKs to send
+            if space.ack_at is None or space.ack_at >= now:
+                self._pacing_at = self._loss._pacer.next_send_time(now=now)
+                if self._pacing_at is not None:
+                    break
+            builder.start_packet(packet_type, crypto)
+
+            # ACK, which a server sends for 0-RTT packets before the handshake
+            # completes (RFC 9000 section 13.2.1), but not in 0-RTT packets.
+            if (
+                packet_type == QuicPacketType.ONE_RTT
+                and space.ack_at is not None
+                and space.ack_at <= now
+            ):
+                self._write_ack_frame(builder=builder, space=space, now=now)
+
+            if self._handshake_complete:
+                # PATH_CHALLENGE, while the active path is not validated, which only
+                # happens on a server whose client migrated (RFC 9000 section 9.3).
+                if not (network_path.is_validated or network_path.local_challenge_sent):
+                    self._write_path_challenge_frame(builder=builder, network_path=network_path)
+                    # RFC 9000 section 8.2.4: abandon path validation after three
+                    # times the larger of the current PTO and a new path's PTO.
+                    if network_path.validation_deadline is None:
+                        network_path.validation_deadline = now + 3 * max(
+                            self._loss.get_probe_timeout(),
+                            2 * self._configuration.initial_rtt,
+                        )
+
+                # HANDSHAKE_DONE
+                if self._handshake_done_pending:
+                    self._write_handshake_done_frame(builder=builder)
+                    self._handshake_done_pending = False
+
+                # PATH RESPONSE
+                while len(network_path.remote_challenges) > 0:
+                    self._write_path_response_frame(
+                        builder=builder, challenge=network_path.remote_challenges[0]
+                    )
+                    network_path.remote_challenges.popleft()
+
+                # NEW_CONNECTION_ID
+                for connection_id in self._host_cids:
+                    if not connection_id.was_sent:
+                        self._write_new_connection_id_frame(
+                            builder=builder, connection_id=connection_id
+                        )
+
+                # RETIRE_CONNECTION_ID
+                for sequence_number in self._retire_connection_ids[:]:
+                    self._write_retire_connection_id_frame(
+                        builder=builder, sequence_number=sequence_number
+                    )
+                    self._retire_connection_ids.pop(0)
+
+                # STREAMS_BLOCKED
+                if self._streams_blocked_pending:
+                    if self._streams_blocked_bidi:
+                        self._write_streams_blocked_frame(
+                            builder=builder,
+                            frame_type=QuicFrameType.STREAMS_BLOCKED_BIDI,
+                            limit=self._remote_max_streams_bidi,
+                        )
+                    if self._streams_blocked_uni:
+                        self._write_streams_blocked_frame(
+                            builder=builder,
+                            frame_type=QuicFrameType.STREAMS_BLOCKED_UNI,
+                            limit=self._remote_max_streams_uni,
+                        )
+                    self._streams_blocked_pending = False
+
+                # MAX_DATA and MAX_STREAMS
+                self._write_connection_limits(builder=builder, space=space)
+
+            # stream-level limits: only those due (aioquic checks every stream)
+            if self._window_updates_due:
+                self._write_window_updates(builder, space)
+
+            # PING (user-request)
+            if self._ping_pending:
+                self._write_ping_frame(builder, self._ping_pending)
+                self._ping_pending.clear()
+
+            # PING (probe)
+            if self._probe_pending:
+                self._write_ping_frame(builder, comment="probe")
+                self._probe_pending = False
+
+            # CRYPTO
+            if crypto_stream is not None and not crypto_stream.sender.buffer_is_empty:
+                self._write_crypto_frame(builder=builder, space=space, stream=crypto_stream)
+
+            # DATAGRAM
+            while self._datagrams_pending:
+                try:
+                    self._write_datagram_frame(
+                        builder=builder,
+                        data=self._datagrams_pending[0],
+                        frame_type=QuicFrameType.DATAGRAM_WITH_LENGTH,
+                    )
+                    self._datagrams_pending.popleft()
+                except QuicPacketBuilderStop:
+                    break
+
+            # STREAM, RESET_STREAM, STOP_SENDING (aioquic tries every stream)
+            discarded = self._write_queued_streams(builder, space) if self._send_queue else False
+
+            if builder.packet_is_empty:
+                # Discarded streams may let the peer open new ones, which the next
+                # packet announces with MAX_STREAMS.
+                if not discarded:
+                    break
+            else:
+                self._loss._pacer.update_after_send(now=now)
+
+    def _write_window_updates(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> None:
+        due = self._window_updates_due
+        for stream_id, stream in list(due.items()):
+            if self._streams.get(stream_id) is stream:
+                self._write_stream_limits(builder=builder, space=space, stream=stream)
+            del due[stream_id]  # not reached if the packet was full: due still
+
+    def _write_queued_streams(self, builder: QuicPacketBuilder, space: QuicPacketSpace) -> bool:
+        """Frames of at most STREAMS_PER_PACKET streams from the front of the send
+        queue; True if a finished stream was discarded.
+
+        The first stream keeps its turn from packet to packet until it has sent
+        ``Limits.stream_send_quantum`` datagrams' worth, then goes to the back; the
+        next ones fill what room it leaves.  A stream leaves the queue when it has
+        nothing to send, or flow control holds the rest (the window's update queues
+        it again)."""
+        queue = self._send_queue
+        quantum = self._limits.stream_send_quantum * self._max_datagram_size
+        discarded = False
+        index = 0
+        for _ in range(STREAMS_PER_PACKET):
+            if index >= len(queue):
+                break
+            stream = queue[index]
+            if stream.is_finished:
+                self._unqueue(index)
+                self._discard_stream(stream)
+                discarded = True
+                continue
+            if stream.receiver.stop_pending:
+                self._write_stop_sending(builder, stream)
+            sender = stream.sender
+            if sender.reset_pending:
+                self._write_reset_stream(builder, stream)
+                self._unqueue(index)  # the reset's delivery queues it again
+                continue
+            if stream.is_blocked or sender.buffer_is_empty:
+                self._unqueue(index)
+                continue
+            allowed = sender.highest_offset + self._remote_max_data - self._remote_max_data_used
+            max_offset = min(allowed, stream.max_stream_data_remote)
+            written = self._write_stream_data(builder, space, stream, max_offset)
+            if written < 0:
+                if sender.buffer_is_empty:
+                    self._unqueue(index)  # nothing was left to send
+                elif sender.next_offset >= max_offset:
+                    self._unqueue(index)  # flow control holds the rest
+                    if allowed < stream.max_stream_data_remote:
+                        self._waiting_for_max_data[stream.stream_id or 0] = stream
+                else:
+                    break  # no room left in this packet: the stream keeps its place
+                continue
+            rotated = False
+            if index == 0:
+                self._turn_sent += written
+                if self._turn_sent >= quantum:
+                    queue.rotate(-1)  # its turn is over: to the back of the queue
+                    self._turn_sent = 0
+                    rotated = True
+            if builder.remaining_flight_space <= 0:
+                break
+            if not rotated:
+                index += 1
+        return discarded
+
+    def _write_stream_data(
+        self,
+        builder: QuicPacketBuilder,
+        space: QuicPacketSpace,
+        stream: QuicStream,
+        max_offset: int,
+    ) -> int:
+        """aioquic's _write_stream_frame, with a delivery handler that queues the
+        stream again when the frame is lost or the stream is finished.  Returns the
+        data bytes the frame carries, or -1 when no frame was written."""
+        sender = stream.sender
+        stream_id = stream.stream_id or 0
+        next_offset = sender.next_offset
+        # the frame data size is constrained by our peer's MAX_DATA and
+        # the space available in the current packet
+        frame_overhead = (
+            3 + size_uint_var(stream_id) + (size_uint_var(next_offset) if next_offset else 0)
+        )
+        previous_send_highest = sender.highest_offset
+        frame = sender.get_frame(builder.remaining_flight_space - frame_overhead, max_offset)
+        if frame is None:
+            return -1
+        frame_type = QuicFrameType.STREAM_BASE | 2  # length
+        if frame.offset:
+            frame_type |= 4
+        if frame.fin:
+            frame_type |= 1
+        buf = builder.start_frame(
+            frame_type,
+            capacity=frame_overhead,
+            handler=self._on_stream_data_delivery,
+            handler_args=(stream, frame.offset, frame.offset + len(frame.data), frame.fin),
+        )
+        buf.push_uint_var(stream_id)
+        if frame.offset:
+            buf.push_uint_var(frame.offset)
+        buf.push_uint16(len(frame.data) | 0x4000)
+        buf.push_bytes(frame.data)
+        frames = builder.quic_logger_frames
+        if self._quic_logger is not None and frames is not None:
+            frames.append(self._quic_logger.encode_stream_frame(frame, stream_id=stream_id))
+        self._remote_max_data_used += sender.highest_offset - previous_send_highest
+        return len(frame.data)
+
+    def _write_reset_stream(self, builder: QuicPacketBuilder, stream: QuicStream) -> None:
+        """aioquic's _write_reset_stream_frame, with our delivery handler."""
+        buf = builder.start_frame(
+            frame_type=QuicFrameType.RESET_STREAM,
+            capacity=RESET_STREAM_FRAME_CAPACITY,
+            handler=self._on_reset_stream_delivery,
+            handler_args=(stream,),
+        )
+        frame = stream.sender.get_reset_frame()
+        buf.push_uint_var(frame.stream_id)
+        buf.push_uint_var(frame.error_code)
+        buf.push_uint_var(frame.final_size)
+        frames = builder.quic_logger_frames
+        if self._quic_logger is not None and frames is not None:
+            frames.append(
+                self._quic_logger.encode_reset_stream_frame(
+                    error_code=frame.error_code,
+                    final_size=frame.final_size,
+                    stream_id=frame.stream_id,
+                )
+            )
+
+    def _write_stop_sending(self, builder: QuicPacketBuilder, stream: QuicStream) -> None:
+        """aioquic's _write_stop_sending_frame, with our delivery handler."""
+        buf = builder.start_frame(
+            frame_type=QuicFrameType.STOP_SENDING,
+            capacity=STOP_SENDING_FRAME_CAPACITY,
+            handler=self._on_stop_sending_delivery,
+            handler_args=(stream,),
+        )
+        frame = stream.receiver.get_stop_frame()
+        buf.push_uint_var(frame.stream_id)
+        buf.push_uint_var(frame.error_code)
+        frames = builder.quic_logger_frames
+        if self._quic_logger is not None and frames is not None:
+            frames.append(
+                self._quic_logger.encode_stop_sending_frame(
+                    error_code=frame.error_code, stream_id=frame.stream_id
+                )
+            )
+
     def _write_stream_limits(self, builder: Any, space: Any, stream: QuicStream) -> None:
         if stream.max_stream_data_local:
             # Re-open the window once less than half of it is left, not on every read:
@@ -576,6 +1069,14 @@ class QuicEngine(QuicConnection):
             super()._write_connection_limits(builder=builder, space=space)
         finally:
             max_data.used = used
+
+
+def _peek_stream_id(buf: Buffer) -> int:
+    """The stream ID a frame starts with, leaving the buffer where it was."""
+    start = buf.tell()
+    stream_id: int = buf.pull_uint_var()
+    buf.seek(start)
+    return stream_id
 
 
 def _varint_size(value: int) -> int:

@@ -176,6 +176,13 @@ class Limits:
     #: this many bytes apart.
     path_mtu_search_resolution: int = 16
 
+    # Many streams in one tunnel (issue 16, docs/performance.md) -------------------
+    #: Datagrams' worth of STREAM data one stream may send before the next stream with
+    #: data waiting gets its turn.  Bounds how long a bulk stream makes the tunnel's
+    #: other streams wait (a new stream waits for at most this much from each stream
+    #: ahead of it), without cutting every packet into slivers of many streams.
+    stream_send_quantum: int = 8
+
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
             value = getattr(self, name)

@@ -1207,14 +1207,17 @@ class TunnelConnection:
     def _writable_threshold(self) -> int:
         return min(self._limits.stream_send_buffer // 2, self._limits.writable_threshold)
 
-    def _capacity(self, stream: _Stream) -> int:
+    def _shared_room(self) -> int:
+        """What ``tunnel_send_buffer`` leaves for all streams together."""
         buffered_total = self._buffered_total
         if buffered_total is None:
             buffered_total = sum(self._quic.send_buffered(sid) for sid in self._streams)
             self._buffered_total = buffered_total
+        return self._limits.tunnel_send_buffer - buffered_total
+
+    def _capacity(self, stream: _Stream, shared: int | None = None) -> int:
         own = self._limits.stream_send_buffer - self._quic.send_buffered(stream.stream_id)
-        shared = self._limits.tunnel_send_buffer - buffered_total
-        return max(0, min(own, shared))
+        return max(0, min(own, self._shared_room() if shared is None else shared))
 
     def _buffers_changed(self) -> None:
         self._buffered_total = None
@@ -1228,10 +1231,23 @@ class TunnelConnection:
         if not self._want_writable or not self._room_changed:
             return  # nobody waits, or nothing was acknowledged or dropped since the last look
         self._room_changed = False
-        for stream in list(self._want_writable):
+        # Wake the waiters in the order they came, only as many as the tunnel's shared
+        # room serves: each may take all the room it sees.  Waking every one (64
+        # relays behind one full tunnel buffer) had all but the first find nothing
+        # and wait again, at every acknowledgement.
+        threshold = self._writable_threshold
+        shared = self._shared_room()
+        woken = []
+        for stream in self._want_writable:
+            if shared < threshold:
+                break
             if stream.state is not StreamState.OPEN:
                 continue
-            if self._capacity(stream) >= self._writable_threshold:
-                stream.want_writable = False
-                del self._want_writable[stream]
-                self._emit(events.StreamWritable(stream_id=stream.stream_id))
+            room = self._capacity(stream, shared)
+            if room >= threshold:
+                woken.append(stream)
+                shared -= room
+        for stream in woken:
+            stream.want_writable = False
+            del self._want_writable[stream]
+            self._emit(events.StreamWritable(stream_id=stream.stream_id))
