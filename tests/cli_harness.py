@@ -479,8 +479,13 @@ def start_client(
     )
 
 
-def public_port(client: Snocat, *, after: int = 0) -> int:
-    match = client.wait_line(r"public address: \S*:(\d+)", after=after)
+def public_port(client: Snocat, *, after: int = 0, target: str | None = None) -> int:
+    """The public port of the client's first grant, or of the one for ``target``
+    (``HOST:PORT``): with several targets, grants are printed in the order they come."""
+    pattern = r"public address: \S*:(\d+)"
+    if target is not None:
+        pattern += rf" -> forwards to {re.escape(target)}(?:\s|$)"
+    match = client.wait_line(pattern, after=after)
     return int(match.group(1))
 
 
