@@ -80,6 +80,33 @@ def udp_port_free(port: int) -> bool:
         return True
 
 
+@contextlib.contextmanager
+def udp_echo_port(reply: Callable[[bytes], bytes] = bytes) -> Iterator[int]:
+    """A UDP target on 127.0.0.1, in a thread, answering each datagram with
+    ``reply(data)`` (itself by default); yields its port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((HOST, 0))
+    sock.settimeout(0.05)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                data, addr = sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            sock.sendto(reply(data), addr)
+
+    thread = threading.Thread(target=serve, name="udp-echo")
+    thread.start()
+    try:
+        yield int(sock.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join()
+        sock.close()
+
+
 def free_port_range(count: int = 4) -> tuple[int, int]:
     """A random range of free TCP ports below Linux's ephemeral range (32768+)."""
     for _ in range(200):

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import signal
 import socket
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from cli_harness import (  # noqa: F401 (fixtures)
@@ -19,35 +17,17 @@ from cli_harness import (  # noqa: F401 (fixtures)
     free_udp_port,
     lab_fixture,
     start_server,
+    udp_echo_port,
     udp_port_free,
     wait_until,
 )
 from test_readme import clone, code_blocks, finish, section, shell, shell_commands  # noqa: F401
 
 
-@contextmanager
-def udp_echo() -> Iterator[int]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((HOST, 0))
-    sock.settimeout(0.05)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                data, addr = sock.recvfrom(65535)
-            except TimeoutError:
-                continue
-            sock.sendto(data.upper(), addr)
-
-    thread = threading.Thread(target=serve, name="udp-echo")
-    thread.start()
-    try:
-        yield int(sock.getsockname()[1])
-    finally:
-        stop.set()
-        thread.join()
-        sock.close()
+def udp_echo() -> AbstractContextManager[int]:
+    """A UDP target that answers each datagram upper-cased (so a reply is told from
+    its request)."""
+    return udp_echo_port(bytes.upper)
 
 
 def free_udp_range() -> tuple[int, int]:

@@ -12,10 +12,7 @@ import hashlib
 import random
 import socket
 import struct
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 from cli_harness import (  # noqa: F401 (fixtures)
@@ -23,6 +20,7 @@ from cli_harness import (  # noqa: F401 (fixtures)
     Snocat,
     free_port_range,
     lab_fixture,
+    udp_echo_port,
     wait_until,
 )
 from fleet_harness import Fleet, make_fleet, node_host
@@ -54,32 +52,6 @@ def free_udp_range_on(hosts: tuple[str, ...], count: int) -> tuple[int, int]:
                 sock.close()
         return start, end
     raise RuntimeError("no free UDP range")
-
-
-@contextmanager
-def udp_echo() -> Iterator[int]:
-    """A UDP target on 127.0.0.1 that answers each datagram with itself."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.settimeout(0.05)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                data, addr = sock.recvfrom(65535)
-            except TimeoutError:
-                continue
-            sock.sendto(data, addr)
-
-    thread = threading.Thread(target=serve, name="udp-echo")
-    thread.start()
-    try:
-        yield int(sock.getsockname()[1])
-    finally:
-        stop.set()
-        thread.join()
-        sock.close()
 
 
 def numbered(tag: int, seq: int) -> bytes:
@@ -223,7 +195,7 @@ def test_a_udp_port_reaches_its_tunnel_through_every_node(fleet: Fleet) -> None:
     own address at the node that holds the tunnel."""
     udp_range = free_udp_range_on(NODES, 4)
     nodes = start_udp_nodes(fleet, udp_range)
-    with udp_echo() as echo_port:
+    with udp_echo_port() as echo_port:
         client = start_udp_client(fleet, echo_port, 0)
         port = udp_grant(client)
         assert udp_range[0] <= port <= udp_range[1]
@@ -271,7 +243,7 @@ def test_a_udp_port_is_unique_in_the_fleet_and_released_on_every_node(fleet: Fle
     client gets it."""
     udp_range = free_udp_range_on(NODES, 4)
     nodes = start_udp_nodes(fleet, udp_range)
-    with udp_echo() as echo_port:
+    with udp_echo_port() as echo_port:
         client = start_udp_client(fleet, echo_port, 0)
         port = udp_grant(client)
         reachable(NODES[1], port)
@@ -307,7 +279,7 @@ def test_the_store_gone_refuses_new_udp_ports_cleanly(fleet: Fleet) -> None:
     crashes; once the store is back, the new client gets its port."""
     udp_range = free_udp_range_on(NODES, 4)
     nodes = start_udp_nodes(fleet, udp_range)
-    with udp_echo() as echo_port:
+    with udp_echo_port() as echo_port:
         client = start_udp_client(fleet, echo_port, 0)
         port = udp_grant(client)
         reachable(NODES[1], port)
@@ -354,7 +326,7 @@ def test_a_relayed_flow_queues_a_bounded_number_while_its_stream_opens(fleet: Fl
     drops, under the holder's tunnel, once the flow ends."""
     udp_range = free_udp_range_on(NODES, 4)
     nodes = start_udp_nodes(fleet, udp_range)
-    with udp_echo() as echo_port:
+    with udp_echo_port() as echo_port:
         client = start_udp_client(fleet, echo_port, 0)
         port = udp_grant(client)
         # Node 1 opens the port once it has seen the claim (nothing is sent until then).

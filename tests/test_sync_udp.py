@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from cli_harness import udp_echo_port
 from test_sync import (  # noqa: F401 (the fixture)
     STEP,
     anyio_server,
@@ -31,27 +32,8 @@ from snocat_sync import TunnelClient
 @contextmanager
 def udp_echo() -> Iterator[UdpTarget]:
     """A UDP target in a thread that answers each datagram with itself."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.settimeout(0.05)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                data, addr = sock.recvfrom(65535)
-            except TimeoutError:
-                continue
-            sock.sendto(data, addr)
-
-    thread = threading.Thread(target=serve, name="udp-echo")
-    thread.start()
-    try:
-        yield UdpTarget.parse_host_port(f"127.0.0.1:{sock.getsockname()[1]}")
-    finally:
-        stop.set()
-        thread.join()
-        sock.close()
+    with udp_echo_port() as port:
+        yield UdpTarget.parse_host_port(f"127.0.0.1:{port}")
 
 
 def echo_through(port: int, count: int) -> set[int]:
