@@ -921,12 +921,21 @@ class FleetServer(TunnelServer):
             return PortRefusal(
                 f"port {wanted} is outside this aggregator's range {port_range}", False
             )
+        return await self._while_store_answers(
+            session, lambda: self._claim_in_store(session, request, wanted, refused)
+        )
+
+    async def _while_store_answers(
+        self, session: _Session, claim: Callable[[], Awaitable[int | PortRefusal]]
+    ) -> int | PortRefusal:
+        """``claim()`` once the store answers, again after each StoreUnavailable, for at
+        most STORE_WAIT; refused if the store stays away or the tunnel closes."""
         deadline = current_time() + STORE_WAIT
         while not session.closed:
             if not await self._store.wait_healthy(deadline - current_time()):
                 return PortRefusal("the fleet's registry is unreachable; ask again later", True)
             try:
-                return await self._claim_in_store(session, request, wanted, refused)
+                return await claim()
             except StoreUnavailable:
                 continue  # wait for the store, then claim again
         return PortRefusal("the tunnel closed", True)
@@ -1004,11 +1013,16 @@ class FleetServer(TunnelServer):
 
     async def _give_back_port(self, session: _Session, port: int) -> None:
         """Release ``session`` 's claim of ``port`` (not a newer tunnel's of its name)."""
-        held = self._ports.get(port)
+        await self._give_back(self._ports, self._view, session, port)
+
+    async def _give_back(
+        self, held_ports: dict[int, _Held], view: FleetView, session: _Session, port: int
+    ) -> None:
+        held = held_ports.get(port)
         if held is None or held.session is not session:
             return
-        del self._ports[port]
-        self._view.drop(held.key)
+        del held_ports[port]
+        view.drop(held.key)
         with contextlib.suppress(StoreUnavailable):
             await self._release_claim(held.key, held.stored, EventKind.PORT_RELEASED)
 
@@ -1023,15 +1037,9 @@ class FleetServer(TunnelServer):
             return PortRefusal(
                 f"UDP port {wanted} is outside this aggregator's UDP range {port_range}", False
             )
-        deadline = current_time() + STORE_WAIT
-        while not session.closed:
-            if not await self._store.wait_healthy(deadline - current_time()):
-                return PortRefusal("the fleet's registry is unreachable; ask again later", True)
-            try:
-                return await self._claim_udp_in_store(session, request, wanted, refused)
-            except StoreUnavailable:
-                continue  # wait for the store, then claim again
-        return PortRefusal("the tunnel closed", True)
+        return await self._while_store_answers(
+            session, lambda: self._claim_udp_in_store(session, request, wanted, refused)
+        )
 
     async def _claim_udp_in_store(
         self, session: _Session, request: ProxymeRequest, wanted: int | None, refused: set[int]
@@ -1093,13 +1101,7 @@ class FleetServer(TunnelServer):
 
     async def _give_back_udp_port(self, session: _Session, port: int) -> None:
         """Release ``session`` 's claim of UDP ``port`` (not a newer tunnel's)."""
-        held = self._udp_ports.get(port)
-        if held is None or held.session is not session:
-            return
-        del self._udp_ports[port]
-        self._udp_view.drop(held.key)
-        with contextlib.suppress(StoreUnavailable):
-            await self._release_claim(held.key, held.stored, EventKind.PORT_RELEASED)
+        await self._give_back(self._udp_ports, self._udp_view, session, port)
 
     def _visitor_datagrams(
         self,
