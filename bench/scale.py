@@ -11,6 +11,14 @@ tunnel, and its CPU and datagrams while the N tunnels sit idle (keep-alives only
 ``--idle`` s.  The clients ping after ``--keepalive`` s without hearing from the server
 (the client default); ``--idle-timeout`` is given to both ends.
 The driver shares the machine's two cores with the server, so the rate is a floor.
+
+While idle, a probe asks the server for a version negotiation every 20 ms (a datagram
+of an unknown QUIC version, answered at once and statelessly): its round trips show
+how long the server's event loop leaves every tunnel waiting (p99 and the longest),
+for instance through a full garbage collection.  ``--no-heap-freeze`` runs the server
+without its heap policy (``snocat server --no-heap-freeze``) for comparison; the driver,
+which holds the client ends of all the tunnels, always freezes its own heap, so its
+collections do not delay the probe.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import argparse
 import contextlib
 import heapq
 import itertools
+import os
 import select
 import socket
 import subprocess
@@ -38,6 +47,7 @@ from bench.common import (
     table,
     wait_for_json_line,
 )
+from snocat_proto._service.heap import LongLivedHeap
 from snocat_proto._service.tokens import parse_tokens
 from snocat_proto._wire.auth import ClientCredentials, connect_authenticator
 from snocat_proto._wire.certificates import install_trust
@@ -45,6 +55,57 @@ from snocat_proto._wire.engine import parse_packet_header, quic_configuration
 from snocat_proto._wire.events import AuthenticationCompleted, ConnectionTerminated
 from snocat_proto._wire.limits import Limits
 from snocat_proto._wire.tunnel import CONNECT_KEEPALIVE_INTERVAL, TunnelConnection
+
+#: A QUIC version no server supports (RFC 9000 section 15: 0x?a?a?a?a is reserved).
+UNKNOWN_VERSION = b"\x1a\x2a\x3a\x4a"
+
+
+class StallProbe:
+    """Version negotiation round trips to the server, one every ``interval`` s."""
+
+    def __init__(self, server: tuple[str, int], interval: float = 0.02) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((HOST, 0))
+        self.sock.connect(server)
+        self.sock.setblocking(False)
+        self.interval = interval
+        self.next_at = 0.0
+        #: Round trips in flight, by the source connection ID the answer carries back.
+        self.sent: dict[bytes, float] = {}
+        self.round_trips: list[float] = []
+
+    def wait(self, now: float) -> float:
+        return max(0.0, self.next_at - now)
+
+    def send_due(self, now: float) -> None:
+        if now < self.next_at:
+            return
+        self.next_at = now + self.interval
+        key = os.urandom(8)
+        header = b"\xc0" + UNKNOWN_VERSION + b"\x08" + os.urandom(8) + b"\x08" + key
+        with contextlib.suppress(BlockingIOError):
+            self.sock.send(header.ljust(1200, b"\x00"))  # an Initial's size gets an answer
+            self.sent[key] = now
+
+    def receive(self, now: float) -> None:
+        while True:
+            try:
+                data = self.sock.recv(2048)
+            except (BlockingIOError, ConnectionRefusedError):
+                return
+            # Version negotiation: flags, version 0, then DCID (our key) length and bytes.
+            if len(data) >= 14 and data[1:5] == b"\x00\x00\x00\x00" and data[5] == 8:
+                sent_at = self.sent.pop(data[6:14], None)
+                if sent_at is not None:
+                    self.round_trips.append(now - sent_at)
+
+    def take(self, now: float) -> list[float]:
+        """Round trips since the last call; one unanswered for 1 s counts as 1 s."""
+        lost = [key for key, sent_at in self.sent.items() if now - sent_at > 1.0]
+        for key in lost:
+            del self.sent[key]
+        taken, self.round_trips = self.round_trips + [1.0] * len(lost), []
+        return taken
 
 
 class Driver:
@@ -86,6 +147,8 @@ class Driver:
         #: Datagrams the server received from / sent to the driver.
         self.to_server = 0
         self.from_server = 0
+        #: Probing the server's responsiveness, while :meth:`run_for` runs.
+        self.probe: StallProbe | None = None
 
     def open(self, index: int) -> None:
         name, secret = self.tokens[index]
@@ -134,10 +197,18 @@ class Driver:
         wait = max_wait
         if self.timers:
             wait = max(0.0, min(wait, self.timers[0][0] - now))
-        readable, _, _ = select.select([self.sock], [], [], wait)
+        probe = self.probe
+        sockets = [self.sock]
+        if probe is not None:
+            probe.send_due(now)
+            wait = min(wait, probe.wait(now))
+            sockets.append(probe.sock)
+        readable, _, _ = select.select(sockets, [], [], wait)
         now = time.monotonic()
+        if probe is not None and probe.sock in readable:
+            probe.receive(now)
         touched: dict[TunnelConnection, None] = {}
-        if readable:
+        if self.sock in readable:
             for _ in range(256):
                 try:
                     data, addr = self.sock.recvfrom(65535)
@@ -194,6 +265,7 @@ def run(
     *,
     keepalive: float,
     idle_timeout: float,
+    heap_freeze: bool,
 ) -> list[list[object]]:
     creds = make_credentials(directory, [f"t{i}" for i in range(max(steps))])
     quic_port = free_port(socket.SOCK_DGRAM)
@@ -210,6 +282,7 @@ def run(
         "--idle-timeout", str(idle_timeout),
         "--log-level", "warning",
         "--json",
+        *(() if heap_freeze else ("--no-heap-freeze",)),
     )  # fmt: skip
     rows: list[list[object]] = []
     log = directory / "server.log"
@@ -233,9 +306,13 @@ def run(
             rss = rss_bytes(server.pid)
             cpu_before = cpu_seconds(server.pid)
             datagrams_before = driver.to_server + driver.from_server
+            driver.probe = StallProbe((HOST, quic_port))
             driver.run_for(idle)
             idle_cpu = (cpu_seconds(server.pid) - cpu_before) / idle
             datagrams = driver.to_server + driver.from_server - datagrams_before
+            stalls = sorted(driver.probe.take(time.monotonic()))
+            driver.probe.sock.close()
+            driver.probe = None
             _check_alive(server)
             rows.append([
                 step,
@@ -246,6 +323,8 @@ def run(
                 f"{(rss - base_rss) / step / 1e3:.1f}",
                 f"{datagrams / idle:.0f}",
                 f"{idle_cpu * 100:.1f}",
+                f"{stalls[int(len(stalls) * 0.99)] * 1e3:.1f}",
+                f"{stalls[-1] * 1e3:.0f}",
             ])  # fmt: skip
             previous = step
             print(rows[-1], flush=True)
@@ -264,8 +343,15 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=30.0, help="seconds idle per step")
     parser.add_argument("--keepalive", type=float, default=CONNECT_KEEPALIVE_INTERVAL)
     parser.add_argument("--idle-timeout", type=float, default=30.0)
+    parser.add_argument(
+        "--no-heap-freeze",
+        dest="heap_freeze",
+        action="store_false",
+        help="run the server with --no-heap-freeze",
+    )
     args = parser.parse_args()
     steps = sorted(int(n) for n in args.tunnels.split(","))
+    LongLivedHeap().install()  # the driver's own collections would delay the probe
     with scratch_directory() as directory:
         rows = run(
             directory,
@@ -274,10 +360,12 @@ def main() -> None:
             args.idle,
             keepalive=args.keepalive,
             idle_timeout=args.idle_timeout,
+            heap_freeze=args.heap_freeze,
         )
     print(
         f"\n## Idle authenticated tunnels on one server process "
-        f"(client keep-alive {args.keepalive:g} s, idle timeout {args.idle_timeout:g} s)\n"
+        f"(client keep-alive {args.keepalive:g} s, idle timeout {args.idle_timeout:g} s"
+        f"{'' if args.heap_freeze else ', --no-heap-freeze'})\n"
     )
     print(
         table(
@@ -290,6 +378,8 @@ def main() -> None:
                 "RSS kB/tunnel",
                 "idle datagrams/s",
                 "idle server CPU %",
+                "idle stall p99 ms",
+                "idle stall max ms",
             ],
             rows,
         )

@@ -44,6 +44,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from snocat_proto._service import activity
 from snocat_proto._service.aggregator import NO_SERVICE, SHUTTING_DOWN, TunnelStatus
+from snocat_proto._service.heap import LongLivedHeap
 from snocat_proto._service.visitors import FAILURES
 from snocat_proto._wire.codes import CloseCode
 from snocat_proto._wire.network import format_host_port
@@ -231,12 +232,14 @@ class ServerMetrics:
         per_tunnel: bool = False,
         tunnel_names: int = PER_TUNNEL_NAMES,
         registry_health: RegistryHealth = EMBEDDED_REGISTRY,
+        heap: LongLivedHeap | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.server = server
         self.per_tunnel = per_tunnel
         self.tunnel_names = tunnel_names
         self.registry_health = registry_health
+        self.heap = heap
         self.version = _version()
         self._clock = clock
         self._started_at = clock()
@@ -440,6 +443,8 @@ class ServerMetrics:
         for service in NAMED_SERVICES:
             published.add_metric([service], sum(service in status.names for status in statuses))
         yield published
+        if self.heap is not None and self.heap.installed:
+            yield from _heap_families(self.heap)
         yield _gauge("snocat_ports_in_use", "Public ports granted now.", len(server.ports_in_use))
         yield _gauge(
             "snocat_port_range_size",
@@ -617,6 +622,24 @@ def group_by_name(
             other.append(status)
     groups[OTHER] = other
     return groups
+
+
+def _heap_families(heap: LongLivedHeap) -> Iterator[Metric]:
+    counts = heap.counts()
+    yield _gauge(
+        "snocat_gc_frozen_objects",
+        "Objects frozen out of the garbage collector's full collections (--heap-freeze).",
+        counts.frozen,
+    )
+    collections = CounterMetricFamily(
+        "snocat_gc_full_collections",
+        "Full garbage collections since --heap-freeze began, by kind: shallow (only objects "
+        "made since the last one) or deep (every object, once the frozen ones grew).",
+        labels=["kind"],
+    )
+    collections.add_metric(["shallow"], counts.shallow)
+    collections.add_metric(["deep"], counts.deep)
+    yield collections
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

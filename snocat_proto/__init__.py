@@ -34,6 +34,7 @@ from ._service.aggregator import TunnelStatus, server_endpoint
 from ._service.attempts import connect_tunnel
 from ._service.config import ClientConfig, FleetConfig, ServerConfig
 from ._service.fanout import Fanout, Subscription
+from ._service.heap import HeapCounts, LongLivedHeap
 from ._service.ports import PortRange
 from ._service.publications import NamedTarget
 from ._service.registry import (
@@ -112,9 +113,11 @@ __all__ = [
     "FrameTooLarge",
     "HandshakeCompleted",
     "HandshakeRate",
+    "HeapCounts",
     "Limits",
     "ListeningOn",
     "LocalProtocolError",
+    "LongLivedHeap",
     "NamePublished",
     "NameWithdrawn",
     "NamedTarget",

@@ -138,6 +138,9 @@ def test_a_real_server_and_client_scraped_read_and_shown(lab: Lab, website: Webs
     assert value(samples, "snocat_registry_up", registry="embedded") == 1
     [build] = [s for s in samples if s.name == "snocat_build_info"]
     assert build.labels["version"]
+    # The heap policy is on by default: the modules and the tunnel are frozen.
+    assert value(samples, "snocat_gc_frozen_objects") > 10_000
+    assert value(samples, "snocat_gc_full_collections_total", kind="deep") >= 0
     # Per tunnel (asked for): alpha, and "other" for what is beyond the bound.
     received = {
         s.labels["name"]: s.value for s in samples if s.name == "snocat_tunnel_received_bytes_total"
@@ -236,6 +239,15 @@ def _server_args(lab: Lab, *extra: str) -> list[str]:
         str(tokens),
         *extra,
     ]
+
+
+def test_without_the_heap_policy_nothing_is_frozen(lab: Lab) -> None:
+    _, admin = with_metrics(lab, "--no-heap-freeze")
+    samples = scrape(admin)
+    assert value(samples, "snocat_tunnels") == 0
+    assert not [s for s in samples if s.name.startswith("snocat_gc_")]
+    # prometheus_client's own series still count the collections.
+    assert [s for s in samples if s.name == "python_gc_collections_total"]
 
 
 @pytest.mark.parametrize(

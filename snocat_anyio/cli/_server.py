@@ -22,6 +22,7 @@ from click import get_current_context
 from rich.markup import escape
 
 from snocat_proto._service.config import ServerConfig
+from snocat_proto._service.heap import LongLivedHeap
 from snocat_proto._service.ports import PortRange
 from snocat_proto._service.tokens import format_tokens
 from snocat_proto._wire.auth import SCHEME_SIMPLE_ACK, SCHEME_TOKEN
@@ -337,6 +338,14 @@ def local_only(host: str) -> str | None:
     help="Run N node processes on this machine sharing the QUIC port and the public "
     "ports (needs --registry; 0: one per core).",
 )
+@click.option(
+    "--heap-freeze/--no-heap-freeze",
+    default=True,
+    show_default=True,
+    help="Keep garbage collection off long-lived tunnels: what survives a full "
+    "collection is frozen (gc.freeze) and not walked again until it has grown by a "
+    "quarter (docs/performance.md).",
+)
 @click.option("--worker-group", hidden=True)
 @click.option("--worker-index", type=int, default=0, hidden=True)
 @click.option(
@@ -386,6 +395,7 @@ def server(
     fleet_token_file: Path | None,
     fleet_lease: float,
     workers: int | None,
+    heap_freeze: bool,
     worker_group: str | None,
     worker_index: int,
     metrics_address: str | None,
@@ -560,6 +570,8 @@ def server(
     except (ValueError, LocalProtocolError) as exc:
         raise UsageProblem(getattr(exc, "reason", str(exc))) from None
     show_table = not (json_mode or plain) and sys.stderr.isatty()
+    # The process is the aggregator's: keep full collections off its long-lived tunnels.
+    heap = LongLivedHeap()
 
     async def main() -> None:
         if fleet is None:
@@ -577,7 +589,7 @@ def server(
                 functools.partial(report, server.activity.subscribe(), json_mode=json_mode)
             )
             if admin is not None:
-                await _start_admin(tg, server, admin)
+                await _start_admin(tg, server, admin, heap)
             try:
                 await tg.start(server.serve)
             except ListenerBindError as exc:
@@ -607,7 +619,12 @@ def server(
             await server.shutdown()
             tg.cancel_scope.cancel()
 
-    run(main, backend, loop)
+    if heap_freeze:
+        heap.install()
+    try:
+        run(main, backend, loop)
+    finally:
+        heap.uninstall()
 
 
 @dataclass(frozen=True)
@@ -644,7 +661,7 @@ def _admin_settings(
 
 
 async def _start_admin(
-    tg: anyio.abc.TaskGroup, server: TunnelServer, settings: AdminSettings
+    tg: anyio.abc.TaskGroup, server: TunnelServer, settings: AdminSettings, heap: LongLivedHeap
 ) -> None:
     """Count the server's activity (subscribed before it starts) and serve /metrics and
     /status on its event loop."""
@@ -657,10 +674,13 @@ async def _start_admin(
 
         assert isinstance(server, FleetServer)
         metrics = ServerMetrics(
-            server, per_tunnel=settings.per_tunnel, registry_health=server.registry_health
+            server,
+            per_tunnel=settings.per_tunnel,
+            registry_health=server.registry_health,
+            heap=heap,
         )
     else:
-        metrics = ServerMetrics(server, per_tunnel=settings.per_tunnel)
+        metrics = ServerMetrics(server, per_tunnel=settings.per_tunnel, heap=heap)
     tg.start_soon(metrics.run)
     admin = AdminServer(admin_routes(metrics), token=settings.token)
     try:
