@@ -1021,6 +1021,36 @@ def test_an_idle_client_notices_a_dead_aggregator_within_its_idle_timeout() -> N
     assert 15.0 <= sim.now - died_at < 30.0
 
 
+def test_an_aggregator_opening_a_stream_to_a_vanished_client_closes_within_4_s() -> None:
+    # A client process killed (kill -9: no goodbye): the aggregator learns of it when a
+    # visitor's stream goes unanswered, not at the idle timeout (30 s), so the visitor
+    # is tried on another member of a pool and the port is free again soon.  Without
+    # the rule the open waited for the negotiation timeout (10 s) and the tunnel stayed.
+    sim = connected(link=Link(delay=0.005))  # idle timeout 30 s
+    sim.run_for(1.0)
+    sim.link.loss = 1.0
+    died_at = sim.now
+    stream_id = sim.server_tunnel.open_stream(ADDRESS)
+    sim.touch(sim.server_tunnel)
+    sim.run_until(lambda: sim.server_app.closed is not None, timeout=30)
+    assert sim.now - died_at < 4.0
+    closed = sim.server_app.closed
+    assert closed is not None and "no answer from the peer" in closed.reason
+    assert not events_for(sim.server_app, stream_id, StreamAccepted)
+
+
+def test_a_lossy_client_answering_late_keeps_its_tunnel_and_its_stream() -> None:
+    # 20 % loss each way while the aggregator opens streams: the open or its ACK is
+    # often lost, but aioquic retransmits it within the answer timeout.
+    sim = connected(link=Link(delay=0.02, jitter=0.01))
+    sim.link.loss = 0.2
+    for _ in range(30):
+        sim.run_for(5.0)
+        stream_id = open_stream(sim, sim.server_tunnel)
+        assert events_for(sim.server_app, stream_id, StreamAccepted)
+    assert sim.client_app.closed is None and sim.server_app.closed is None
+
+
 def test_a_quiet_stream_on_a_lossy_path_is_not_taken_for_a_dead_aggregator() -> None:
     # 20 % loss each way: a probe or its ACK is often lost, but aioquic retransmits the
     # PING within the answer timeout, so a live aggregator is never given up on.

@@ -92,12 +92,14 @@ class Limits:
     #: receiving has nothing else to send, so without this a download would stall
     #: until the keep-alive.  An idle session costs four more PINGs (docs/protocol.md 3.7).
     silence_probe_interval: float = 1.0
-    #: (Connect side) Seconds a keep-alive or silence probe may go unanswered (aioquic
+    #: Seconds a keep-alive or silence probe (Connect side) may go unanswered (aioquic
     #: retransmits it meanwhile) before the aggregator counts as gone and the tunnel is
     #: closed.  With streams open the first probe goes out after 1 s of silence, so a
     #: dead aggregator is noticed within 4 s; an idle tunnel, 3 s after its keep-alive
     #: (18 s by default), within its idle timeout.  A live peer answers every PING
-    #: within a round trip, so a quiet tunnel is never closed for it.
+    #: within a round trip, so a quiet tunnel is never closed for it.  Either side: a
+    #: stream opened counts as a probe too (an aggregator learns so that a client was
+    #: killed when a visitor comes for it).
     probe_answer_timeout: float = 3.0
 
     # UDP flows (udp-datagrams, docs/protocol.md 3.17) ------------------------------

@@ -334,8 +334,9 @@ class TunnelConnection:
         return min((d for d in deadlines if d is not None), default=None)
 
     def _peer_gone_at(self) -> float | None:
-        """(Connect side) When the peer counts as gone: a probe or keep-alive that
-        nothing, retransmissions included, answered in time."""
+        """When the peer counts as gone: a probe, a keep-alive (Connect side) or a
+        stream opened (either side) that nothing, retransmissions included, answered
+        in time."""
         if self._probe_sent_at is None:
             return None
         return self._probe_sent_at + self._limits.probe_answer_timeout
@@ -371,7 +372,7 @@ class TunnelConnection:
             if gone_at is not None and now >= gone_at:
                 self.close(
                     CloseCode.NORMAL,
-                    f"no answer from the peer to a keep-alive within "
+                    f"no answer from the peer to a keep-alive or a stream opened within "
                     f"{self._limits.probe_answer_timeout:g} s",
                 )
             elif self._keepalive_at is not None and now >= self._keepalive_at:
@@ -1025,6 +1026,11 @@ class TunnelConnection:
             stream = self._streams.get(stream_id)
             if stream is not None and stream.deadline is None:
                 stream.deadline = now + self._limits.negotiation_timeout
+                if self._probe_sent_at is None:
+                    # The open is a probe too: a live peer acknowledges it within a
+                    # round trip, so silence until probe_answer_timeout means it is
+                    # gone (either side: an aggregator learns of a killed client here).
+                    self._probe_sent_at = now
         self._unclocked.clear()
 
     def _start_acceptor(self, stream: _Stream) -> None:
