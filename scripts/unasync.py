@@ -36,6 +36,7 @@ FILES = (
     "_shared_listeners.py",
     "_server_udp.py",
     "_client_udp.py",
+    "_errors.py",
 )
 
 SUBSTITUTIONS = [

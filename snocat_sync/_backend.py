@@ -34,10 +34,10 @@ from typing import Any
 
 from snocat_proto._wire.network import NetworkAddress, format_address
 
-from ._errors import EndOfStream, SnocatError
+from ._errors import SnocatError
 from ._host import TunnelHost
 from ._relay import relay
-from ._stream import TunnelStream
+from ._stream import EndOfStream, TunnelStream
 from ._threads import ThreadGroup
 from ._udp import read_batch
 
