@@ -37,6 +37,7 @@ FILES = (
     "_server_udp.py",
     "_client_udp.py",
     "_errors.py",
+    "_bind.py",
 )
 
 SUBSTITUTIONS = [

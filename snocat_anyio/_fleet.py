@@ -99,13 +99,14 @@ from ._backend import (
     relay,
     shield,
 )
+from ._bind import bind_port
 from ._errors import StreamRefusedError, TunnelClosedError
 from ._host import TunnelHost
 from ._server import RouteHandler, Router, TunnelServer
 from ._server_flows import _Lease, _Session
 from ._server_udp import UdpFlow
 from ._stream import TunnelStream
-from ._udp import bind_udp, bind_udp_port, send_one
+from ._udp import bind_udp, send_one
 
 __all__ = ["FleetServer", "StoreUnavailable"]
 
@@ -1156,7 +1157,7 @@ class FleetServer(TunnelServer):
             return
         try:
             sockets = UdpSockets(
-                bind_udp_port(self.config.tcp_bind or None, port),
+                bind_port(self.config.tcp_bind or None, port, socket.SOCK_DGRAM),
                 self.config.limits.udp_receive_batch,
             )
         except OSError as exc:

@@ -52,8 +52,9 @@ from snocat_proto._wire.targets import TargetKind
 from snocat_proto._wire.udp_flows import UdpTarget
 
 from ._backend import LOG_PREFIX, Condition, Lock, UdpSockets, current_time, shield
+from ._bind import bind_port
 from ._stream import TunnelStream
-from ._udp import bind_udp_port, send_one
+from ._udp import send_one
 
 __all__ = ["ServerUdp", "UdpLease"]
 
@@ -203,7 +204,7 @@ class ServerUdp(ServerEvents[Any, TunnelStream]):
             if isinstance(port, PortRefusal):
                 return port
             try:
-                sockets = UdpSockets(bind_udp_port(bind_host, port), batch)
+                sockets = UdpSockets(bind_port(bind_host, port, socket.SOCK_DGRAM), batch)
             except OSError as exc:
                 await self._unclaim_udp_port(session, port)
                 if exc.errno in PORT_TAKEN_ERRNOS:
