@@ -148,15 +148,7 @@ class ServerUdp(ServerEvents[Any, TunnelStream]):
     _ports_changed: Condition
     _port_releases: int
 
-    async def _allocate_port(
-        self,
-        session: Any,
-        request: ProxymeRequest,
-        wanted: int | None,
-        refused: set[int],
-        *,
-        udp: bool,
-    ) -> int | PortRefusal:
+    async def _allocate_port(self, *args: Any, **kwargs: Any) -> int | PortRefusal:
         raise NotImplementedError  # ServerCore's: one allocation for both ranges
 
     @property
