@@ -36,6 +36,8 @@ FILES = (
     "_shared_listeners.py",
     "_server_udp.py",
     "_client_udp.py",
+    "_errors.py",
+    "_bind.py",
 )
 
 SUBSTITUTIONS = [

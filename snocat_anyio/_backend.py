@@ -38,6 +38,7 @@ from anyio.streams.stapled import MultiListener
 
 from snocat_proto._wire.network import NetworkAddress, format_address
 
+from ._bind import bind_port
 from ._errors import SnocatError
 from ._relay import read_on_demand, relay
 from ._stream import TunnelStream
@@ -231,7 +232,7 @@ class Listener:
         """Listen now, without waiting (before the event loop serves anything: a
         shared listener binds as the server starts); ``OSError`` if it cannot.
         Port 0 takes a free one (:attr:`port` says which)."""
-        sockets = bind_tcp(host, port)
+        sockets = bind_port(host, port, socket.SOCK_STREAM)
         return cls(None, sockets[0].getsockname()[1], sockets)
 
     def start(
@@ -358,38 +359,6 @@ class UdpSockets:
         self.stop()
         with shield():
             await self._closed.wait()
-
-
-def bind_tcp(host: str | None, port: int) -> list[socket.socket]:
-    """Listening, non-blocking sockets on every address of ``host`` (None: every
-    interface), ``port`` (0: one free port, the same on each)."""
-    infos = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_ADDRCONFIG
-    )
-    sockets: list[socket.socket] = []
-    seen: set[tuple[int, str]] = set()
-    try:
-        for family, _, proto, _, sockaddr in infos:
-            key = (int(family), str(sockaddr[0]))
-            if key in seen:
-                continue
-            seen.add(key)
-            sock = socket.socket(family, socket.SOCK_STREAM, proto)
-            sockets.append(sock)
-            if os.name != "nt":
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if port == 0 and len(sockets) > 1:
-                sockaddr = (sockaddr[0], sockets[0].getsockname()[1], *sockaddr[2:])
-            sock.bind(sockaddr)
-            sock.listen(socket.SOMAXCONN)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
 
 
 async def accepted(sock: socket.socket) -> Connection:

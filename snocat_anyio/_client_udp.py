@@ -220,21 +220,24 @@ class ClientUdp(ClientEvents[Any, TunnelStream]):
         """A flow ended: report it, and close its socket (in a task or thread of its
         own: the pump may not wait for the socket's watcher)."""
         if flow.sockets is not None:
-            self._report(
-                notices.udp_flow_closed,
-                session.tunnel_id,
-                flow.flow_id,
-                flow.visitor,
-                flow.target,
-                flow.counts(),
-                cause,
-                flow.drops,
-                name=session.name,
-            )
+            self._report_flow_closed(session, flow, cause)
             if session.services is not None:
                 session.services.spawn(flow.sockets.aclose, name="udp-flow-close")
             else:
                 flow.sockets.stop()
+
+    def _report_flow_closed(self, session: Any, flow: ClientFlow, cause: str) -> None:
+        self._report(
+            notices.udp_flow_closed,
+            session.tunnel_id,
+            flow.flow_id,
+            flow.visitor,
+            flow.target,
+            flow.counts(),
+            cause,
+            flow.drops,
+            name=session.name,
+        )
 
     async def _end_flows(self, session: Any, cause: str) -> None:
         """The session ends: every flow with it (call without the lock)."""
@@ -244,14 +247,4 @@ class ClientUdp(ClientEvents[Any, TunnelStream]):
         for flow in flows:
             if flow.sockets is not None:
                 await flow.sockets.aclose()
-                self._report(
-                    notices.udp_flow_closed,
-                    session.tunnel_id,
-                    flow.flow_id,
-                    flow.visitor,
-                    flow.target,
-                    flow.counts(),
-                    cause,
-                    flow.drops,
-                    name=session.name,
-                )
+                self._report_flow_closed(session, flow, cause)

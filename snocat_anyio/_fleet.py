@@ -61,6 +61,7 @@ from snocat_proto._service.fleet import (
     ViewChange,
     renew_interval,
 )
+from snocat_proto._service.ports import PortRange
 from snocat_proto._service.visitors import Failure, Forward, ListenerKind
 from snocat_proto._wire.address import RouteAddress
 from snocat_proto._wire.auth import NONCE_SIZE, Authenticator
@@ -98,13 +99,14 @@ from ._backend import (
     relay,
     shield,
 )
+from ._bind import bind_port
 from ._errors import StreamRefusedError, TunnelClosedError
 from ._host import TunnelHost
 from ._server import RouteHandler, Router, TunnelServer
 from ._server_flows import _Lease, _Session
 from ._server_udp import UdpFlow
 from ._stream import TunnelStream
-from ._udp import bind_udp, bind_udp_port, send_one
+from ._udp import bind_udp, send_one
 
 __all__ = ["FleetServer", "StoreUnavailable"]
 
@@ -618,6 +620,47 @@ class _Held:
     session: _Session
 
 
+#: A port's claim in the embedded books (``ServerCore._claim_port``,
+#: ``ServerUdp._claim_udp_port``) ...
+_LocalClaim = Callable[
+    [_Session, ProxymeRequest, int | None, set[int]], Awaitable[int | PortRefusal]
+]
+#: ... and its release (``_release_port``, ``_release_udp_port``).
+_LocalRelease = Callable[[_Session, int], Awaitable[bool]]
+
+
+@dataclass(eq=False, kw_only=True)
+class _PortBook:
+    """One protocol's public ports across the fleet, TCP or UDP: the claims this node
+    holds, its view of every node's, and what tells the two apart (the key and the
+    sticky namespace, which follow :attr:`protocol`; the range; how a refusal names
+    them).  Claiming, giving back and releasing are written once, over a book
+    (:meth:`FleetServer._claim_in_store`)."""
+
+    #: The view of this protocol's claims (the TCP one also follows nodes and tunnels).
+    view: FleetView
+    port_range: PortRange | None
+    #: How a refusal names a port ("port", "UDP port") and the range ("range", "UDP range").
+    noun: str
+    range_noun: str
+    #: The target of a ``proxyme`` request, as a claim records it.
+    target: Callable[[ProxymeRequest], str]
+    #: Applies a change of :attr:`view`: claims lost, ports to relay for others or not.
+    apply: Callable[[ViewChange], Awaitable[None]]
+    #: The port is this node's now: stop relaying it to another node.
+    take_home: Callable[[int], Awaitable[None]]
+    #: The embedded books' claim and release, which the fleet's wrap.
+    claim_here: _LocalClaim
+    release_here: _LocalRelease
+    #: This node's claims, by port.
+    held: dict[int, _Held] = field(default_factory=dict)
+
+    @property
+    def protocol(self) -> str:
+        """``"tcp"`` or ``"udp"``: the claims' key prefix and sticky namespace."""
+        return self.view.protocol
+
+
 @dataclass(eq=False)
 class _Registration:
     """One registered tunnel's record in the store, kept in step by one task."""
@@ -686,12 +729,10 @@ class FleetServer(TunnelServer):
         self._user_route = route
         self._store = FleetStore(self.fleet, self._health_changed)
         self._registrations: dict[str, _Registration] = {}  # by tunnel id
-        self._ports: dict[int, _Held] = {}
         self._remote: dict[int, Listener] = {}
         self._closing: dict[int, anyio.Event] = {}
-        #: The UDP ports: this node's claims, and those it relays for other nodes (with
-        #: how many relayed flows each node's link carries).
-        self._udp_ports: dict[int, _Held] = {}
+        #: The UDP ports this node relays for other nodes (with how many relayed flows
+        #: each node's link carries).
         self._udp_remote: dict[int, _RelayedUdpPort] = {}
         self._udp_closing: dict[int, _RelayedUdpPort] = {}
         self._udp_relayed: collections.Counter[str] = collections.Counter()
@@ -711,8 +752,32 @@ class FleetServer(TunnelServer):
         self._renew_now: anyio.Event
         #: Renewals, releases and updates of this node's claims, one at a time.
         self._claims_lock: anyio.Lock
-        self._view = FleetView(self._record(), self._store.keys)
-        self._udp_view = FleetView(self._record(), self._store.keys, protocol="udp")
+        #: The public ports, one book per protocol (this node's claims, the view).
+        self._tcp = _PortBook(
+            view=FleetView(self._record(), self._store.keys),
+            port_range=config.port_range,
+            noun="port",
+            range_noun="range",
+            target=lambda request: str(request.target()),
+            apply=self._apply_change,
+            take_home=self._take_tcp_home,
+            claim_here=super()._claim_port,
+            release_here=super()._release_port,
+        )
+        self._udp = _PortBook(
+            view=FleetView(self._record(), self._store.keys, protocol="udp"),
+            port_range=config.udp_port_range,
+            noun="UDP port",
+            range_noun="UDP range",
+            target=lambda request: str(UdpTarget(TargetKind.DNS, request.host, request.port)),
+            apply=self._apply_udp_change,
+            take_home=self._stop_udp_relay,
+            claim_here=super()._claim_udp_port,
+            release_here=super()._release_udp_port,
+        )
+        self._port_books = (self._tcp, self._udp)
+        #: The fleet as this node sees it: its nodes and tunnels, and the TCP ports.
+        self._view = self._tcp.view
         certificate, _ = load_identity(config.certificate_pem, config.private_key_pem)
         self._certificate = certificate[0]
 
@@ -757,7 +822,9 @@ class FleetServer(TunnelServer):
 
     def _open(self) -> None:
         super()._open()
-        self._view.me = self._udp_view.me = self._record()
+        me = self._record()
+        for book in self._port_books:
+            book.view.me = me
 
     def _begin(self, group: Any) -> None:
         super()._begin(group)
@@ -788,7 +855,7 @@ class FleetServer(TunnelServer):
         """Give back what is still held (normally released as tunnels closed), and
         tell the fleet this node left."""
         with contextlib.suppress(StoreUnavailable):
-            for held in [*self._ports.values(), *self._udp_ports.values()]:
+            for held in self._held_ports():
                 await self._release_claim(held.key, held.stored, EventKind.PORT_RELEASED)
             for registration in list(self._registrations.values()):
                 if registration.held is not None:
@@ -798,8 +865,8 @@ class FleetServer(TunnelServer):
                 self._leaving = True
                 await self._store.drop_node(self._view.me)
         self._leaving = True
-        self._ports.clear()
-        self._udp_ports.clear()
+        for book in self._port_books:
+            book.held.clear()
         self._registrations.clear()
 
     def _health_changed(self, healthy: bool, reason: str) -> None:
@@ -911,46 +978,63 @@ class FleetServer(TunnelServer):
             else:
                 self._lost(held)
 
-    # Ports: atomic claims across the fleet ------------------------------------------
+    # Ports, TCP and UDP: atomic claims across the fleet --------------------------------
 
     async def _claim_port(
         self, session: _Session, request: ProxymeRequest, wanted: int | None, refused: set[int]
     ) -> int | PortRefusal:
-        port_range = self.config.port_range
+        return await self._claim_in_fleet(self._tcp, session, request, wanted, refused)
+
+    async def _claim_udp_port(
+        self, session: _Session, request: ProxymeRequest, wanted: int | None, refused: set[int]
+    ) -> int | PortRefusal:
+        return await self._claim_in_fleet(self._udp, session, request, wanted, refused)
+
+    async def _claim_in_fleet(
+        self,
+        book: _PortBook,
+        session: _Session,
+        request: ProxymeRequest,
+        wanted: int | None,
+        refused: set[int],
+    ) -> int | PortRefusal:
+        """A port of ``book`` claimed in the store once it answers, again after each
+        StoreUnavailable, for at most STORE_WAIT; refused if the store stays away or
+        the tunnel closes."""
+        port_range = book.port_range
+        assert port_range is not None  # a UDP request is served only with a range
         if wanted is not None and wanted not in port_range:
             return PortRefusal(
-                f"port {wanted} is outside this aggregator's range {port_range}", False
+                f"{book.noun} {wanted} is outside this aggregator's {book.range_noun} {port_range}",
+                False,
             )
-        return await self._while_store_answers(
-            session, lambda: self._claim_in_store(session, request, wanted, refused)
-        )
-
-    async def _while_store_answers(
-        self, session: _Session, claim: Callable[[], Awaitable[int | PortRefusal]]
-    ) -> int | PortRefusal:
-        """``claim()`` once the store answers, again after each StoreUnavailable, for at
-        most STORE_WAIT; refused if the store stays away or the tunnel closes."""
         deadline = current_time() + STORE_WAIT
         while not session.closed:
             if not await self._store.wait_healthy(deadline - current_time()):
                 return PortRefusal("the fleet's registry is unreachable; ask again later", True)
             try:
-                return await claim()
+                return await self._claim_in_store(
+                    book, port_range, session, request, wanted, refused
+                )
             except StoreUnavailable:
                 continue  # wait for the store, then claim again
         return PortRefusal("the tunnel closed", True)
 
     async def _claim_in_store(
-        self, session: _Session, request: ProxymeRequest, wanted: int | None, refused: set[int]
+        self,
+        book: _PortBook,
+        port_range: PortRange,
+        session: _Session,
+        request: ProxymeRequest,
+        wanted: int | None,
+        refused: set[int],
     ) -> int | PortRefusal:
-        name, target = session.label, str(request.target())
+        name, target = session.label, book.target(request)
         if wanted is not None:
             candidates = [wanted]
         else:
-            sticky = await self._store.sticky(name, target)
-            candidates = self._view.port_candidates(
-                name, target, sticky, self.config.port_range, refused
-            )
+            sticky = await self._store.sticky(name, target, book.protocol)
+            candidates = book.view.port_candidates(name, target, sticky, port_range, refused)
         for port in candidates:
             claim = PortClaim(
                 port=port,
@@ -958,45 +1042,75 @@ class FleetServer(TunnelServer):
                 tunnel_id=session.tunnel_id,
                 name=name,
                 target=target,
+                protocol=book.protocol,
             )
             pool = self._books.names.is_pool(session.name)
             stored, holder = await self._store.claim_port(claim, take_over=not pool)
             if stored is None:
                 if wanted is not None:
                     where = f" on node {holder.node}" if holder is not None else ""
-                    return PortRefusal(f"port {port} is in use by another tunnel{where}", True)
+                    return PortRefusal(
+                        f"{book.noun} {port} is in use by another tunnel{where}", True
+                    )
                 continue
-            # Ours now: our own listener serves it, so stop relaying it elsewhere.
-            self._ports[port] = _Held(self._store.keys.port(port), stored, session)
-            await self._apply_change(self._view.claimed_port(stored.fence, claim))
-            await self._stop_listening(port)  # also if the events task is closing it
-            self._port_moved(port)
+            # Ours now: our own listener or sockets serve it, so stop relaying it elsewhere.
+            book.held[port] = _Held(self._store.keys.port(port, book.protocol), stored, session)
+            await book.apply(book.view.claimed_port(stored.fence, claim))
+            await book.take_home(port)
             # The embedded books keep the local truth (and the one-name rule).
-            local = await super()._claim_port(session, request, port, refused)
+            local = await book.claim_here(session, request, port, refused)
             if isinstance(local, PortRefusal):
-                await self._give_back_port(session, port)
+                await self._give_back(book, session, port)
                 if wanted is not None:
                     return local
                 refused.add(port)
                 continue
             return local
-        return PortRefusal(f"no free port in {self.config.port_range} across the fleet", True)
+        return PortRefusal(f"no free {book.noun} in {port_range} across the fleet", True)
 
     async def _unclaim_port(self, session: _Session, port: int) -> None:
         await super()._unclaim_port(session, port)
-        await self._give_back_port(session, port)
+        await self._give_back(self._tcp, session, port)
+
+    async def _unclaim_udp_port(self, session: _Session, port: int) -> None:
+        await super()._unclaim_udp_port(session, port)
+        await self._give_back(self._udp, session, port)
 
     async def _release_port(self, session: _Session, port: int) -> bool:
-        held = self._ports.get(port)
-        released = await super()._release_port(session, port)
+        return await self._release_in_fleet(self._tcp, session, port)
+
+    async def _release_udp_port(self, session: _Session, port: int) -> bool:
+        return await self._release_in_fleet(self._udp, session, port)
+
+    async def _release_in_fleet(self, book: _PortBook, session: _Session, port: int) -> bool:
+        """A granted port is closed: free it here, give its claim back and remember it
+        for the name (the sticky port)."""
+        held = book.held.get(port)
+        released = await book.release_here(session, port)
         if held is not None and held.session is session:
-            await self._give_back_port(session, port)
-            with contextlib.suppress(StoreUnavailable):
+            await self._give_back(book, session, port)
+            with contextlib.suppress(StoreUnavailable, LocalProtocolError):
                 claim = PortClaim.decode(held.stored.body)
                 await self._store.remember(
-                    claim.name, claim.target, port, self.config.sticky_port_seconds
+                    claim.name, claim.target, port, self.config.sticky_port_seconds, book.protocol
                 )
         return released
+
+    async def _give_back(self, book: _PortBook, session: _Session, port: int) -> None:
+        """Release ``session`` 's claim of ``port`` (not a newer tunnel's of its name)."""
+        held = book.held.get(port)
+        if held is None or held.session is not session:
+            return
+        del book.held[port]
+        book.view.drop(held.key)
+        with contextlib.suppress(StoreUnavailable):
+            await self._release_claim(held.key, held.stored, EventKind.PORT_RELEASED)
+
+    async def _take_tcp_home(self, port: int) -> None:
+        """TCP ``port`` is this node's now: stop listening for its old holder (also if
+        the events task is closing that listener), and move its waiting visitors."""
+        await self._stop_listening(port)
+        self._port_moved(port)
 
     def _port_granted(self, session: _Session, lease: _Lease) -> None:
         super()._port_granted(session, lease)
@@ -1010,98 +1124,6 @@ class FleetServer(TunnelServer):
         registration = self._registrations.get(session.tunnel_id)
         if registration is not None:
             registration.changed.set()
-
-    async def _give_back_port(self, session: _Session, port: int) -> None:
-        """Release ``session`` 's claim of ``port`` (not a newer tunnel's of its name)."""
-        await self._give_back(self._ports, self._view, session, port)
-
-    async def _give_back(
-        self, held_ports: dict[int, _Held], view: FleetView, session: _Session, port: int
-    ) -> None:
-        held = held_ports.get(port)
-        if held is None or held.session is not session:
-            return
-        del held_ports[port]
-        view.drop(held.key)
-        with contextlib.suppress(StoreUnavailable):
-            await self._release_claim(held.key, held.stored, EventKind.PORT_RELEASED)
-
-    # UDP ports: claims of their own (snocat:udp:PORT), as the TCP ones ----------------
-
-    async def _claim_udp_port(
-        self, session: _Session, request: ProxymeRequest, wanted: int | None, refused: set[int]
-    ) -> int | PortRefusal:
-        port_range = self.config.udp_port_range
-        assert port_range is not None  # a UDP request is served only with a range
-        if wanted is not None and wanted not in port_range:
-            return PortRefusal(
-                f"UDP port {wanted} is outside this aggregator's UDP range {port_range}", False
-            )
-        return await self._while_store_answers(
-            session, lambda: self._claim_udp_in_store(session, request, wanted, refused)
-        )
-
-    async def _claim_udp_in_store(
-        self, session: _Session, request: ProxymeRequest, wanted: int | None, refused: set[int]
-    ) -> int | PortRefusal:
-        port_range = self.config.udp_port_range
-        assert port_range is not None
-        name = session.label
-        target = str(UdpTarget(TargetKind.DNS, request.host, request.port))
-        if wanted is not None:
-            candidates = [wanted]
-        else:
-            sticky = await self._store.sticky(name, target, "udp")
-            candidates = self._udp_view.port_candidates(name, target, sticky, port_range, refused)
-        for port in candidates:
-            claim = PortClaim(
-                port=port,
-                node=self.fleet.node,
-                tunnel_id=session.tunnel_id,
-                name=name,
-                target=target,
-                protocol="udp",
-            )
-            pool = self._books.names.is_pool(session.name)
-            stored, holder = await self._store.claim_port(claim, take_over=not pool)
-            if stored is None:
-                if wanted is not None:
-                    where = f" on node {holder.node}" if holder is not None else ""
-                    return PortRefusal(f"UDP port {port} is in use by another tunnel{where}", True)
-                continue
-            # Ours now: our own sockets serve it, so stop relaying it elsewhere.
-            self._udp_ports[port] = _Held(self._store.keys.port(port, "udp"), stored, session)
-            await self._apply_udp_change(self._udp_view.claimed_port(stored.fence, claim))
-            await self._stop_udp_relay(port)
-            local = await super()._claim_udp_port(session, request, port, refused)
-            if isinstance(local, PortRefusal):
-                await self._give_back_udp_port(session, port)
-                if wanted is not None:
-                    return local
-                refused.add(port)
-                continue
-            return local
-        return PortRefusal(f"no free UDP port in {port_range} across the fleet", True)
-
-    async def _unclaim_udp_port(self, session: _Session, port: int) -> None:
-        await super()._unclaim_udp_port(session, port)
-        await self._give_back_udp_port(session, port)
-
-    async def _release_udp_port(self, session: _Session, port: int) -> bool:
-        held = self._udp_ports.get(port)
-        released = await super()._release_udp_port(session, port)
-        if held is not None and held.session is session:
-            await self._give_back_udp_port(session, port)
-            with contextlib.suppress(StoreUnavailable, LocalProtocolError):
-                claim = PortClaim.decode(held.stored.body)
-                await self._store.remember(
-                    claim.name, claim.target, port, self.config.sticky_port_seconds, "udp"
-                )
-        return released
-
-    async def _give_back_udp_port(self, session: _Session, port: int) -> None:
-        """Release ``session`` 's claim of UDP ``port`` (not a newer tunnel's)."""
-        await self._give_back(self._udp_ports, self._udp_view, session, port)
 
     def _visitor_datagrams(
         self,
@@ -1131,15 +1153,15 @@ class FleetServer(TunnelServer):
         """Open UDP ``port`` (held by another node) on this node's address."""
         if port in self._udp_remote or port in self._udp_closing or self._tasks is None:
             return
-        if not self._udp_view.should_listen(port):
+        if not self._udp.view.should_listen(port):
             return
         try:
             sockets = UdpSockets(
-                bind_udp_port(self.config.tcp_bind or None, port),
+                bind_port(self.config.tcp_bind or None, port, socket.SOCK_DGRAM),
                 self.config.limits.udp_receive_batch,
             )
         except OSError as exc:
-            holder = self._udp_view.holder_of(port)
+            holder = self._udp.view.holder_of(port)
             logger.warning(
                 "cannot open UDP port %d for node %s: %s",
                 port,
@@ -1185,8 +1207,8 @@ class FleetServer(TunnelServer):
         if relayed.stopped or not self._books.accepting:
             return
         limits = self.config.limits
-        claim = self._udp_view.holder_of(relayed.port)
-        if claim is None or self._udp_view.relay_to(relayed.port) is None:
+        claim = self._udp.view.holder_of(relayed.port)
+        if claim is None or self._udp.view.relay_to(relayed.port) is None:
             return
         now = current_time()
         fd = sock.fileno()
@@ -1231,7 +1253,7 @@ class FleetServer(TunnelServer):
         the stream, the port closes here, or the flow is idle for
         ``udp_flow_idle_timeout``."""
         limits = self.config.limits
-        holder = self._udp_view.relay_to(relayed.port)
+        holder = self._udp.view.relay_to(relayed.port)
         try:
             with flow.scope:
                 if holder is None or holder[0].node != flow.claim.node:
@@ -1373,10 +1395,8 @@ class FleetServer(TunnelServer):
                         return  # its key must not come back after it said goodbye
                     await self._store.put_node(self._view.me, announce=not self._announced)
                     self._announced = True
-                    held = [r.held for r in self._registrations.values() if r.held is not None] + [
-                        *self._ports.values(),
-                        *self._udp_ports.values(),
-                    ]
+                    held = [r.held for r in self._registrations.values() if r.held is not None]
+                    held += self._held_ports()
                     lost = await self._store.renew([(h.key, h.stored) for h in held])
                 if current_time() - rebuilt_at >= REBUILD_EVERY * self.fleet.lease:
                     rebuilt_at = current_time()
@@ -1398,12 +1418,10 @@ class FleetServer(TunnelServer):
         this one is taken over, and stops); found by a renewal, this node was away
         past its lease (its client, if still here, reconnects)."""
         session = held.session
-        self._view.drop(held.key)
-        self._udp_view.drop(held.key)
-        for port in [p for p, h in self._ports.items() if h.session is session]:
-            self._view.drop(self._ports.pop(port).key)
-        for port in [p for p, h in self._udp_ports.items() if h.session is session]:
-            self._udp_view.drop(self._udp_ports.pop(port).key)
+        for book in self._port_books:
+            book.view.drop(held.key)
+            for port in [p for p, h in book.held.items() if h.session is session]:
+                book.view.drop(book.held.pop(port).key)
         registration = self._registrations.get(session.tunnel_id)
         if registration is not None:
             registration.held, registration.lost = None, True
@@ -1435,7 +1453,7 @@ class FleetServer(TunnelServer):
             await self._store.node_left(record)
         change.left = []  # reported as the event comes back
         await self._apply_change(change)
-        await self._apply_udp_change(self._udp_view.rebuild(nodes, ports["udp"], {}))
+        await self._apply_udp_change(self._udp.view.rebuild(nodes, ports["udp"], {}))
 
     # The event stream -------------------------------------------------------------
 
@@ -1473,7 +1491,7 @@ class FleetServer(TunnelServer):
                     self._renew_now.set()
                 self._report_event(event)
                 await self._apply_change(self._view.apply(event))
-                await self._apply_udp_change(self._udp_view.apply(event))
+                await self._apply_udp_change(self._udp.view.apply(event))
                 if event.kind is EventKind.PORT_CLAIMED and isinstance(event.record, PortClaim):
                     if event.record.protocol == "udp":
                         self._udp_port_moved(event.record)
@@ -1529,9 +1547,13 @@ class FleetServer(TunnelServer):
         for registration in list(self._registrations.values()):
             if registration.held is not None and registration.held.key == key:
                 yield registration.held
-        for held in [*self._ports.values(), *self._udp_ports.values()]:
+        for held in self._held_ports():
             if held.key == key:
                 yield held
+
+    def _held_ports(self) -> list[_Held]:
+        """This node's claims of ports, TCP and UDP."""
+        return [held for book in self._port_books for held in book.held.values()]
 
     # Ports held elsewhere: listen, and relay to the node that holds the tunnel ----------
 
@@ -1593,7 +1615,7 @@ class FleetServer(TunnelServer):
             start, guard = started
             deadline = current_time() + LINK_TIMEOUT
             while current_time() < deadline:
-                held = self._ports.get(port)
+                held = self._tcp.held.get(port)
                 if held is not None:  # ours now: serve it here, once it is granted
                     lease = held.session.leases.get(port)
                     if lease is None:
@@ -1676,7 +1698,7 @@ class FleetServer(TunnelServer):
         except (RemoteProtocolError, LocalProtocolError):
             return None
         if udp is not None:
-            held = self._udp_ports.get(udp.port)
+            held = self._udp.held.get(udp.port)
             if held is None or held.stored.fence != udp.fence or held.session.closed:
                 return None  # not (any more) this node's: refused, the other node drops it
             return functools.partial(self._serve_udp_relay, held.session, udp)
@@ -1689,7 +1711,7 @@ class FleetServer(TunnelServer):
             return None
         if segments[:2] == RELAY and segments[2].isdigit() and segments[3].isdigit():
             port, fence = int(segments[2]), int(segments[3])
-            held = self._ports.get(port)
+            held = self._tcp.held.get(port)
             holder = self._view.holder_of(port)
             if held is not None and held.stored.fence == fence:
                 pass
@@ -1707,7 +1729,7 @@ class FleetServer(TunnelServer):
         self, port: int, fence: int, visitor: ProxyAddresses | None, stream: TunnelStream
     ) -> None:
         """(The node that holds the port) A visitor relayed from another node."""
-        held = self._ports.get(port)
+        held = self._tcp.held.get(port)
         if held is not None and held.stored.fence == fence and not held.session.closed:
             lease = held.session.leases.get(port)
             if lease is None:

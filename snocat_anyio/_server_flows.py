@@ -450,8 +450,20 @@ class ServerCore(SharedListeners, ServerUdp):
     ) -> int | PortRefusal:
         """A port for ``request`` (the binding's registry decides; here, the embedded
         one): ``wanted`` if given, else the name's old one for this target, else the
-        lowest free; ports in ``refused`` could not be bound.  A tunnel that took the
-        name over first waits for the displaced one's port."""
+        lowest free; ports in ``refused`` could not be bound."""
+        return await self._allocate_port(session, request, wanted, refused, udp=False)
+
+    async def _allocate_port(
+        self,
+        session: _Session,
+        request: ProxymeRequest,
+        wanted: int | None,
+        refused: set[int],
+        *,
+        udp: bool,
+    ) -> int | PortRefusal:
+        """A port of the TCP range or (``udp``) the UDP one, from the embedded books.
+        A tunnel that took the name over first waits for the displaced one's port."""
         wait_until = current_time() + self.config.limits.takeover_port_wait
         while True:
             with self._lock:
@@ -463,10 +475,12 @@ class ServerCore(SharedListeners, ServerUdp):
                     refused,
                     wanted,
                     wait_for_takeover=current_time() < wait_until,
+                    udp=udp,
                 )
             if not isinstance(port, PortPending):
                 return port
-            # The tunnel this one took over is closing its listener on our port.
+            # The tunnel this one took over is closing its listener (or sockets) on
+            # our port.
             await self._ports_changed.wait_for(
                 functools.partial(self._ports_released_since, releases),
                 wait_until - current_time(),

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from snocat_proto._service import notices
-from snocat_proto._service.aggregator import PORT_TAKEN_ERRNOS, PortPending, PortRefusal
+from snocat_proto._service.aggregator import PORT_TAKEN_ERRNOS, PortRefusal
 from snocat_proto._service.config import ServerConfig
 from snocat_proto._service.server_events import ServerEvents
 from snocat_proto._wire.codes import StreamCode
@@ -52,8 +52,9 @@ from snocat_proto._wire.targets import TargetKind
 from snocat_proto._wire.udp_flows import UdpTarget
 
 from ._backend import LOG_PREFIX, Condition, Lock, UdpSockets, current_time, shield
+from ._bind import bind_port
 from ._stream import TunnelStream
-from ._udp import bind_udp_port, send_one
+from ._udp import send_one
 
 __all__ = ["ServerUdp", "UdpLease"]
 
@@ -147,6 +148,9 @@ class ServerUdp(ServerEvents[Any, TunnelStream]):
     _ports_changed: Condition
     _port_releases: int
 
+    async def _allocate_port(self, *args: Any, **kwargs: Any) -> int | PortRefusal:
+        raise NotImplementedError  # ServerCore's: one allocation for both ranges
+
     @property
     def udp_ports_in_use(self) -> frozenset[int]:
         """Public UDP ports currently granted to tunnels."""
@@ -203,7 +207,7 @@ class ServerUdp(ServerEvents[Any, TunnelStream]):
             if isinstance(port, PortRefusal):
                 return port
             try:
-                sockets = UdpSockets(bind_udp_port(bind_host, port), batch)
+                sockets = UdpSockets(bind_port(bind_host, port, socket.SOCK_DGRAM), batch)
             except OSError as exc:
                 await self._unclaim_udp_port(session, port)
                 if exc.errno in PORT_TAKEN_ERRNOS:
@@ -223,28 +227,7 @@ class ServerUdp(ServerEvents[Any, TunnelStream]):
     ) -> int | PortRefusal:
         """A UDP port for ``request`` (here from the embedded books; a fleet's server
         claims it in the fleet's registry): as :meth:`ServerCore._claim_port`."""
-        wait_until = current_time() + self.config.limits.takeover_port_wait
-        while True:
-            with self._lock:
-                releases = self._port_releases
-                port = self._books.allocate_port(
-                    session,
-                    request,
-                    current_time(),
-                    refused,
-                    wanted,
-                    wait_for_takeover=current_time() < wait_until,
-                    udp=True,
-                )
-            if not isinstance(port, PortPending):
-                return port
-            await self._ports_changed.wait_for(
-                functools.partial(self._udp_released_since, releases),
-                wait_until - current_time(),
-            )
-
-    def _udp_released_since(self, count: int) -> bool:
-        return self._port_releases != count
+        return await self._allocate_port(session, request, wanted, refused, udp=True)
 
     async def _unclaim_udp_port(self, session: Any, port: int) -> None:
         """A claimed UDP port could not be bound: give it back."""

@@ -18,10 +18,8 @@ import anyio.abc
 
 from snocat_proto._service.stream_handle import (
     Blocked,
-    FailureKind,
     HandleView,
     Opening,
-    StreamFailure,
     StreamHandle,
 )
 from snocat_proto._wire.address import RouteAddress
@@ -29,16 +27,9 @@ from snocat_proto._wire.codes import StreamCode
 from snocat_proto._wire.events import TunnelEvent
 from snocat_proto._wire.tunnel import TunnelConnection
 
-from ._errors import StreamRefusedError, StreamResetError, TunnelClosedError
+from ._errors import StreamRefusedError, failure_error
 
 DEFAULT_RECEIVE_SIZE = 65536
-
-
-def failure_error(failure: StreamFailure) -> StreamResetError | TunnelClosedError:
-    """The exception that reports ``failure`` to anyio code."""
-    if failure.kind is FailureKind.TUNNEL_CLOSED:
-        return TunnelClosedError(failure.code, failure.reason)
-    return StreamResetError(failure.code, failure.reason, by_peer=failure.by_peer)
 
 
 class TunnelStream(HandleView, anyio.abc.ByteStream):

@@ -1,8 +1,8 @@
 """The UDP socket work of a pump: binding, reading a batch, sending.
 
-Also the sockets of UDP services (``udp-datagrams``): a public UDP port's
-(:func:`bind_udp_port`) and a client flow's to its target, read a batch at a time
-(:func:`read_batch`) and written without waiting (:func:`send_one`).
+Also the sockets of UDP services (``udp-datagrams``): a public UDP port's (bound
+by :func:`~._bind.bind_port`) and a client flow's to its target, read a batch at a
+time (:func:`read_batch`) and written without waiting (:func:`send_one`).
 
 Plain non-blocking stdlib sockets, no event loop and no threads: ``snocat_sync``
 has a generated copy of this module, and only the waiting differs between the two.
@@ -32,7 +32,6 @@ __all__ = [
     "MAX_DATAGRAM",
     "UdpBatching",
     "bind_udp",
-    "bind_udp_port",
     "read_batch",
     "receive_batch",
     "send_datagrams",
@@ -223,39 +222,6 @@ def send_datagrams(
             if error is not _WOULD_BLOCK:
                 unreachable = error
     return dropped, unreachable
-
-
-def bind_udp_port(host: str | None, port: int) -> list[socket.socket]:
-    """Non-blocking UDP sockets on every address of ``host`` (None or ``""``: every
-    interface), ``port``: a public UDP port, bound as a TCP port's listener is
-    (IPv6 sockets IPv6 only, so a visitor's address is never a mapped IPv4 one)."""
-    infos = socket.getaddrinfo(
-        host or None,
-        port,
-        type=socket.SOCK_DGRAM,
-        flags=socket.AI_PASSIVE | socket.AI_ADDRCONFIG,
-    )
-    sockets: list[socket.socket] = []
-    seen: set[tuple[int, str]] = set()
-    try:
-        for family, _, proto, _, sockaddr in infos:
-            key = (int(family), str(sockaddr[0]))
-            if key in seen:
-                continue
-            seen.add(key)
-            sock = socket.socket(family, socket.SOCK_DGRAM, proto)
-            sockets.append(sock)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if port == 0 and len(sockets) > 1:
-                sockaddr = (sockaddr[0], sockets[0].getsockname()[1], *sockaddr[2:])
-            sock.bind(sockaddr)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
 
 
 def read_batch(sock: socket.socket, batch: int) -> list[tuple[bytes, NetworkAddress]]:

@@ -33,7 +33,6 @@ from ._client import TunnelClient
 from ._errors import (
     AuthenticationError,
     ConnectError,
-    EndOfStream,
     FeedOverflowError,
     PortRefusedError,
     SnocatError,
@@ -44,7 +43,7 @@ from ._errors import (
 )
 from ._feed import ActivityFeed, Subscription
 from ._server import Authenticate, RouteHandler, Router, TunnelServer
-from ._stream import TunnelStream
+from ._stream import EndOfStream, TunnelStream
 
 __all__ = [
     "ActivityFeed",

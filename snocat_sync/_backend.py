@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import socket
 import threading
 import time
@@ -34,10 +33,11 @@ from typing import Any
 
 from snocat_proto._wire.network import NetworkAddress, format_address
 
-from ._errors import EndOfStream, SnocatError
+from ._bind import bind_port
+from ._errors import SnocatError
 from ._host import TunnelHost
 from ._relay import relay
-from ._stream import TunnelStream
+from ._stream import EndOfStream, TunnelStream
 from ._threads import ThreadGroup
 from ._udp import read_batch
 
@@ -160,13 +160,13 @@ class Listener:
     def open(cls, host: str | None, port: int) -> Listener:
         """Listen on every address of ``host`` (None: every interface); ``OSError`` if
         the port cannot be bound."""
-        return cls(_listen_tcp(host, port), port)
+        return cls(bind_port(host, port, socket.SOCK_STREAM), port)
 
     @classmethod
     def bind(cls, host: str | None, port: int) -> Listener:
         """Listen now (a shared listener binds as the server starts); ``OSError`` if
         it cannot.  Port 0 takes a free one (:attr:`port` says which)."""
-        sockets = _listen_tcp(host, port)
+        sockets = bind_port(host, port, socket.SOCK_STREAM)
         return cls(sockets, sockets[0].getsockname()[1])
 
     def start(
@@ -279,37 +279,6 @@ class UdpSockets:
     def close(self) -> None:
         """:meth:`stop` (the sockets are closed when it returns)."""
         self.stop()
-
-
-def _listen_tcp(host: str | None, port: int) -> list[socket.socket]:
-    """Listening sockets on every address of ``host`` (None: every interface), ``port``."""
-    infos = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_ADDRCONFIG
-    )
-    sockets: list[socket.socket] = []
-    seen: set[tuple[int, str]] = set()
-    try:
-        for family, _, proto, _, sockaddr in infos:
-            key = (int(family), str(sockaddr[0]))
-            if key in seen:
-                continue
-            seen.add(key)
-            sock = socket.socket(family, socket.SOCK_STREAM, proto)
-            sockets.append(sock)
-            if os.name != "nt":
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if port == 0 and len(sockets) > 1:
-                sockaddr = (sockaddr[0], sockets[0].getsockname()[1], *sockaddr[2:])
-            sock.bind(sockaddr)
-            sock.listen(socket.SOMAXCONN)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in sockets:
-            sock.close()
-        raise
-    return sockets
 
 
 def accepted(sock: socket.socket) -> Connection:

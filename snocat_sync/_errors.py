@@ -1,18 +1,25 @@
-"""The exceptions snocat_sync raises to its users.
+# Generated from snocat_anyio/_errors.py by scripts/unasync.py: do not edit.
+"""The exceptions a binding raises to its users.
 
-Stream errors subclass the built-in ``ConnectionError`` family (so ``OSError``), as a
-socket's would: code written for sockets handles them without knowing snocat.
-Timeouts are the built-in ``TimeoutError`` (``socket.timeout``).
+Written once: ``snocat_sync/_errors.py`` is generated from this module, so each
+binding has classes of its own (``snocat_anyio.SnocatError`` is not
+``snocat_sync.SnocatError``).  Stream errors subclass the binding's own family, named
+in its ``_error_bases``: anyio's ``BrokenResourceError`` in snocat_anyio, the
+built-in ``ConnectionError`` family (as a socket's would) in snocat_sync.
 """
 
 from __future__ import annotations
 
+from snocat_proto._service.stream_handle import FailureKind, StreamFailure
+
+from ._error_bases import StreamRefusedBase, StreamResetBase, TunnelClosedBase
+
 
 class SnocatError(Exception):
-    """Root of snocat_sync's errors."""
+    """Root of the binding's errors."""
 
 
-class TunnelClosedError(ConnectionAbortedError, SnocatError):
+class TunnelClosedError(TunnelClosedBase, SnocatError):
     """The tunnel carrying a stream closed (``code`` and ``reason`` say why)."""
 
     def __init__(self, code: int, reason: str) -> None:
@@ -21,7 +28,7 @@ class TunnelClosedError(ConnectionAbortedError, SnocatError):
         self.reason = reason
 
 
-class StreamResetError(ConnectionResetError, SnocatError):
+class StreamResetError(StreamResetBase, SnocatError):
     """The stream was aborted by the peer (``by_peer``) or by the protocol core."""
 
     def __init__(self, code: int, reason: str, *, by_peer: bool) -> None:
@@ -31,12 +38,20 @@ class StreamResetError(ConnectionResetError, SnocatError):
         self.by_peer = by_peer
 
 
-class StreamRefusedError(ConnectionRefusedError, SnocatError):
+# SnocatError first: in snocat_anyio the base is Exception, which must come after it.
+class StreamRefusedError(SnocatError, StreamRefusedBase):
     """The peer refused to open a stream to the requested route address."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def failure_error(failure: StreamFailure) -> StreamResetError | TunnelClosedError:
+    """The exception that reports a stream's ``failure`` to the binding's users."""
+    if failure.kind is FailureKind.TUNNEL_CLOSED:
+        return TunnelClosedError(failure.code, failure.reason)
+    return StreamResetError(failure.code, failure.reason, by_peer=failure.by_peer)
 
 
 class AuthenticationError(SnocatError):
@@ -53,10 +68,6 @@ class TunnelNotFoundError(SnocatError, LookupError):
     def __init__(self, name: str) -> None:
         super().__init__(f"no tunnel named {name!r} is connected")
         self.name = name
-
-
-class EndOfStream(SnocatError):
-    """(:meth:`TunnelStream.receive`) The peer finished its direction of the stream."""
 
 
 class FeedOverflowError(SnocatError):

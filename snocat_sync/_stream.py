@@ -27,10 +27,8 @@ from typing import NoReturn
 
 from snocat_proto._service.stream_handle import (
     Blocked,
-    FailureKind,
     HandleView,
     Opening,
-    StreamFailure,
     StreamHandle,
 )
 from snocat_proto._wire.address import RouteAddress
@@ -38,16 +36,13 @@ from snocat_proto._wire.codes import StreamCode
 from snocat_proto._wire.events import TunnelEvent
 from snocat_proto._wire.tunnel import TunnelConnection
 
-from ._errors import EndOfStream, StreamRefusedError, StreamResetError, TunnelClosedError
+from ._errors import SnocatError, StreamRefusedError, failure_error
 
 DEFAULT_RECEIVE_SIZE = 65536
 
 
-def failure_error(failure: StreamFailure) -> StreamResetError | TunnelClosedError:
-    """The exception that reports ``failure`` to blocking code."""
-    if failure.kind is FailureKind.TUNNEL_CLOSED:
-        return TunnelClosedError(failure.code, failure.reason)
-    return StreamResetError(failure.code, failure.reason, by_peer=failure.by_peer)
+class EndOfStream(SnocatError):
+    """(:meth:`TunnelStream.receive`) The peer finished its direction of the stream."""
 
 
 class TunnelStream(HandleView):
