@@ -748,6 +748,9 @@ class FleetServer(TunnelServer):
         self._announced = False
         self._leaving = False
         self._suspect_since: float | None = None
+        #: Until when a rebuild keeps what the store lacks (it restarted empty, and the
+        #: live nodes set their claims again within a renewal).
+        self._keep_missing_until = -float("inf")
         # anyio primitives need a running event loop: _begin() makes them.
         self._renew_now: anyio.Event
         #: Renewals, releases and updates of this node's claims, one at a time.
@@ -873,6 +876,9 @@ class FleetServer(TunnelServer):
         node = self.fleet.node
         if healthy:
             logger.info("the registry is reachable: node %s serves the fleet", node)
+            # It may have come back empty (restarted): live nodes set their claims again
+            # within a renewal, so until then a rebuild keeps what the keys lack.
+            self._keep_missing_until = current_time() + self.fleet.lease
             self.activity.publish(activity.FleetRecovered(at=time.time(), node=node))
         else:
             logger.warning("the registry is unreachable (%s): node %s is degraded", reason, node)
@@ -1448,12 +1454,14 @@ class FleetServer(TunnelServer):
     async def _rebuild(self) -> None:
         """Rebuild the view from the keys, and say which nodes' records lapsed."""
         nodes, ports, tunnels = await self._store.snapshot()
-        change = self._view.rebuild(nodes, ports["tcp"], tunnels)
+        keep = current_time() < self._keep_missing_until
+        change = self._view.rebuild(nodes, ports["tcp"], tunnels, keep_missing=keep)
         for record in change.left:
             await self._store.node_left(record)
         change.left = []  # reported as the event comes back
         await self._apply_change(change)
-        await self._apply_udp_change(self._udp.view.rebuild(nodes, ports["udp"], {}))
+        udp_change = self._udp.view.rebuild(nodes, ports["udp"], {}, keep_missing=keep)
+        await self._apply_udp_change(udp_change)
 
     # The event stream -------------------------------------------------------------
 
@@ -1474,9 +1482,13 @@ class FleetServer(TunnelServer):
                     elif not await self._store.has_events_after(last):
                         logger.warning(
                             "the registry no longer has the fleet's changes since %s (it "
-                            "restarted, or this node was away long); rebuilt from its keys",
+                            "restarted, or this node was away long); rebuilt from its keys, "
+                            "keeping for one lease what they lack",
                             last,
                         )
+                        # Emptied, it lacks what live nodes set again within a renewal:
+                        # forgetting that would stop relays and free ports still held.
+                        self._keep_missing_until = current_time() + self.fleet.lease
                     await self._rebuild()
                     resync = False
                 assert last is not None

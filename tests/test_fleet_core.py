@@ -120,6 +120,24 @@ def test_a_rebuild_reports_nodes_that_left_and_forgets_their_ports() -> None:
     assert [r.node for r in second.left] == ["b"] and second.unlisten == {8080}
 
 
+def test_a_rebuild_from_an_emptied_store_keeps_what_it_lacks_until_the_next() -> None:
+    # The store restarted empty: b is alive and sets its claim again within a renewal.
+    # Meanwhile a keeps relaying b's port and does not offer it to a new tunnel.
+    view = FleetView(node("a"), KEYS)
+    view.rebuild([node("b")], {8080: Stored(4, port_claim(8080, "b").encode())}, {})
+    kept = view.rebuild([], {}, {}, keep_missing=True)
+    assert kept.left == [] and kept.unlisten == set() and view.listening == {8080}
+    assert 8080 not in view.port_candidates("office", "t", None, range(8080, 8082), set())
+    # What the store holds still wins: c's claim of 8081 comes in beside b's kept one.
+    view.rebuild(
+        [node("c")], {8081: Stored(1, port_claim(8081, "c").encode())}, {}, keep_missing=True
+    )
+    assert view.listening == {8080, 8081}
+    # One lease later, b never came back (it died with the store): forgotten.
+    later = view.rebuild([node("c")], {8081: Stored(1, port_claim(8081, "c").encode())}, {})
+    assert [r.node for r in later.left] == ["b"] and later.unlisten == {8080}
+
+
 def test_port_candidates_put_the_sticky_and_held_ports_first() -> None:
     view = FleetView(node("a"), KEYS)
     view.rebuild([node("b")], {8081: Stored(1, port_claim(8081, "b", name="other").encode())}, {})

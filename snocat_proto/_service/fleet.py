@@ -590,17 +590,28 @@ class FleetView:
         nodes: Iterable[NodeRecord],
         ports: Mapping[int, Stored],
         tunnels: Mapping[str, Stored],
+        *,
+        keep_missing: bool = False,
     ) -> ViewChange:
         """Replace the view with what the keys hold now (at start, after a store
-        disconnect, and periodically: a dead node's claims lapse without an event)."""
+        disconnect, and periodically: a dead node's claims lapse without an event).
+
+        ``keep_missing``: the store lost its keys (it restarted empty), so what it lacks
+        may be a live node's that has not set it again yet (within a renewal): keep
+        what the view knows of it (nodes, ports, tunnels) instead of forgetting it;
+        the store's own records still win.  A later rebuild without it drops whatever
+        nobody set again."""
         old_nodes = self.nodes
+        old_ports, old_tunnels = self.ports, self.tunnels
         self.nodes = {record.node: record for record in nodes if record.node != self.me.node}
+        if keep_missing:
+            self.nodes = old_nodes | self.nodes
         self.nodes[self.me.node] = self.me
         change = ViewChange(
             joined=[r for n, r in self.nodes.items() if n not in old_nodes],
             left=[r for n, r in old_nodes.items() if n not in self.nodes],
         )
-        self.ports = {}
+        self.ports = dict(old_ports) if keep_missing else {}
         for port, stored in ports.items():
             try:
                 claim = PortClaim.decode(stored.body)
@@ -609,7 +620,7 @@ class FleetView:
             if claim.port == port and claim.protocol == self.protocol:
                 self.ports[port] = (stored.fence, claim)
                 self._newer(self.keys.port(port, self.protocol), stored.fence, claim.node, change)
-        self.tunnels = {}
+        self.tunnels = dict(old_tunnels) if keep_missing else {}
         for slot, stored in tunnels.items() if self.protocol == "tcp" else ():
             try:
                 record = NameClaim.decode(stored.body)
