@@ -468,15 +468,13 @@ class ServerMetrics:
             "UDP flows open now.",
             self.udp_flows_opened - self.udp_flows_closed,
         )
-        udp_datagrams = CounterMetricFamily(
+        yield _by_reason(
             "snocat_udp_datagrams",
             "UDP datagrams of ended flows: received from the tunnel (to visitors), sent "
             "into it (from visitors).",
-            labels=["direction"],
+            self.udp_datagrams,
+            label="direction",
         )
-        for direction, count in self.udp_datagrams.items():
-            udp_datagrams.add_metric([direction], count)
-        yield udp_datagrams
         yield _by_reason(
             "snocat_udp_datagrams_dropped",
             "UDP datagrams of visitors not carried, by reason (too_big, over_rate, "
@@ -488,15 +486,16 @@ class ServerMetrics:
             "Activity subscribers closed because they fell too far behind.",
             server.activity.laggards,
         )
-        dropped = CounterMetricFamily(
+        yield _by_reason(
             "snocat_datagrams_dropped",
             "UDP datagrams dropped: received ones that belonged to no tunnel and could "
             "start none, and ones not sent because the socket's buffer was full.",
-            labels=["direction"],
+            {
+                "received": counters.datagrams_dropped_received,
+                "sent": counters.datagrams_dropped_sent,
+            },
+            label="direction",
         )
-        dropped.add_metric(["received"], counters.datagrams_dropped_received)
-        dropped.add_metric(["sent"], counters.datagrams_dropped_sent)
-        yield dropped
         yield _counter(
             "snocat_tunnels_failed",
             "Tunnels closed because handling them raised (a bug: see the log).",
@@ -631,15 +630,13 @@ def _heap_families(heap: LongLivedHeap) -> Iterator[Metric]:
         "Objects frozen out of the garbage collector's full collections (--heap-freeze).",
         counts.frozen,
     )
-    collections = CounterMetricFamily(
+    yield _by_reason(
         "snocat_gc_full_collections",
         "Full garbage collections since --heap-freeze began, by kind: shallow (only objects "
         "made since the last one) or deep (every object, once the frozen ones grew).",
-        labels=["kind"],
+        {"shallow": counts.shallow, "deep": counts.deep},
+        label="kind",
     )
-    collections.add_metric(["shallow"], counts.shallow)
-    collections.add_metric(["deep"], counts.deep)
-    yield collections
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
@@ -650,8 +647,10 @@ def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily
     return CounterMetricFamily(name, documentation, value=value)
 
 
-def _by_reason(name: str, documentation: str, counts: dict[str, int]) -> CounterMetricFamily:
-    family = CounterMetricFamily(name, documentation, labels=["reason"])
-    for reason, count in counts.items():
-        family.add_metric([reason], count)
+def _by_reason(
+    name: str, documentation: str, counts: dict[str, int], label: str = "reason"
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in counts.items():
+        family.add_metric([value], count)
     return family
