@@ -112,17 +112,20 @@ PORT_REFUSAL_CLASSES = (
     "in_use",  # the port asked for is another tunnel's
     "out_of_range",  # the port asked for is not in --ports
     "bind_failed",  # the operating system would not let us listen on it
+    "registry_unreachable",  # a node of a fleet: its store did not answer in time
     "shutting_down",
     "other",
 )
-#: How the aggregator words each (snocat_proto/_service/aggregator.py, and
-#: snocat_anyio/_server_flows.py for a listener that fails): matched at the start.
+#: How the aggregator words each (snocat_proto/_service/aggregator.py;
+#: snocat_anyio/_server_flows.py and _server_udp.py for a port that cannot be bound;
+#: a fleet node's claims in _fleet.py, which name a UDP port so): matched at the start.
 _PORT_PATTERNS = (
     ("shutting_down", re.escape(SHUTTING_DOWN)),
-    ("out_of_range", r"port \d+ is outside"),
-    ("in_use", r"port \d+ is in use"),
-    ("exhausted", r"no free port"),
-    ("bind_failed", r"port \d+ cannot be bound|cannot listen on port"),
+    ("out_of_range", r"(UDP )?port \d+ is outside"),
+    ("in_use", r"(UDP )?port \d+ is in use"),
+    ("exhausted", r"no free (UDP )?port"),
+    ("bind_failed", r"port \d+ cannot be bound|cannot listen on port|cannot bind UDP port"),
+    ("registry_unreachable", r"the fleet's registry is unreachable"),
 )
 
 #: ``snocat_stream_refusals_total{reason}``: streams that were not carried, either

@@ -431,6 +431,14 @@ def test_port_refusals_as_the_aggregator_words_them() -> None:
     books.accepting = False
     assert port_refusal_class(refusal(set())) == "shutting_down"
     assert port_refusal_class("something new") == "other"
+    # snocat_anyio/_server_udp.py, and a fleet node's claims (_fleet.py), TCP and UDP:
+    assert port_refusal_class("cannot bind UDP port 5300: Address in use") == "bind_failed"
+    for noun in ("port", "UDP port"):
+        assert port_refusal_class(f"{noun} 1 is in use by another tunnel on node b") == "in_use"
+        assert port_refusal_class(f"no free {noun} in 1:4 across the fleet") == "exhausted"
+        assert port_refusal_class(f"{noun} 9 is outside this aggregator's range") == "out_of_range"
+    unreachable = "the fleet's registry is unreachable; ask again later"
+    assert port_refusal_class(unreachable) == "registry_unreachable"
 
 
 def test_stream_refusals_as_the_core_and_the_server_word_them() -> None:
