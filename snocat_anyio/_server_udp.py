@@ -32,6 +32,7 @@ from typing import Any
 from snocat_proto._service import notices
 from snocat_proto._service.aggregator import PORT_TAKEN_ERRNOS, PortRefusal
 from snocat_proto._service.config import ServerConfig
+from snocat_proto._service.refused_visitors import RefusedVisitors
 from snocat_proto._service.server_events import ServerEvents
 from snocat_proto._wire.codes import StreamCode
 from snocat_proto._wire.errors import LocalProtocolError
@@ -41,6 +42,7 @@ from snocat_proto._wire.events import (
     FlowRequested,
     TunnelEvent,
 )
+from snocat_proto._wire.limits import Limits
 from snocat_proto._wire.network import NetworkAddress, format_host_port
 from snocat_proto._wire.proxyme import (
     ProxymeEvent,
@@ -49,7 +51,7 @@ from snocat_proto._wire.proxyme import (
     ReleaseRequested,
 )
 from snocat_proto._wire.targets import TargetKind
-from snocat_proto._wire.udp_flows import UdpTarget
+from snocat_proto._wire.udp_flows import FlowEnd, UdpTarget
 
 from ._backend import LOG_PREFIX, Condition, Lock, UdpSockets, current_time, shield
 from ._bind import bind_port
@@ -120,7 +122,9 @@ class UdpFlow:
 class UdpLease:
     """One granted UDP port: its sockets, what it forwards to, and its flows."""
 
-    def __init__(self, sockets: UdpSockets, port: int, request: ProxymeRequest) -> None:
+    def __init__(
+        self, sockets: UdpSockets, port: int, request: ProxymeRequest, limits: Limits
+    ) -> None:
         self.sockets = sockets
         self.port = port
         self.addresses = sockets.addresses
@@ -129,8 +133,14 @@ class UdpLease:
         self.target = UdpTarget(TargetKind.DNS, request.host, request.port)
         #: The flows by visitor (``(socket's fd, address)``; a relayed flow's own key).
         self.flows: dict[tuple[object, NetworkAddress], UdpFlow] = {}
-        #: Datagrams dropped outside any flow (a visitor over the flow limit).
+        #: Datagrams dropped outside any flow (a visitor over the flow limit, or held
+        #: off after the client refused its flow).
         self.drops: dict[str, int] = {}
+        self.refused = RefusedVisitors(
+            first=limits.udp_refused_hold,
+            maximum=limits.udp_refused_hold_max,
+            capacity=limits.udp_refused_remembered,
+        )
         self.stopped = False
 
 
@@ -220,7 +230,7 @@ class ServerUdp(ServerEvents[Any, TunnelStream]):
                 with shield():
                     await self._unclaim_udp_port(session, port)
                 raise
-            return UdpLease(sockets, port, request)
+            return UdpLease(sockets, port, request, self.config.limits)
 
     async def _claim_udp_port(
         self, session: Any, request: ProxymeRequest, wanted: int | None, refused: set[int]
@@ -307,6 +317,9 @@ class ServerUdp(ServerEvents[Any, TunnelStream]):
                 key = (fd, addr)
                 flow = lease.flows.get(key)
                 if flow is None:
+                    if lease.refused.held(key, now):
+                        _count(lease.drops, "refused")
+                        continue
                     try:
                         flow = self._new_flow(session, lease, sock, addr, key, now)
                     except LocalProtocolError as exc:  # the tunnel is closing
@@ -445,6 +458,10 @@ class ServerUdp(ServerEvents[Any, TunnelStream]):
             if flow is None:
                 return
             flow.lease.flows.pop(flow.key, None)
+            if event.cause is FlowEnd.REFUSED:
+                flow.lease.refused.refused(flow.key, current_time())
+            else:
+                flow.lease.refused.opened(flow.key)
             self._flow_closed(session, flow, event.cause.value)
         elif isinstance(event, FlowRequested):
             super()._flow_event(session, event)

@@ -440,6 +440,44 @@ async def test_the_client_refuses_a_flow_to_a_target_it_was_not_given(
         assert f"udp flow {flow_id}" in refused.address
 
 
+async def test_a_refused_visitor_is_held_off_instead_of_a_flow_setup_per_round_trip(
+    server_identity: Any,
+) -> None:
+    """A visitor keeps sending while the client refuses its flows (here: the target
+    dropped from the client's allow-list after the grant).  Each refusal holds the
+    visitor off (1 s, then 2 s, ...) and its datagrams are dropped and counted as
+    ``refused``; without the hold each round trip was a new flow setup.  Once the
+    client takes flows again, the visitor's next datagram after the hold gets through."""
+    async with udp_setup(server_identity) as (server, client, _target, port):
+        feed = server.activity.subscribe()
+        allowed = set(client._udp_allowed)
+        client._udp_allowed.clear()
+        visitor = await visitor_socket(port)
+        started = anyio.current_time()
+        while anyio.current_time() - started < 2.5:
+            await visitor.send(b"knock")
+            await anyio.sleep(0.005)  # about 500 datagrams
+        await anyio.sleep(0.3)
+        closed = []
+        while (record := feed.get_nowait()) is not None:
+            if isinstance(record, activity.UdpFlowClosed):
+                closed.append(record)
+        assert closed and all(record.cause == "refused" for record in closed)
+        assert len(closed) <= 3, [round(r.at - closed[0].at, 2) for r in closed]
+        (lease,) = [lease for s in server._books.sessions() for lease in s.udp_leases.values()]
+        assert lease.drops.get("refused", 0) >= 300
+
+        # The client takes flows again: after the hold (2 s now), the echo comes back.
+        client._udp_allowed.update(allowed)
+        with anyio.fail_after(10):
+            while True:
+                await visitor.send(b"hello again")
+                with anyio.move_on_after(0.5):
+                    assert await visitor.receive() == b"hello again"
+                    break
+        await visitor.aclose()
+
+
 async def test_a_client_without_udp_targets_refuses_every_flow(server_identity: Any) -> None:
     async with (
         tcp_target() as tcp,

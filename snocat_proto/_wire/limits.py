@@ -124,6 +124,15 @@ class Limits:
     udp_bytes_per_second: float = 8 * 1024 * 1024
     #: Seconds of either rate a bucket holds, so a burst can go at once.
     udp_rate_burst: float = 0.25
+    #: (Aggregator) Seconds a visitor whose flow the client refused is held off (its
+    #: datagrams dropped and counted as ``refused``) before its next datagram opens a
+    #: flow again; twice as long after each further refusal in a row, at most
+    #: ``udp_refused_hold_max``.  Without it every round trip of such a visitor was a
+    #: flow setup over the tunnel and two log lines.
+    udp_refused_hold: float = 1.0
+    udp_refused_hold_max: float = 30.0
+    #: Visitors held off per UDP port at once (the oldest forgotten first).
+    udp_refused_remembered: int = 1024
 
     # Endpoints and bindings -------------------------------------------------------
     #: Client addresses (IPv6: /64s) the handshake-rate table tracks at once.
@@ -194,6 +203,8 @@ class Limits:
             raise LocalProtocolError("stream_send_buffer may not exceed tunnel_send_buffer")
         if self.stream_receive_window > self.tunnel_receive_window:
             raise LocalProtocolError("stream_receive_window may not exceed tunnel_receive_window")
+        if self.udp_refused_hold > self.udp_refused_hold_max:
+            raise LocalProtocolError("udp_refused_hold may not exceed udp_refused_hold_max")
         if self.active_connection_id_limit < 2:
             raise LocalProtocolError("active_connection_id_limit must be at least 2 (RFC 9000)")
         if self.udp_segments_per_call > MAX_UDP_SEGMENTS:
