@@ -302,3 +302,23 @@ def test_room_in_the_tunnel_wakes_only_the_writers_it_can_serve() -> None:
         assert digest(sim.server_app.received[sid]) == digest(blobs[sid]), sid
     assert wakeups > 50
     assert empty <= wakeups // 10, (empty, wakeups)
+
+
+def test_writers_woken_that_never_write_do_not_strand_the_others() -> None:
+    """40 streams wait for room behind one tunnel send buffer; each woken writer gives
+    up without writing (a send that timed out, its stream left open).  Once the
+    tunnel has nothing in flight no acknowledgement will come to wake the rest, so
+    they must all have been told by then: none may wait for ever."""
+    limits = Limits(tunnel_send_buffer=64 * 1024, stream_send_buffer=32 * 1024)
+    sim = connected(seed=5, limits=limits, client_limits=limits)
+    client = sim.client
+    ids = open_streams(sim, 40)
+    for sid in ids[:2]:
+        client.send_data(sid, payload(client.send_capacity(sid), seed=sid))
+    for sid in ids:
+        assert client.send_capacity(sid) == 0  # all of them wait now
+    sim.touch(client)
+    sim.run_for(5.0)  # a clean link: everything sent is acknowledged long before
+    assert all(client.send_capacity(sid) == limits.stream_send_buffer for sid in ids)
+    woken = {e.stream_id for e in sim.client_app.events if isinstance(e, StreamWritable)}
+    assert woken == set(ids), f"{len(set(ids) - woken)} writers never told"

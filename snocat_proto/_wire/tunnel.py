@@ -1243,6 +1243,9 @@ class TunnelConnection:
         # and wait again, at every acknowledgement.
         threshold = self._writable_threshold
         shared = self._shared_room()
+        # With nothing in flight no acknowledgement will come to look again: a woken
+        # writer that gives up without writing would strand the rest, so wake them all.
+        idle = shared >= self._limits.tunnel_send_buffer
         woken = []
         for stream in self._want_writable:
             if shared < threshold:
@@ -1252,7 +1255,8 @@ class TunnelConnection:
             room = self._capacity(stream, shared)
             if room >= threshold:
                 woken.append(stream)
-                shared -= room
+                if not idle:
+                    shared -= room
         for stream in woken:
             stream.want_writable = False
             del self._want_writable[stream]
