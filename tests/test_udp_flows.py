@@ -640,6 +640,36 @@ def test_the_flow_limit_holds_on_both_sides() -> None:
     assert server.datagram_counters().drops == {DropReason.FLOW_LIMIT: 1}
 
 
+def test_at_the_limit_the_quietest_flow_quiet_long_enough_makes_room() -> None:
+    # Spoofed sources (one datagram each) fill the aggregator's flows; a real visitor
+    # still gets one, by ending the quietest flow that has been quiet for
+    # udp_flow_evict_after, never a flow that is busy.
+    limits = Limits(udp_max_flows=3, udp_flow_evict_after=5.0)
+    sim = udp_sim(limits=limits)
+    server = sim.server_tunnel
+    flow_ids = [open_flow(sim, ("192.0.2.1", port)) for port in (1, 2, 3)]
+    # Too soon: every flow is fresh, so the new visitor is dropped as before.
+    assert server.open_flow(TARGET, ("192.0.2.9", 9), sim.now) is None
+    assert server.datagram_counters().drops == {DropReason.FLOW_LIMIT: 1}
+    busy = flow_ids[1]
+    for _ in range(7):  # flow 2 keeps talking; 1 and 3 fall quiet
+        sim.run_for(1.0)
+        assert server.send_flow_datagram(busy, b"still here", sim.now) is None
+        sim.touch(server)
+    newcomer = server.open_flow(TARGET, ("192.0.2.9", 9), sim.now)
+    assert newcomer is not None
+    sim.touch(server)
+    sim.run_for(0.01)
+    (ended,) = flow_events(sim.server_app, FlowEnded)
+    assert ended.flow_id == flow_ids[0]  # type: ignore[attr-defined]  # quiet longest
+    assert ended.cause is FlowEnd.EVICTED  # type: ignore[attr-defined]
+    sim.run_until(lambda: bool(flow_events(sim.server_app, FlowOpened, newcomer)), timeout=10)
+    # The evicted flow ended on the client too (its stream closed); the busy one lives.
+    sim.run_until(lambda: bool(flow_events(sim.client_app, FlowEnded)), timeout=10)
+    assert server.send_flow_datagram(busy, b"and still", sim.now) is None
+    assert not flow_events(sim.server_app, FlowEnded, busy)
+
+
 def test_a_setup_address_the_client_cannot_read_is_refused_not_fatal() -> None:
     sim = udp_sim()
     server = sim.server_tunnel

@@ -142,8 +142,9 @@ class UdpFlowClosed(Activity):
     ``datagrams_out`` / ``bytes_out`` went into it (as :class:`StreamClosed`'s bytes);
     ``drops`` counts this side's datagrams of the flow that were not sent, by reason
     (``too_big``, ``over_rate``, ``congested``, ...).  ``cause``: ``idle``, ``peer
-    closed``, ``reset``, ``refused``, ``closed`` (by this side: its port or socket
-    closed) or ``tunnel closed``."""
+    closed``, ``reset``, ``refused``, ``evicted`` (the quietest flow at the flow limit,
+    ended for a new visitor), ``closed`` (by this side: its port or socket closed) or
+    ``tunnel closed``."""
 
     tunnel_id: str
     flow_id: int

@@ -107,6 +107,11 @@ class Limits:
     #: Each holds one stream of the peer's ``max_streams_per_tunnel``: keep this well
     #: below it, so that TCP streams always have room.
     udp_max_flows: int = 128
+    #: (Opener) At ``udp_max_flows``, a new visitor's flow ends the quietest open one
+    #: of ours if it has been quiet (no datagram either way) this many seconds, as
+    #: conntrack drops early: spoofed sources fill the table, but hold it only this
+    #: long rather than the idle timeout, and a busy flow is never ended for them.
+    udp_flow_evict_after: float = 5.0
     #: Datagrams one flow may queue while its setup is under way (one round trip).
     udp_flow_queue: int = 16
     #: Datagrams one tunnel may have handed to QUIC that wait for room in the congestion

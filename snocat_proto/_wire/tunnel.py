@@ -584,11 +584,24 @@ class TunnelConnection:
 
     def open_flow(self, target: UdpTarget, visitor: tuple[str, int], now: float) -> int | None:
         """Open a flow of ``visitor``'s datagrams to ``target`` on the peer; its ID, or
-        None at ``Limits.udp_max_flows`` (counted as a FLOW_LIMIT drop).
+        None at ``Limits.udp_max_flows`` (counted as a FLOW_LIMIT drop).  At the limit
+        the quietest flow of ours, if quiet for ``Limits.udp_flow_evict_after``, is
+        ended first to make room (:class:`FlowEnded`, ``EVICTED``).
 
         Datagrams sent on it queue until :class:`FlowOpened`; :class:`FlowEnded`
         follows instead if the peer refuses."""
         flows = self._require_flows()
+        evicted = flows.evictable(now)
+        if evicted is not None:
+            self.close_flow(evicted)
+            self._emit(
+                events.FlowEnded(
+                    flow_id=evicted,
+                    cause=FlowEnd.EVICTED,
+                    reason=f"the quietest of {self._limits.udp_max_flows} flows, quiet for "
+                    f"{self._limits.udp_flow_evict_after:g} s or more: ended for a new one",
+                )
+            )
         flow_id = flows.open(now)
         if flow_id is None:
             return None

@@ -317,6 +317,9 @@ class FlowEnd(Enum):
     PEER_CLOSED = "peer closed"  # the peer ended its stream (FIN, or STOP_SENDING 0)
     RESET = "reset"  # the stream was reset with an error code
     IDLE = "idle"  # no datagram either way for Limits.udp_flow_idle_timeout
+    #: (Opener) made room at the flow limit for a new visitor: the quietest flow, quiet
+    #: for at least Limits.udp_flow_evict_after (as conntrack drops early).
+    EVICTED = "evicted"
 
 
 class FlowState(Enum):
@@ -418,6 +421,8 @@ class FlowTable:
             burst=limits.udp_rate_burst,
         )
         self._drops: dict[DropReason, int] = {}
+        #: No flow can be evicted before this (the last search found none quiet enough).
+        self._evict_not_before = -float("inf")
         self.sent = 0
         self.received = 0
 
@@ -460,6 +465,27 @@ class FlowTable:
         self._next_id += 2
         self._add(_Flow(flow_id, FlowState.OPENING, now))
         return flow_id
+
+    def evictable(self, now: float) -> int | None:
+        """At the flow limit, the flow of ours to end for a new one: the open one quiet
+        longest, if quiet for ``Limits.udp_flow_evict_after``; else None.  A flood at
+        the limit costs one search per ``udp_flow_evict_after``, not one per datagram."""
+        if len(self._flows) < self._limits.udp_max_flows or now < self._evict_not_before:
+            return None
+        quiet_for = self._limits.udp_flow_evict_after
+        ours = [
+            flow
+            for flow in self._flows.values()
+            if flow.flow_id & 1 == self._parity and flow.state is FlowState.OPEN
+        ]
+        if not ours:
+            self._evict_not_before = now + quiet_for
+            return None
+        quietest = min(ours, key=lambda flow: flow.last_active)
+        if now - quietest.last_active < quiet_for:
+            self._evict_not_before = quietest.last_active + quiet_for
+            return None
+        return quietest.flow_id
 
     def bind(self, flow_id: int, stream_id: int) -> None:
         """The stream that carries the flow's setup (and whose end ends it)."""
