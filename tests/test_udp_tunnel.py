@@ -315,6 +315,37 @@ async def test_an_oversized_datagram_is_dropped_and_counted_and_idle_flows_expir
             assert reopened.flow_id > closed.flow_id
 
 
+async def test_spoofed_sources_at_the_flow_limit_give_way_to_a_real_visitor(
+    server_identity: Any,
+) -> None:
+    """Eight one-datagram sources fill the tunnel's eight flows; a visitor that comes
+    while they are fresh is dropped (flow_limit), one that comes once they have been
+    quiet for udp_flow_evict_after ends the quietest and is answered."""
+    tight = {"limits": Limits(udp_max_flows=8, udp_flow_evict_after=1.0)}
+    async with udp_setup(server_identity, server=tight) as (server, _c, _t, port):
+        feed = server.activity.subscribe()
+        spoofed = [await visitor_socket(port) for _ in range(8)]
+        for number, sock in enumerate(spoofed):
+            await sock.send(b"spoof %d" % number)
+            with anyio.fail_after(STEP):
+                assert await sock.receive() == b"spoof %d" % number
+        async with await visitor_socket(port) as real:
+            await real.send(b"too soon")
+            with anyio.move_on_after(0.3):
+                await real.receive()
+                raise AssertionError("a ninth flow while eight were fresh")
+            await anyio.sleep(1.2)
+            with anyio.fail_after(STEP):
+                await real.send(b"hello")
+                assert await real.receive() == b"hello"
+        closed = await next_of(feed, activity.UdpFlowClosed)
+        assert closed.cause == "evicted" and closed.visitor.endswith(
+            str(spoofed[0].extra(anyio.abc.SocketAttribute.local_port))
+        )
+        for sock in spoofed:
+            await sock.aclose()
+
+
 async def test_without_path_mtu_discovery_1169_bytes_cross_and_1170_are_dropped(
     server_identity: Any,
 ) -> None:
