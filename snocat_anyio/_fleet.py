@@ -1482,13 +1482,9 @@ class FleetServer(TunnelServer):
                     elif not await self._store.has_events_after(last):
                         logger.warning(
                             "the registry no longer has the fleet's changes since %s (it "
-                            "restarted, or this node was away long); rebuilt from its keys, "
-                            "keeping for one lease what they lack",
+                            "restarted, or this node was away long); rebuilt from its keys",
                             last,
                         )
-                        # Emptied, it lacks what live nodes set again within a renewal:
-                        # forgetting that would stop relays and free ports still held.
-                        self._keep_missing_until = current_time() + self.fleet.lease
                     await self._rebuild()
                     resync = False
                 assert last is not None

@@ -417,22 +417,22 @@ class ServerMetrics:
         yield _counter(
             "snocat_authentications", "Tunnels that authenticated.", self.authentications
         )
-        yield _by_reason(
+        yield _by_label(
             "snocat_authentication_failures",
             "Tunnels closed before they authenticated, by reason.",
             self.authentication_failures,
         )
-        yield _by_reason(
+        yield _by_label(
             "snocat_port_refusals",
             "Public ports asked for and not granted, by reason.",
             self.port_refusals,
         )
-        yield _by_reason(
+        yield _by_label(
             "snocat_stream_refusals",
             "Streams refused (a visitor's connection, or a stream a client opened), by reason.",
             self.stream_refusals,
         )
-        yield _by_reason(
+        yield _by_label(
             "snocat_name_routing_failures",
             "Visitors of the public listeners not forwarded (shared --http/--tls, and PROXY "
             "headers on the ports), by reason.",
@@ -471,14 +471,14 @@ class ServerMetrics:
             "UDP flows open now.",
             self.udp_flows_opened - self.udp_flows_closed,
         )
-        yield _by_reason(
+        yield _by_label(
             "snocat_udp_datagrams",
             "UDP datagrams of ended flows: received from the tunnel (to visitors), sent "
             "into it (from visitors).",
             self.udp_datagrams,
             label="direction",
         )
-        yield _by_reason(
+        yield _by_label(
             "snocat_udp_datagrams_dropped",
             "UDP datagrams of visitors not carried, by reason (too_big, over_rate, "
             "congested, flow_limit, ...), counted as each flow or port ends.",
@@ -489,7 +489,7 @@ class ServerMetrics:
             "Activity subscribers closed because they fell too far behind.",
             server.activity.laggards,
         )
-        yield _by_reason(
+        yield _by_label(
             "snocat_datagrams_dropped",
             "UDP datagrams dropped: received ones that belonged to no tunnel and could "
             "start none, and ones not sent because the socket's buffer was full.",
@@ -633,7 +633,7 @@ def _heap_families(heap: LongLivedHeap) -> Iterator[Metric]:
         "Objects frozen out of the garbage collector's full collections (--heap-freeze).",
         counts.frozen,
     )
-    yield _by_reason(
+    yield _by_label(
         "snocat_gc_full_collections",
         "Full garbage collections since --heap-freeze began, by kind: shallow (only objects "
         "made since the last one) or deep (every object, once the frozen ones grew).",
@@ -650,7 +650,7 @@ def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily
     return CounterMetricFamily(name, documentation, value=value)
 
 
-def _by_reason(
+def _by_label(
     name: str, documentation: str, counts: dict[str, int], label: str = "reason"
 ) -> CounterMetricFamily:
     family = CounterMetricFamily(name, documentation, labels=[label])

@@ -52,7 +52,7 @@ from snocat_proto._wire.proxyme import (
     ReleaseRequested,
 )
 from snocat_proto._wire.targets import TargetKind
-from snocat_proto._wire.udp_flows import FlowEnd, UdpTarget
+from snocat_proto._wire.udp_flows import UdpTarget
 
 from ._backend import LOG_PREFIX, Condition, Lock, UdpSockets, current_time, shield
 from ._bind import bind_port
@@ -459,10 +459,7 @@ class ServerUdp(ServerEvents[Any, TunnelStream]):
             if flow is None:
                 return
             flow.lease.flows.pop(flow.key, None)
-            if event.cause is FlowEnd.REFUSED:
-                flow.lease.refused.refused(flow.key, current_time())
-            else:
-                flow.lease.refused.opened(flow.key)
+            flow.lease.refused.ended(flow.key, event.cause, current_time())
             self._flow_closed(session, flow, event.cause.value)
         elif isinstance(event, FlowRequested):
             super()._flow_event(session, event)

@@ -6,6 +6,7 @@ import pytest
 
 from snocat_proto import LocalProtocolError
 from snocat_proto._service.refused_visitors import RefusedVisitors
+from snocat_proto._wire.udp_flows import FlowEnd
 
 
 def test_each_refusal_in_a_row_doubles_the_hold_up_to_the_maximum() -> None:
@@ -26,6 +27,15 @@ def test_a_flow_that_opened_starts_the_count_again() -> None:
     held.opened("v")
     assert not held.held("v", 1.5)
     assert held.refused("v", 2.0) == 1.0
+
+
+def test_how_a_flow_ended_decides() -> None:
+    held = RefusedVisitors(first=1.0, maximum=30.0, capacity=16)
+    held.ended("v", FlowEnd.REFUSED, 0.0)
+    held.ended("v", FlowEnd.REFUSED, 1.0)
+    assert held.held("v", 2.5)  # the second refusal in a row: 2 s
+    held.ended("v", FlowEnd.IDLE, 3.0)  # it had opened: the count starts again
+    assert not held.held("v", 3.0) and held.refused("v", 4.0) == 1.0
 
 
 def test_spoofed_sources_cannot_grow_it_past_its_capacity() -> None:

@@ -18,6 +18,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 
 from .._wire.errors import LocalProtocolError
+from .._wire.udp_flows import FlowEnd
 
 __all__ = ["RefusedVisitors"]
 
@@ -41,6 +42,14 @@ class RefusedVisitors:
 
     def __len__(self) -> int:
         return len(self._holds)
+
+    def ended(self, key: Hashable, cause: FlowEnd, now: float) -> None:
+        """``key`` 's flow ended: held off if the client refused it, else (it had
+        opened) its next refusal starts from ``first`` again."""
+        if cause is FlowEnd.REFUSED:
+            self.refused(key, now)
+        else:
+            self.opened(key)
 
     def refused(self, key: Hashable, now: float) -> float:
         """The client refused ``key`` 's flow: hold it off; returns for how long."""

@@ -593,14 +593,12 @@ class TunnelConnection:
         flows = self._require_flows()
         evicted = flows.evictable(now)
         if evicted is not None:
-            self.close_flow(evicted)
-            self._emit(
-                events.FlowEnded(
-                    flow_id=evicted,
-                    cause=FlowEnd.EVICTED,
-                    reason=f"the quietest of {self._limits.udp_max_flows} flows, quiet for "
-                    f"{self._limits.udp_flow_evict_after:g} s or more: ended for a new one",
-                )
+            self._end_flow_here(
+                evicted,
+                flows.end(evicted),
+                FlowEnd.EVICTED,
+                f"the quietest of {self._limits.udp_max_flows} flows, quiet for "
+                f"{self._limits.udp_flow_evict_after:g} s or more: ended for a new one",
             )
         flow_id = flows.open(now)
         if flow_id is None:
@@ -901,15 +899,18 @@ class TunnelConnection:
             return
         timeout = self._limits.udp_flow_idle_timeout
         for flow_id, stream_id in flows.handle_timer(now):
-            if stream_id is not None:
-                self.close_stream(stream_id)
-            self._emit(
-                events.FlowEnded(
-                    flow_id=flow_id,
-                    cause=FlowEnd.IDLE,
-                    reason=f"no datagram either way for {timeout:g} s",
-                )
+            self._end_flow_here(
+                flow_id, stream_id, FlowEnd.IDLE, f"no datagram either way for {timeout:g} s"
             )
+
+    def _end_flow_here(
+        self, flow_id: int, stream_id: int | None, cause: FlowEnd, reason: str
+    ) -> None:
+        """A flow this side ended (already out of the table): its stream ends, so the
+        peer ends it too, and the application hears :class:`FlowEnded`."""
+        if stream_id is not None:
+            self.close_stream(stream_id)
+        self._emit(events.FlowEnded(flow_id=flow_id, cause=cause, reason=reason))
 
     def _on_datagram(self, event: quic_events.QuicEvent) -> None:
         assert isinstance(event, quic_events.DatagramFrameReceived)
