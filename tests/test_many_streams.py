@@ -3,7 +3,8 @@
 aioquic tries every stream, and checks every stream's window, for each packet it
 builds; ``QuicEngine._write_application`` serves a queue of the streams that have
 something to send instead, at most ``STREAMS_PER_PACKET`` a packet, round robin, each
-for up to ``Limits.stream_send_quantum`` datagrams' worth at a time, and writes window
+for up to ``Limits.stream_send_turn`` bytes at a time (a stream just given work goes
+first, for ``stream_first_turn``), and writes window
 updates only where one is due.  Two tunnels on the simulated network (tests/netsim.py,
 fake clock, real aioquic handshakes): data arrives intact, no stream starves, windows
 keep opening, finished streams are forgotten, and the work per packet stays flat as
@@ -162,8 +163,42 @@ def test_a_late_small_stream_completes_while_bulk_streams_run() -> None:
     done = [len(received[sid]) for sid in bulk]
     assert max(done) < size / 2, done  # the bulk streams are still running
     # Round robin: none of them fell behind the others by more than a few turns.
-    turn = Limits().stream_send_quantum * 1200
+    turn = Limits().stream_send_turn
     assert max(done) - min(done) <= 4 * turn + 256 * 1024, done
+
+
+def test_a_stream_given_work_is_served_ahead_of_the_busy_ones() -> None:
+    """With 12 streams sending as fast as they can, 4 KiB written to an idle stream
+    leave the sender ahead of them (``Limits.stream_first_turn``): meanwhile the
+    bulk streams put less than one regular turn on the wire.  Queued behind them,
+    it would wait for up to 12 turns (``stream_send_turn`` bytes each).  (12 full
+    stream send buffers leave room in the tunnel's for the idle one.)"""
+    sim = connected(link=Link(bandwidth=20e6), seed=3)
+    bulk = open_streams(sim, 12)
+    writers = [
+        Writer(sim, sim.client, sid, payload(4_000_000, seed=800 + i)) for i, sid in enumerate(bulk)
+    ]
+    received = sim.server_app.received
+    run_writing(sim, writers, lambda: sum(len(received[sid]) for sid in bulk) > 2_000_000)
+    late = sim.client.open_stream(ADDRESS)
+    sim.touch(sim.client)
+    run_writing(
+        sim,
+        writers,
+        lambda: StreamAccepted(stream_id=late) in sim.client_app.of_type(StreamAccepted),
+    )
+    quic = engine(sim.client)
+    senders = [quic._streams[sid].sender for sid in bulk]
+    late_sender = quic._streams[late].sender
+    small = payload(4096, seed=11)
+    start = late_sender.next_offset
+    bulk_before = sum(sender.highest_offset for sender in senders)
+    writers.append(Writer(sim, sim.client, late, small, end=False))
+    run_writing(sim, writers, lambda: late_sender.next_offset >= start + len(small))
+    bulk_meanwhile = sum(sender.highest_offset for sender in senders) - bulk_before
+    assert bulk_meanwhile < Limits().stream_send_turn, bulk_meanwhile
+    run_writing(sim, writers, lambda: len(received[late]) >= len(small))
+    assert bytes(received[late]) == small
 
 
 # Windows ---------------------------------------------------------------------------

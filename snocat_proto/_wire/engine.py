@@ -248,10 +248,13 @@ class QuicEngine(QuicConnection):
         self._consumed: dict[int, int] = {}
         self._consumed_total = 0
         #: Streams that may have something to send (data, a FIN, RESET_STREAM,
-        #: STOP_SENDING) or are finished and wait to be discarded, in service order;
-        #: the first one's turn has used ``_turn_sent`` bytes.
+        #: STOP_SENDING) or are finished and wait to be discarded, in service order:
+        #: the first ``_fresh`` of them are in their first turn (they were given work
+        #: while not queued), the rest take regular turns; the first one's turn has
+        #: used ``_turn_sent`` bytes.
         self._send_queue: deque[QuicStream] = deque()
         self._queued: set[int] = set()
+        self._fresh = 0
         self._turn_sent = 0
         #: Streams with data held back by the peer's MAX_DATA (not the stream's own
         #: window): queued again when it grows.
@@ -625,8 +628,11 @@ class QuicEngine(QuicConnection):
     # stream joins ``_send_queue`` when something gives it work (data or a FIN
     # written, a reset or STOP_SENDING asked for or received, a frame of it lost, a
     # window of the peer's opened, both halves finished), and leaves it when a visit
-    # finds it has none; a packet visits at most STREAMS_PER_PACKET of them.  Window
-    # updates are written for the streams whose update is due, not checked for all.
+    # finds it has none; a packet visits at most STREAMS_PER_PACKET of them.  A stream
+    # that joins is served first (after the others that just joined) for
+    # ``Limits.stream_first_turn`` bytes, then takes ``stream_send_turn`` turns with
+    # the rest, as fq_codel serves new flows ahead of old ones.  Window updates are
+    # written for the streams whose update is due, not checked for all.
 
     def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         super().send_stream_data(stream_id, data, end_stream)
@@ -647,19 +653,32 @@ class QuicEngine(QuicConnection):
 
     def _queue_stream(self, stream: QuicStream) -> None:
         """Give a stream that may have something to send (or is finished) a place in
-        the send queue, unless it has one or has been discarded already."""
+        the send queue, unless it has one or has been discarded already: behind the
+        other streams in their first turn, ahead of those taking regular turns."""
         stream_id = stream.stream_id or 0
         if stream_id in self._queued or self._streams.get(stream_id) is not stream:
             return
         self._queued.add(stream_id)
-        self._send_queue.append(stream)
+        if self._fresh == 0:
+            self._turn_sent = 0  # it goes first: the stream it displaces starts over
+        self._send_queue.insert(self._fresh, stream)
+        self._fresh += 1
 
     def _unqueue(self, index: int) -> None:
         queue = self._send_queue
         self._queued.discard(queue[index].stream_id or 0)
         del queue[index]
+        if index < self._fresh:
+            self._fresh -= 1
         if index == 0:
             self._turn_sent = 0
+
+    def _end_turn(self) -> None:
+        """The first stream's turn is over: to the back of the queue."""
+        self._send_queue.rotate(-1)
+        if self._fresh:
+            self._fresh -= 1
+        self._turn_sent = 0
 
     def _discard_stream(self, stream: QuicStream) -> None:
         """Forget a finished stream, as aioquic's scheduler does."""
@@ -904,12 +923,12 @@ class QuicEngine(QuicConnection):
         queue; True if a finished stream was discarded.
 
         The first stream keeps its turn from packet to packet until it has sent
-        ``Limits.stream_send_quantum`` datagrams' worth, then goes to the back; the
-        next ones fill what room it leaves.  A stream leaves the queue when it has
-        nothing to send, or flow control holds the rest (the window's update queues
-        it again)."""
+        ``Limits.stream_first_turn`` bytes (in its first turn) or ``stream_send_turn``
+        bytes, then goes to the back; the next ones fill what room it leaves.  A
+        stream leaves the queue when it has nothing to send, or flow control holds
+        the rest (the window's update queues it again)."""
         queue = self._send_queue
-        quantum = self._limits.stream_send_quantum * self._max_datagram_size
+        limits = self._limits
         discarded = False
         index = 0
         for _ in range(STREAMS_PER_PACKET):
@@ -947,9 +966,9 @@ class QuicEngine(QuicConnection):
             rotated = False
             if index == 0:
                 self._turn_sent += written
-                if self._turn_sent >= quantum:
-                    queue.rotate(-1)  # its turn is over: to the back of the queue
-                    self._turn_sent = 0
+                turn = limits.stream_first_turn if self._fresh else limits.stream_send_turn
+                if self._turn_sent >= turn:
+                    self._end_turn()
                     rotated = True
             if builder.remaining_flight_space <= 0:
                 break
