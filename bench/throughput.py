@@ -17,8 +17,9 @@ The many-connection table (``--concurrent``, first ``--sizes`` value) splits
 ``--bytes`` over N connections of one tunnel at once; ``vs 1 connection`` is each
 aggregate over the one-connection figure of the same run (issue 16 asks for 0.9 or
 more), ``CPU ms/MB`` is both snocat processes' CPU per MB moved, and ``harness CPU
-ms/MB`` this process's (one sending thread per connection, and the target's
-threads): on a two-core machine it competes with the tunnel for the same cores.
+ms/MB`` this process's (the senders in one thread, the target in another, each
+serving all connections through a selector): on a two-core machine it competes with
+the tunnel for the same cores.
 
 Each ``--sizes`` row is a fixed datagram size (``--no-path-mtu-discovery``); the
 ``pmtud (default)`` row runs the default configuration, where path MTU discovery
@@ -48,11 +49,12 @@ from bench.common import (
     PYTHON,
     UPLOAD,
     Target,
+    UploadSink,
     cpu_seconds,
     free_port,
     make_credentials,
     mb_per_s,
-    parallel_transfers,
+    parallel_uploads,
     process,
     scratch_directory,
     snocat_pair,
@@ -171,32 +173,35 @@ def concurrency(
     total: int,
     counts: list[int],
     directory: Path,
-    target: Target,
     *,
     repeat: int = 1,
     batching: bool = True,
 ) -> list[tuple[int, float, float, float]]:
     """``(connections, aggregate MB/s, CPU ms/MB of both snocat processes, CPU ms/MB
-    of this process: the senders' threads and the target)`` for each
+    of this process: the senders and the target, one thread each)`` for each
     count, ``total`` bytes split over the connections of one tunnel; the median of
     ``repeat`` rounds, each round running every count once (so a change of load
     during the run touches every count alike)."""
     extra = tunnel_options(datagram, batching=batching)
     samples: dict[int, list[tuple[float, float, float]]] = {count: [] for count in counts}
-    with snocat_pair(
-        directory,
-        target.port,
-        max_datagram_size=datagram,
-        extra_server=extra,
-        extra_client=extra,
-    ) as pair:
-        transfer(pair.public_port, UPLOAD, 1_000_000)
+    sink = UploadSink()
+    with (
+        contextlib.closing(sink),
+        snocat_pair(
+            directory,
+            sink.port,
+            max_datagram_size=datagram,
+            extra_server=extra,
+            extra_client=extra,
+        ) as pair,
+    ):
+        parallel_uploads(pair.public_port, 1_000_000, 1)
         for _ in range(repeat):
             for count in counts:
                 each = max(1, total // count)
                 before = cpu_seconds(pair.server.pid) + cpu_seconds(pair.client.pid)
                 harness = time.process_time()
-                seconds = parallel_transfers(pair.public_port, UPLOAD, each, count)
+                seconds = parallel_uploads(pair.public_port, each, count)
                 harness = time.process_time() - harness
                 cpu = cpu_seconds(pair.server.pid) + cpu_seconds(pair.client.pid) - before
                 moved = each * count
@@ -374,7 +379,7 @@ def main() -> None:
         if counts:
             with scratch_directory() as directory:
                 conc = concurrency(
-                    sizes[0], size, counts, directory, target,
+                    sizes[0], size, counts, directory,
                     repeat=args.repeat, batching=batching,
                 )  # fmt: skip
             print(f"\n## Aggregate throughput, {size / 1e6:.0f} MB split over N connections "
