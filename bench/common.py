@@ -228,38 +228,13 @@ def transfer(port: int, mode: bytes, size: int, *, host: str = HOST) -> float:
     return time.perf_counter() - start
 
 
-def parallel_transfers(port: int, mode: bytes, size: int, connections: int) -> float:
-    """``connections`` transfers of ``size`` bytes each at once; wall seconds."""
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(connections + 1)
-
-    def one() -> None:
-        barrier.wait()
-        try:
-            transfer(port, mode, size)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one, daemon=True) for _ in range(connections)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - start
-    if errors:
-        raise RuntimeError(f"{len(errors)} of {connections} transfers failed: {errors[0]!r}")
-    return elapsed
-
-
 class UploadSink:
     """A TCP service on loopback for many uploads at once: each connection sends
     ``HEADER`` (``U``, size) and ``size`` bytes, and gets their SHA-256 back.
 
     One thread serves every connection through a selector: with 64 connections,
-    :class:`Target` 's thread per connection (and :func:`parallel_transfers` ' thread
-    per sender) spent about three times one connection's harness CPU per MB on
+    :class:`Target` 's thread per connection (and a thread per sender, as this
+    harness had) spent about three times one connection's harness CPU per MB on
     switching threads, on the same two cores the tunnel runs on."""
 
     def __init__(self) -> None:
